@@ -1,0 +1,103 @@
+/* The operating-system services the block core needs, and nothing more.
+ *
+ * Plain C, no Python.h: every call here may run without the GIL and is
+ * driven directly by tests/c/test_core.c.  One implementation per OS family
+ * (platform_posix.c, platform_win32.c) is chosen by setup.py.
+ */
+#ifndef SHMEMEXT_PLATFORM_H
+#define SHMEMEXT_PLATFORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Outcome of a core or platform call.  SHX_OK is zero; everything else is
+ * an error whose details are in a shx_error. */
+typedef enum shx_status {
+    SHX_OK = 0,
+    SHX_E_OS,        /* a system call failed: os_error, op */
+    SHX_E_NAME,      /* invalid block name: detail */
+    SHX_E_SIZE,      /* invalid size: a = asked, b = limit */
+    SHX_E_FOREIGN,   /* the name holds something that is not a shmemext block */
+    SHX_E_NEWER,     /* block layout a is newer than ours (b) */
+    SHX_E_CORRUPT,   /* header fields are inconsistent: detail */
+    SHX_E_KIND,      /* block is of kind a, kind b was asked for */
+    SHX_E_CAPACITY,  /* asked for capacity a, the existing block has b */
+    SHX_E_TOOBIG,    /* value of a bytes, capacity b */
+    SHX_E_TIMEOUT,   /* a lock wait timed out */
+    SHX_E_NOTOWNER,  /* a private block owned by another user (a = owner) */
+    SHX_E_BADVALUE,  /* the committed value is not well formed: detail */
+    SHX_E_CLOSED     /* the block was already detached */
+} shx_status;
+
+typedef struct shx_error {
+    int status;          /* a shx_status */
+    int os_error;        /* errno, or GetLastError() on Windows */
+    const char *op;      /* the failing system call, for SHX_E_OS */
+    const char *detail;  /* a static phrase for NAME/CORRUPT/BADVALUE */
+    uint64_t a, b;       /* numbers the message needs */
+} shx_error;
+
+/* Records an error and returns its status, so callers can `return shx_fail(...)`. */
+int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *detail);
+/* Records the current errno / GetLastError() for the system call `op`. */
+int shx_fail_os(shx_error *err, const char *op);
+
+/* A process-local attachment to a named shared object. */
+typedef struct shx_os_map {
+    void *base;         /* the whole object, header included */
+    size_t size;        /* bytes mapped */
+#ifdef _WIN32
+    void *mapping;      /* file-mapping HANDLE */
+    void *mutex;        /* writer-lock mutex HANDLE */
+#else
+    int fd;             /* holds the liveness lock; -1 once detached */
+    int keep_name;      /* never unlink: set when a fork child could not get its own lock */
+    uint64_t dev, ino;  /* identity of the object, to reopen it after fork() */
+    struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
+#endif
+    char os_name[256];  /* the name as the OS sees it */
+} shx_os_map;
+
+/* What attach found, passed to the prepare callback while no other process
+ * can attach or detach the same name. */
+enum shx_attach_state {
+    SHX_ATTACH_FRESH,   /* new zero-filled object of the requested size: initialize it */
+    SHX_ATTACH_ALONE,   /* an existing object nobody else holds: reuse, or return SHX_REINIT */
+    SHX_ATTACH_SHARED   /* other processes hold it: validate only */
+};
+#define SHX_REINIT (-1)
+
+typedef int (*shx_prepare_fn)(void *ctx, shx_os_map *m, int state, shx_error *err);
+typedef int (*shx_keep_name_fn)(const shx_os_map *m);
+
+#define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
+
+/* Attaches to (creating if absent) the object `name`.  `size` is used when
+ * creating.  On success the whole object is mapped and *created says whether
+ * this call (re)initialized it. */
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
+                  unsigned flags, shx_prepare_fn prepare, void *ctx, int *created,
+                  shx_error *err);
+/* Detaches; the last process to detach removes the name unless keep_name() says not to.
+ * With at_exit set the mapping is left in place (threads may still run). */
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err);
+/* Removes the name; processes already attached keep their block. */
+int shx_os_unlink(const char *name, shx_error *err);
+/* *alone = 1 when no other process holds this object. */
+int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err);
+
+/* The writer lock.  `area` is SHX_LOCK_AREA bytes inside the header; a backend
+ * may keep its lock there or beside the mapping. */
+#define SHX_LOCK_AREA 128
+int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err);
+/* timeout_ns < 0 waits forever, 0 only tries.  *owner_died is set when the lock
+ * was taken from a holder that died; the protected data may need repair. */
+int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died,
+                shx_error *err);
+void shx_os_unlock(shx_os_map *m, void *area);
+
+uint32_t shx_os_pid(void);
+/* Detaches every block this process still holds; for process exit. */
+void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name);
+
+#endif

@@ -1,0 +1,495 @@
+/* The block core: see segment.h. */
+#include "segment.h"
+
+#include <stdio.h>
+#include <string.h>
+
+_Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the second cache line");
+_Static_assert(offsetof(shx_header, version) == 192, "version has its own cache line");
+_Static_assert(offsetof(shx_header, slot) == 256, "slots start on their own cache lines");
+_Static_assert(sizeof(shx_slot) == 64, "one slot header per cache line");
+_Static_assert(sizeof(shx_header) <= SHX_HEADER_SIZE, "header fits its page");
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free to work across processes");
+
+static const char MAGIC[8] = {'S', 'H', 'M', 'E', 'M', 'E', 'X', 'T'};
+
+/* A reader retries this often before it takes the writer lock instead, so
+ * that a large value under heavy writing cannot starve it. */
+#define READ_TRIES 32
+
+int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *detail)
+{
+    err->status = status;
+    err->os_error = 0;
+    err->op = NULL;
+    err->detail = detail;
+    err->a = a;
+    err->b = b;
+    return status;
+}
+
+static size_t round_up_64(uint64_t n) { return (size_t)((n + 63) & ~(uint64_t)63); }
+
+static uint64_t total_size(uint32_t kind, uint64_t capacity)
+{
+    if (kind == SHX_KIND_VALUE)
+        return SHX_HEADER_SIZE + 2 * (uint64_t)round_up_64(capacity);
+    return SHX_HEADER_SIZE + capacity;
+}
+
+int shx_name_check(const char *name, size_t len, shx_error *err)
+{
+    if (len == 0)
+        return shx_fail(err, SHX_E_NAME, 0, SHX_NAME_MAX, "is empty");
+    if (len > SHX_NAME_MAX)
+        return shx_fail(err, SHX_E_NAME, len, SHX_NAME_MAX, "is too long");
+    if (name[0] == '.' || name[0] == '-')
+        return shx_fail(err, SHX_E_NAME, 0, SHX_NAME_MAX, "starts with '.' or '-'");
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)name[i];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '_' || c == '.' || c == '-';
+        if (!ok)
+            return shx_fail(err, SHX_E_NAME, i, SHX_NAME_MAX, "has a character outside [A-Za-z0-9_.-]");
+    }
+    return SHX_OK;
+}
+
+/* ---- attach -------------------------------------------------------------- */
+
+typedef struct open_request {
+    shx_block *b;
+    uint32_t kind;
+    uint64_t capacity;     /* for creation */
+    int capacity_given;    /* an existing block must have at least this much */
+    unsigned flags;
+} open_request;
+
+static void adopt(shx_block *b, shx_os_map *m, uint32_t kind, uint64_t capacity)
+{
+    b->hdr = (shx_header *)m->base;
+    b->data = (unsigned char *)m->base + SHX_HEADER_SIZE;
+    b->capacity = capacity;
+    b->slot_stride = round_up_64(capacity);
+    b->kind = kind;
+}
+
+static int init_header(shx_os_map *m, const open_request *rq, shx_error *err)
+{
+    shx_header *h = (shx_header *)m->base;
+    h->layout = SHX_LAYOUT;
+    h->header_size = SHX_HEADER_SIZE;
+    h->capacity = rq->capacity;
+    h->total_size = total_size(rq->kind, rq->capacity);
+    h->kind = rq->kind;
+    h->creator_pid = shx_os_pid();
+    atomic_store_explicit(&h->flags, (rq->flags & SHX_PERSIST) ? SHX_FLAG_PERSIST : 0,
+                          memory_order_relaxed);
+    int rc = shx_os_lock_init(m, h->lock_area, err);
+    if (rc != SHX_OK)
+        return rc;
+    /* The magic goes last: a creator that dies before this leaves a block
+     * that the next process recognizes as unfinished and starts afresh. */
+    atomic_thread_fence(memory_order_release);
+    memcpy(h->magic, MAGIC, sizeof MAGIC);
+    return SHX_OK;
+}
+
+enum { HEADER_UNFINISHED = -100 };
+
+/* Validates an existing header against the mapped size. */
+static int check_header(const shx_os_map *m, shx_error *err)
+{
+    static const char zeros[8] = {0};
+    const shx_header *h = (const shx_header *)m->base;
+    if (m->size < SHX_HEADER_SIZE)
+        return shx_fail(err, SHX_E_FOREIGN, m->size, SHX_HEADER_SIZE, "is smaller than a block header");
+    if (memcmp(h->magic, zeros, sizeof zeros) == 0)
+        return HEADER_UNFINISHED;
+    if (memcmp(h->magic, MAGIC, sizeof MAGIC) != 0)
+        return shx_fail(err, SHX_E_FOREIGN, 0, 0, "does not start with the shmemext magic");
+    uint32_t layout = h->layout;
+    if (layout > SHX_LAYOUT)
+        return shx_fail(err, SHX_E_NEWER, layout, SHX_LAYOUT, NULL);
+    if (layout != SHX_LAYOUT || h->header_size != SHX_HEADER_SIZE)
+        return shx_fail(err, SHX_E_CORRUPT, layout, h->header_size, "has an unknown layout or header size");
+    uint32_t kind = h->kind;
+    uint64_t capacity = h->capacity;
+    if (kind != SHX_KIND_VALUE && kind != SHX_KIND_SEGMENT)
+        return shx_fail(err, SHX_E_CORRUPT, kind, 0, "has an unknown kind");
+    if (capacity == 0 || capacity > SHX_MAX_CAPACITY)
+        return shx_fail(err, SHX_E_CORRUPT, capacity, SHX_MAX_CAPACITY, "has an impossible capacity");
+    if (total_size(kind, capacity) > m->size)
+        return shx_fail(err, SHX_E_CORRUPT, total_size(kind, capacity), m->size,
+                        "is smaller than its header says");
+    return SHX_OK;
+}
+
+static int on_attach(void *vrq, shx_os_map *m, int state, shx_error *err)
+{
+    open_request *rq = (open_request *)vrq;
+    shx_header *h = (shx_header *)m->base;
+    int rc;
+
+    if (state == SHX_ATTACH_FRESH) {
+        if ((rc = init_header(m, rq, err)) != SHX_OK)
+            return rc;
+        adopt(rq->b, m, rq->kind, rq->capacity);
+        return SHX_OK;
+    }
+    rc = check_header(m, err);
+    if (state == SHX_ATTACH_ALONE) {
+        /* Nobody holds it: unless it was made to persist, it was left behind by
+         * processes that died (or by a creator that died half way): start afresh. */
+        if (rc == HEADER_UNFINISHED)
+            return SHX_REINIT;
+        if (rc == SHX_OK && !(atomic_load_explicit(&h->flags, memory_order_relaxed) & SHX_FLAG_PERSIST))
+            return SHX_REINIT;
+    }
+    if (rc == HEADER_UNFINISHED)
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "was never finished by its creator");
+    if (rc != SHX_OK)
+        return rc;
+    uint32_t kind = h->kind;
+    uint64_t capacity = h->capacity;
+    if (kind != rq->kind)
+        return shx_fail(err, SHX_E_KIND, kind, rq->kind, NULL);
+    if (rq->capacity_given && rq->capacity > capacity)
+        return shx_fail(err, SHX_E_CAPACITY, rq->capacity, capacity, NULL);
+    if (rq->flags & SHX_PERSIST)
+        atomic_fetch_or_explicit(&h->flags, SHX_FLAG_PERSIST, memory_order_relaxed);
+    adopt(rq->b, m, kind, capacity);
+    return SHX_OK;
+}
+
+int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
+                   unsigned flags, unsigned mode, shx_error *err)
+{
+    size_t len = strlen(name);
+    int rc;
+    memset(b, 0, sizeof *b);
+    if ((rc = shx_name_check(name, len, err)) != SHX_OK)
+        return rc;
+    if (capacity > SHX_MAX_CAPACITY)
+        return shx_fail(err, SHX_E_SIZE, capacity, SHX_MAX_CAPACITY, NULL);
+    memcpy(b->name, name, len + 1);
+
+    open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
+    unsigned os_flags = (flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0;
+    rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags,
+                       on_attach, &rq, &b->created, err);
+    if (rc != SHX_OK)
+        return rc;
+    b->attached = 1;
+    return SHX_OK;
+}
+
+static int keep_name(const shx_os_map *m)
+{
+    const shx_header *h = (const shx_header *)m->base;
+    return m->base != NULL && (atomic_load_explicit(&h->flags, memory_order_relaxed) & SHX_FLAG_PERSIST);
+}
+
+int shx_block_close(shx_block *b, int at_exit, shx_error *err)
+{
+    if (!b->attached)
+        return SHX_OK;
+    b->attached = 0;
+    return shx_os_detach(&b->map, keep_name, at_exit, err);
+}
+
+void shx_detach_all_at_exit(void) { shx_os_detach_all_at_exit(keep_name); }
+
+int shx_unlink(const char *name, shx_error *err)
+{
+    int rc = shx_name_check(name, strlen(name), err);
+    if (rc != SHX_OK)
+        return rc;
+    return shx_os_unlink(name, err);
+}
+
+int shx_block_is_persistent(const shx_block *b)
+{
+    return (atomic_load_explicit(&b->hdr->flags, memory_order_relaxed) & SHX_FLAG_PERSIST) != 0;
+}
+
+int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err)
+{
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    return shx_os_sole_holder(&b->map, alone, err);
+}
+
+/* ---- lock and copies ---------------------------------------------------- */
+
+int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,
+                   shx_error *err)
+{
+    int rc = shx_os_lock(&b->map, b->hdr->lock_area, 0, owner_died, err);
+    if (rc != SHX_E_TIMEOUT || timeout_ns == 0)
+        return rc;
+    if (hooks != NULL && hooks->blocking_begin != NULL)
+        hooks->blocking_begin(hooks->ctx);
+    rc = shx_os_lock(&b->map, b->hdr->lock_area, timeout_ns, owner_died, err);
+    if (hooks != NULL && hooks->blocking_end != NULL)
+        hooks->blocking_end(hooks->ctx);
+    return rc;
+}
+
+void shx_block_unlock(shx_block *b) { shx_os_unlock(&b->map, b->hdr->lock_area); }
+
+static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
+{
+    if (hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy) {
+        hooks->blocking_begin(hooks->ctx);
+        memcpy(dst, src, n);
+        hooks->blocking_end(hooks->ctx);
+    } else {
+        memcpy(dst, src, n);
+    }
+}
+
+/* ---- the value protocol --------------------------------------------------- */
+
+int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
+                  const shx_hooks *hooks, shx_error *err)
+{
+    int owner_died, rc;
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    if (b->kind != SHX_KIND_VALUE)
+        return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
+    if (nbytes > b->capacity)
+        return shx_fail(err, SHX_E_TOOBIG, nbytes, b->capacity, NULL);
+    if ((rc = shx_block_lock(b, -1, &owner_died, hooks, err)) != SHX_OK)
+        return rc;
+
+    shx_header *h = b->hdr;
+    uint64_t next = atomic_load_explicit(&h->version, memory_order_relaxed) + 1;
+    unsigned index = (unsigned)(next & 1);
+    shx_slot *s = &h->slot[index];
+    /* Odd while we write.  A writer that died here left it odd already: keep
+     * it odd, and our closing store makes it even again. */
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed) | 1;
+    atomic_store_explicit(&s->seq, seq, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    s->version = next;
+    s->nbytes = nbytes;
+    s->type = type;
+    copy_bytes(b->data + index * b->slot_stride, data, nbytes, hooks);
+    atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
+    atomic_store_explicit(&h->version, next, memory_order_release);
+
+    shx_block_unlock(b);
+    return SHX_OK;
+}
+
+static int valid_type(uint32_t type) { return type <= SHX_TYPE_UCS4; }
+
+int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
+                  uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err)
+{
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    if (b->kind != SHX_KIND_VALUE)
+        return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
+    shx_header *h = b->hdr;
+
+    for (int tries = 0; tries < READ_TRIES; tries++) {
+        uint64_t version = atomic_load_explicit(&h->version, memory_order_acquire);
+        unsigned index = (unsigned)(version & 1);
+        shx_slot *s = &h->slot[index];
+        uint64_t seq = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (seq & 1)
+            continue;   /* being rewritten: a newer version was committed since we looked */
+        uint64_t slot_version = s->version;
+        uint64_t nbytes = s->nbytes;
+        uint32_t type = s->type;
+        int sane = nbytes <= b->capacity && valid_type(type);
+        void *dst = NULL;
+        if (sane) {
+            dst = prepare(ctx, type, (size_t)nbytes);
+            if (dst == NULL)
+                return shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
+            copy_bytes(dst, b->data + index * b->slot_stride, (size_t)nbytes, hooks);
+        }
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&s->seq, memory_order_relaxed) != seq)
+            continue;   /* overwritten while we copied */
+        if (!sane)
+            return shx_fail(err, SHX_E_BADVALUE, nbytes, b->capacity, "has an impossible length or type");
+        /* A slot filled but not yet published (or whose writer died before
+         * publishing) holds a value that was never committed. */
+        if (slot_version > atomic_load_explicit(&h->version, memory_order_relaxed))
+            continue;
+        *type_out = type;
+        *nbytes_out = (size_t)nbytes;
+        if (version_out != NULL)
+            *version_out = slot_version;
+        return SHX_OK;
+    }
+
+    /* Writers keep outrunning our copy: hold them off with the lock. */
+    int owner_died, rc;
+    if ((rc = shx_block_lock(b, -1, &owner_died, hooks, err)) != SHX_OK)
+        return rc;
+    uint64_t version = atomic_load_explicit(&h->version, memory_order_relaxed);
+    unsigned index = (unsigned)(version & 1);
+    shx_slot *s = &h->slot[index];
+    uint64_t nbytes = s->nbytes;
+    uint32_t type = s->type;
+    rc = SHX_OK;
+    if (nbytes > b->capacity || !valid_type(type)) {
+        rc = shx_fail(err, SHX_E_BADVALUE, nbytes, b->capacity, "has an impossible length or type");
+    } else {
+        void *dst = prepare(ctx, type, (size_t)nbytes);
+        if (dst == NULL)
+            rc = shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
+        else
+            copy_bytes(dst, b->data + index * b->slot_stride, (size_t)nbytes, hooks);
+    }
+    shx_block_unlock(b);
+    if (rc == SHX_OK) {
+        *type_out = type;
+        *nbytes_out = (size_t)nbytes;
+        if (version_out != NULL)
+            *version_out = version;
+    }
+    return rc;
+}
+
+/* OR of all bytes: bit 7 tells whether any is >= 0x80. */
+static unsigned or_bytes(const unsigned char *p, size_t n)
+{
+    uint64_t acc = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        acc |= w;
+    }
+    for (; i < n; i++)
+        acc |= p[i];
+    acc |= acc >> 32;
+    acc |= acc >> 16;
+    acc |= acc >> 8;
+    return (unsigned)(acc & 0xFF);
+}
+
+static uint32_t max_ucs2(const unsigned char *p, size_t units)
+{
+    uint16_t m = 0;
+    for (size_t i = 0; i < units; i++) {
+        uint16_t u;
+        memcpy(&u, p + 2 * i, 2);
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+static uint32_t max_ucs4(const unsigned char *p, size_t units)
+{
+    uint32_t m = 0;
+    for (size_t i = 0; i < units; i++) {
+        uint32_t u;
+        memcpy(&u, p + 4 * i, 4);
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    int ok;
+    switch (type) {
+    case SHX_TYPE_EMPTY:
+        ok = nbytes == 0;
+        break;
+    case SHX_TYPE_BYTES:
+        ok = 1;
+        break;
+    case SHX_TYPE_ASCII:
+        ok = (or_bytes(p, nbytes) & 0x80) == 0;
+        break;
+    case SHX_TYPE_LATIN1:
+        ok = (or_bytes(p, nbytes) & 0x80) != 0;
+        break;
+    case SHX_TYPE_UCS2:
+        ok = nbytes % 2 == 0 && max_ucs2(p, nbytes / 2) > 0xFF;
+        break;
+    case SHX_TYPE_UCS4: {
+        uint32_t m = nbytes % 4 == 0 ? max_ucs4(p, nbytes / 4) : 0;
+        ok = m > 0xFFFF && m <= 0x10FFFF;
+        break;
+    }
+    default:
+        ok = 0;
+    }
+    if (!ok)
+        return shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
+    return SHX_OK;
+}
+
+/* ---- messages -------------------------------------------------------------- */
+
+static const char *kind_name(uint64_t kind)
+{
+    return kind == SHX_KIND_VALUE ? "a value cell" : kind == SHX_KIND_SEGMENT ? "a raw segment" : "unknown";
+}
+
+void shx_strerror(const shx_error *err, char *buf, size_t size)
+{
+    unsigned long long a = err->a, b = err->b;
+    switch (err->status) {
+    case SHX_OK:
+        snprintf(buf, size, "no error");
+        break;
+    case SHX_E_OS:
+        if (err->op != NULL)
+            snprintf(buf, size, "%s failed: %s", err->op, strerror(err->os_error));
+        else
+            snprintf(buf, size, "%s", err->detail ? err->detail : "system error");
+        break;
+    case SHX_E_NAME:
+        snprintf(buf, size, "it %s; names are 1 to %llu characters from [A-Za-z0-9_.-], not starting with '.' or '-'",
+                 err->detail, b);
+        break;
+    case SHX_E_SIZE:
+        snprintf(buf, size, "size %llu is out of range: it must be between 1 and %llu bytes", a, b);
+        break;
+    case SHX_E_FOREIGN:
+        snprintf(buf, size, "exists but is not a shmemext block (it %s)", err->detail);
+        break;
+    case SHX_E_NEWER:
+        snprintf(buf, size, "was made by a newer shmemext (block layout %llu; this one reads layout %llu)", a, b);
+        break;
+    case SHX_E_CORRUPT:
+        snprintf(buf, size, "has a corrupt header: it %s", err->detail);
+        break;
+    case SHX_E_KIND:
+        snprintf(buf, size, "is %s, not %s", kind_name(a), kind_name(b));
+        break;
+    case SHX_E_CAPACITY:
+        snprintf(buf, size, "exists with a capacity of %llu bytes, less than the %llu bytes asked for", b, a);
+        break;
+    case SHX_E_TOOBIG:
+        snprintf(buf, size, "value of %llu bytes does not fit the capacity of %llu bytes", a, b);
+        break;
+    case SHX_E_TIMEOUT:
+        snprintf(buf, size, "timed out waiting for the lock");
+        break;
+    case SHX_E_NOTOWNER:
+        snprintf(buf, size, "is a private block owned by another user (uid %llu, you are %llu); "
+                 "blocks meant to be shared across users need an explicit mode", a, b);
+        break;
+    case SHX_E_BADVALUE:
+        snprintf(buf, size, "holds a corrupt value: it %s", err->detail);
+        break;
+    case SHX_E_CLOSED:
+        snprintf(buf, size, "is closed");
+        break;
+    default:
+        snprintf(buf, size, "unknown error %d", err->status);
+    }
+}

@@ -1,0 +1,141 @@
+/* The block core: header layout, attach policy, the value protocol and the
+ * copy loops.  Pure C (no Python.h); the OS is reached only through platform.h.
+ *
+ * A block is a header page followed by data.  A value cell keeps two slots of
+ * `capacity` bytes: a writer fills the slot that is not committed, then
+ * publishes it, so a reader always finds one whole committed value.  A raw
+ * segment is `capacity` bytes of plain shared memory.
+ */
+#ifndef SHMEMEXT_SEGMENT_H
+#define SHMEMEXT_SEGMENT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "platform.h"
+
+#define SHX_LAYOUT 1
+#define SHX_HEADER_SIZE 4096
+#define SHX_NAME_MAX 200
+#define SHX_DEFAULT_CAPACITY 4096
+/* Largest capacity: far beyond any memory, yet doubled plus the header it fits any size_t. */
+#define SHX_MAX_CAPACITY ((uint64_t)(SIZE_MAX / 4) < (UINT64_C(1) << 44) ? (uint64_t)(SIZE_MAX / 4) : (UINT64_C(1) << 44))
+
+enum shx_kind { SHX_KIND_VALUE = 1, SHX_KIND_SEGMENT = 2 };
+
+/* What a value slot holds.  Text is stored as PEP 393 code units; the type
+ * names their width and whether 1-byte text is pure ASCII. */
+enum shx_type {
+    SHX_TYPE_EMPTY = 0,   /* never written: reads as "" */
+    SHX_TYPE_BYTES = 1,
+    SHX_TYPE_ASCII = 2,   /* 1-byte units, all < 0x80 */
+    SHX_TYPE_LATIN1 = 3,  /* 1-byte units, at least one >= 0x80 */
+    SHX_TYPE_UCS2 = 4,    /* 2-byte units, at least one > 0xFF */
+    SHX_TYPE_UCS4 = 5     /* 4-byte units, at least one > 0xFFFF, all <= 0x10FFFF */
+};
+
+#define SHX_FLAG_PERSIST 1u
+
+/* Open flags. */
+#define SHX_PERSIST 1u        /* keep the block after the last detach */
+#define SHX_PRIVATE_OWNER 2u  /* refuse a block another user owns */
+
+typedef struct shx_slot {
+    _Atomic uint64_t seq;   /* odd while a writer fills the slot */
+    uint64_t version;       /* the version this slot's value was committed as */
+    uint64_t nbytes;
+    uint32_t type;          /* enum shx_type */
+    uint32_t reserved;
+    unsigned char pad[32];
+} shx_slot;
+
+/* The shared header.  Identity fields are written once, before the magic. */
+typedef struct shx_header {
+    char magic[8];                 /* "SHMEMEXT", written last at creation */
+    uint32_t layout;               /* SHX_LAYOUT */
+    uint32_t header_size;          /* SHX_HEADER_SIZE */
+    uint64_t capacity;             /* value: bytes per slot; segment: bytes */
+    uint64_t total_size;           /* header + data, as created */
+    uint32_t kind;                 /* enum shx_kind */
+    uint32_t creator_pid;
+    _Atomic uint32_t flags;        /* SHX_FLAG_* */
+    uint32_t reserved0;
+    unsigned char pad0[16];
+    unsigned char lock_area[SHX_LOCK_AREA];   /* 64: the writer lock */
+    _Atomic uint64_t version;                 /* 192: committed sets; slot = version & 1 */
+    unsigned char pad1[56];
+    shx_slot slot[2];                         /* 256, 320 */
+} shx_header;
+
+/* A process-local handle.  Sizes are copied out of the header once, after
+ * validation: the shared copy may be rewritten by anyone and is not trusted. */
+typedef struct shx_block {
+    shx_os_map map;
+    shx_header *hdr;
+    unsigned char *data;      /* segment data, or slot 0 of a value */
+    uint64_t capacity;
+    size_t slot_stride;       /* offset of slot 1's data from slot 0's */
+    uint32_t kind;
+    int created;
+    int attached;
+    char name[SHX_NAME_MAX + 1];
+} shx_block;
+
+/* Called around work that may take long (lock waits, large copies), so a
+ * caller can let other threads run; may be NULL. */
+typedef struct shx_hooks {
+    void (*blocking_begin)(void *ctx);
+    void (*blocking_end)(void *ctx);
+    void *ctx;
+    size_t large_copy;        /* copies of at least this many bytes count as long */
+} shx_hooks;
+
+/* Destination for shx_value_get: returns where `nbytes` of `type` go, or NULL
+ * with an error already recorded by the caller (then get fails).  May be
+ * called again on retry, with the previous destination to reuse or drop. */
+typedef void *(*shx_prepare_dst_fn)(void *ctx, uint32_t type, size_t nbytes);
+
+/* Checks a block name: 1..SHX_NAME_MAX characters of [A-Za-z0-9_.-], not
+ * starting with '.' or '-'. */
+int shx_name_check(const char *name, size_t len, shx_error *err);
+
+/* Attaches to the block `name` of `kind`, creating it with `capacity` bytes
+ * (0 means SHX_DEFAULT_CAPACITY) if nobody holds it.  An existing block keeps
+ * its own capacity; asking for more than it has is SHX_E_CAPACITY. */
+int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
+                   unsigned flags, unsigned mode, shx_error *err);
+/* Detaches; idempotent.  at_exit leaves the mapping in place. */
+int shx_block_close(shx_block *b, int at_exit, shx_error *err);
+/* Detaches every block this process still holds; for process exit. */
+void shx_detach_all_at_exit(void);
+int shx_unlink(const char *name, shx_error *err);
+int shx_block_is_persistent(const shx_block *b);
+/* Whether no other process holds the block. */
+int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err);
+
+/* Number of committed sets. */
+static inline uint64_t shx_value_version(const shx_block *b)
+{
+    return atomic_load_explicit(&b->hdr->version, memory_order_acquire);
+}
+
+/* Commits `nbytes` of `type` as the new value. */
+int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
+                  const shx_hooks *hooks, shx_error *err);
+/* Copies one committed value into prepare()'s destination.  *type_out and
+ * *nbytes_out describe it; *version_out (may be NULL) is its version. */
+int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
+                  uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err);
+/* Whether `nbytes` of `type` are well formed (a str CPython would build). */
+int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err);
+
+/* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
+int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,
+                   shx_error *err);
+void shx_block_unlock(shx_block *b);
+
+/* A human-readable message for err (without the block name). */
+void shx_strerror(const shx_error *err, char *buf, size_t size);
+
+#endif

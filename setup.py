@@ -1,0 +1,52 @@
+"""Build the shmemext._shmemext extension.
+
+The version lives in shmemext/_version.py only; it is compiled into the
+extension so that a stale build fails loudly at import.
+
+Environment switches:
+  SHMEMEXT_WERROR=1    treat compiler warnings as errors (CI does)
+"""
+
+import os
+import re
+import sys
+
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "shmemext", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def extension():
+    version = read_version()
+    sources = ["ext/module.c", "ext/segment.c"]
+    libraries = []
+    if sys.platform == "win32":
+        sources.append("ext/platform_win32.c")
+        compile_args = ["/W4", "/std:c11", "/experimental:c11atomics"]
+        if os.environ.get("SHMEMEXT_WERROR") == "1":
+            compile_args.append("/WX")
+        libraries.append("advapi32")
+    else:
+        sources.append("ext/platform_posix.c")
+        compile_args = ["-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"]
+        if os.environ.get("SHMEMEXT_WERROR") == "1":
+            compile_args.append("-Werror")
+        if sys.platform.startswith("linux"):
+            libraries += ["rt", "pthread"]
+    return Extension(
+        "shmemext._shmemext",
+        sources=sources,
+        depends=["ext/platform.h", "ext/segment.h"],
+        include_dirs=["ext"],
+        define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)],
+        extra_compile_args=compile_args,
+        libraries=libraries,
+    )
+
+
+setup(ext_modules=[extension()])
