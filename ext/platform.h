@@ -26,7 +26,8 @@ typedef enum shx_status {
     SHX_E_TIMEOUT,   /* a lock wait timed out */
     SHX_E_NOTOWNER,  /* a private block owned by another user (a = owner) */
     SHX_E_BADVALUE,  /* the committed value is not well formed: detail */
-    SHX_E_CLOSED     /* the block was already detached */
+    SHX_E_CLOSED,    /* the block was already detached */
+    SHX_E_INUSE      /* the handle is still attached to a block */
 } shx_status;
 
 typedef struct shx_error {
@@ -51,6 +52,7 @@ typedef struct shx_os_map {
     void *mutex;        /* writer-lock mutex HANDLE */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
+    int fork_fd;        /* during fork(): the descriptor the child will own */
     int keep_name;      /* never unlink: set when a fork child could not get its own lock */
     uint64_t dev, ino;  /* identity of the object, to reopen it after fork() */
     struct shx_os_map *next_attached;  /* process registry, for fork() and exit */

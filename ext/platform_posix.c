@@ -68,10 +68,7 @@ static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static shx_os_map *attached_head;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
-static void registry_prepare(void) { pthread_mutex_lock(&registry_lock); }
-static void registry_parent(void) { pthread_mutex_unlock(&registry_lock); }
-
-/* Writes "/proc/self/fd/N" without stdio: only async-signal-safe work after fork(). */
+/* Writes "/proc/self/fd/N" without stdio, as it runs inside fork(). */
 static void proc_fd_path(char *out, int fd)
 {
     static const char prefix[] = "/proc/self/fd/";
@@ -88,10 +85,14 @@ static void proc_fd_path(char *out, int fd)
 }
 
 /* A fork() child shares its parent's open file descriptions, and with them the
- * liveness locks: the parent's detach would then count the child out.  So the
- * child opens the same object anew and holds a lock of its own. */
-static int reopen_same_object(const shx_os_map *m)
+ * liveness locks: the parent's detach would then count the child out.  So,
+ * before fork(), the parent opens each attached object anew and locks it; the
+ * child keeps that descriptor as its own and the parent closes its copy.
+ * Doing it before the fork leaves no window in which the parent could detach
+ * as the last holder while the child is still on its way. */
+static int open_same_object(const shx_os_map *m)
 {
+    /* A new open file description for the object behind m->fd. */
     char path[40];
     proc_fd_path(path, m->fd);
     int fd = open(path, O_RDWR | O_CLOEXEC);
@@ -108,20 +109,45 @@ static int reopen_same_object(const shx_os_map *m)
     return fd;
 }
 
+static int reopen_same_object(const shx_os_map *m)
+{
+    int fd = open_same_object(m);
+    if (fd >= 0 && lock_byte(fd, F_RDLCK, LIVE_BYTE, 0) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void registry_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached)
+        m->fork_fd = reopen_same_object(m);
+}
+
+static void registry_parent(void)
+{
+    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached) {
+        if (m->fork_fd >= 0)
+            close(m->fork_fd);
+        m->fork_fd = -1;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
 static void registry_child(void)
 {
     for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached) {
-        int fd = reopen_same_object(m);
-        if (fd >= 0 && lock_byte(fd, F_RDLCK, LIVE_BYTE, 0) == 0) {
+        if (m->fork_fd >= 0) {
             close(m->fd);
-            m->fd = fd;
+            m->fd = m->fork_fd;
         } else {
             /* We still count through the shared lock, but cannot tell our
              * parent's detach from ours: never remove the name from here. */
-            if (fd >= 0)
-                close(fd);
             m->keep_name = 1;
         }
+        m->fork_fd = -1;
     }
     pthread_mutex_unlock(&registry_lock);
 }
@@ -131,18 +157,24 @@ static void registry_install(void)
     (void)pthread_atfork(registry_prepare, registry_parent, registry_child);
 }
 
-static void registry_add(shx_os_map *m)
+/* Attach and detach hold registry_lock throughout, so that fork() (whose
+ * prepare handler takes it) never copies a descriptor that holds the gate. */
+static void registry_enter(void)
 {
     pthread_once(&atfork_once, registry_install);
     pthread_mutex_lock(&registry_lock);
+}
+
+static void registry_leave(void) { pthread_mutex_unlock(&registry_lock); }
+
+static void registry_add(shx_os_map *m)
+{
     m->next_attached = attached_head;
     attached_head = m;
-    pthread_mutex_unlock(&registry_lock);
 }
 
 static void registry_remove(shx_os_map *m)
 {
-    pthread_mutex_lock(&registry_lock);
     for (shx_os_map **p = &attached_head; *p != NULL; p = &(*p)->next_attached) {
         if (*p == m) {
             *p = m->next_attached;
@@ -150,15 +182,14 @@ static void registry_remove(shx_os_map *m)
         }
     }
     m->next_attached = NULL;
-    pthread_mutex_unlock(&registry_lock);
 }
 
 void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name)
 {
     for (;;) {
-        pthread_mutex_lock(&registry_lock);
+        registry_enter();
         shx_os_map *m = attached_head;
-        pthread_mutex_unlock(&registry_lock);
+        registry_leave();
         if (m == NULL)
             return;
         shx_error ignored;
@@ -168,13 +199,23 @@ void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name)
 
 /* ---- attach / detach --------------------------------------------------- */
 
+/* Maps the object through a description of its own: a mapping keeps the
+ * description it was made from alive, and with it any lock on it, so mapping
+ * m->fd itself would let a forked child's inherited mapping hold our
+ * liveness lock after we died. */
 static int map_object(shx_os_map *m, size_t size, shx_error *err)
 {
     m->base = NULL;
     m->size = 0;
     if (size == 0)
         return SHX_OK;
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, m->fd, 0);
+    int fd = open_same_object(m);
+    if (fd < 0)
+        return shx_fail_os(err, "open");
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int saved = errno;
+    close(fd);
+    errno = saved;
     if (p == MAP_FAILED)
         return shx_fail_os(err, "mmap");
     m->base = p;
@@ -289,6 +330,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
     size_t n = strlen(name);
     memset(m, 0, sizeof *m);
     m->fd = -1;
+    m->fork_fd = -1;
     *created = 0;
     if (n + 2 > sizeof m->os_name)
         return shx_fail(err, SHX_E_NAME, n, sizeof m->os_name - 2, "name too long");
@@ -304,6 +346,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
             return shx_fail_os(err, "shm_open");
         m->fd = fd;
         int rc;
+        registry_enter();
         if (lock_byte(fd, F_WRLCK, GATE_BYTE, 1) != 0)
             rc = shx_fail_os(err, "fcntl");
         else
@@ -311,10 +354,12 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
         if (rc == SHX_OK) {
             (void)lock_byte(fd, F_UNLCK, GATE_BYTE, 0);
             registry_add(m);
+            registry_leave();
             return SHX_OK;
         }
         unmap_object(m);
         close(fd);   /* drops every lock we took */
+        registry_leave();
         m->fd = -1;
         *created = 0;
         if (rc != SHX_REINIT)
@@ -327,6 +372,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
     int rc = SHX_OK;
     if (m->fd < 0)
         return SHX_OK;
+    registry_enter();
     registry_remove(m);
     if (lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) != 0) {
         rc = shx_fail_os(err, "fcntl");
@@ -345,6 +391,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
     if (close(m->fd) != 0 && rc == SHX_OK && errno != EINTR)
         rc = shx_fail_os(err, "close");
     m->fd = -1;
+    registry_leave();
     return rc;
 }
 
@@ -367,8 +414,11 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
     *alone = 0;
     if (m->fd < 0)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    if (lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) != 0)
+    registry_enter();
+    if (lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) != 0) {
+        registry_leave();
         return shx_fail_os(err, "fcntl");
+    }
     if (lock_byte(m->fd, F_WRLCK, LIVE_BYTE, 0) == 0) {
         *alone = 1;
         if (lock_byte(m->fd, F_RDLCK, LIVE_BYTE, 0) != 0)
@@ -377,6 +427,7 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
         rc = shx_fail_os(err, "fcntl");
     }
     (void)lock_byte(m->fd, F_UNLCK, GATE_BYTE, 0);
+    registry_leave();
     return rc;
 }
 

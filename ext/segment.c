@@ -167,6 +167,8 @@ int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capac
 {
     size_t len = strlen(name);
     int rc;
+    if (b->attached)
+        return shx_fail(err, SHX_E_INUSE, 0, 0, NULL);
     memset(b, 0, sizeof *b);
     if ((rc = shx_name_check(name, len, err)) != SHX_OK)
         return rc;
@@ -488,6 +490,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         break;
     case SHX_E_CLOSED:
         snprintf(buf, size, "is closed");
+        break;
+    case SHX_E_INUSE:
+        snprintf(buf, size, "handle is still attached to a block");
         break;
     default:
         snprintf(buf, size, "unknown error %d", err->status);

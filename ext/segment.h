@@ -100,7 +100,7 @@ typedef void *(*shx_prepare_dst_fn)(void *ctx, uint32_t type, size_t nbytes);
  * starting with '.' or '-'. */
 int shx_name_check(const char *name, size_t len, shx_error *err);
 
-/* Attaches to the block `name` of `kind`, creating it with `capacity` bytes
+/* Attaches `b` (zero-initialized, or closed) to the block `name` of `kind`, creating it with `capacity` bytes
  * (0 means SHX_DEFAULT_CAPACITY) if nobody holds it.  An existing block keeps
  * its own capacity; asking for more than it has is SHX_E_CAPACITY. */
 int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,

@@ -1,0 +1,138 @@
+"""Command line: python -m shmemext {demo,get,set,info,hold,unlink}."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Sequence
+
+import shmemext
+
+DEMO_TEXT = "This is a test string"
+DEMO_CHILD = 'import shmemext; print("Child process read from shared memory:", shmemext.get(), flush=True)'
+
+
+def _open(args: argparse.Namespace) -> shmemext.Value:
+    persist = getattr(args, "persist", False)
+    if args.name is None and args.size is None and not persist and shmemext.default is not None:
+        return shmemext.default
+    name = args.name or (shmemext.default.name if shmemext.default is not None else None)
+    if name is None:
+        raise RuntimeError("the default block is disabled (SHMEMEXT_SIZE=0): pass --name")
+    return shmemext.Value(name, args.size, persist=persist)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    block = _open(args)
+    block.set(DEMO_TEXT)
+    print(f"Parent process wrote to shared memory: {DEMO_TEXT}", flush=True)
+    env = dict(os.environ, SHMEMEXT_NAME=block.name)
+    env.pop("SHMEMEXT_SIZE", None)
+    return subprocess.run([sys.executable, "-c", DEMO_CHILD], env=env).returncode
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    value = _open(args).get()
+    if isinstance(value, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(value + b"\n")
+    else:
+        print(value)
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    block = _open(args)
+    block.set(args.value)
+    if block._sole_holder() and not block.persist:
+        print(
+            f"shmemext: note: no other process holds block '{block.name}', so the value goes away "
+            f"when this command exits. Keep the block alive with "
+            f"'python -m shmemext hold --name {block.name}' in another terminal, "
+            f"or make it persistent with --persist.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    block = _open(args)
+    print(f"name:     {block.name}")
+    print(f"capacity: {block.capacity}")
+    print(f"version:  {block.version}")
+    print(f"created:  {block.created}")
+    print(f"persist:  {block.persist}")
+    return 0
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    block = _open(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(
+        f"holding block '{block.name}' (capacity {block.capacity}, pid {os.getpid()}); "
+        f"press Ctrl-C to release it",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        pass
+    block.close()
+    print(f"released block '{block.name}'", flush=True)
+    return 0
+
+
+def cmd_unlink(args: argparse.Namespace) -> int:
+    shmemext.unlink(args.block)
+    return 0
+
+
+def _capacity(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", help="block name (default: the default block, $SHMEMEXT_NAME)")
+    common.add_argument("--size", type=_capacity, help="capacity in bytes when the block is created")
+    persist = argparse.ArgumentParser(add_help=False)
+    persist.add_argument("--persist", action="store_true", help="keep the block after the last process detaches")
+
+    parser = argparse.ArgumentParser(prog="python -m shmemext", description=shmemext.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shmemext {shmemext.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("demo", parents=[common], help="write a string and read it back from a child process").set_defaults(func=cmd_demo)
+    sub.add_parser("get", parents=[common], help="print the committed value").set_defaults(func=cmd_get)
+    p = sub.add_parser("set", parents=[common, persist], help="commit a value")
+    p.add_argument("value")
+    p.set_defaults(func=cmd_set)
+    sub.add_parser("info", parents=[common, persist], help="print name, capacity, version, created, persist").set_defaults(func=cmd_info)
+    sub.add_parser("hold", parents=[common, persist], help="keep a block alive until interrupted").set_defaults(func=cmd_hold)
+    p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
+    p.add_argument("block", metavar="NAME")
+    p.set_defaults(func=cmd_unlink)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        print(f"shmemext: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

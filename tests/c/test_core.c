@@ -1,0 +1,426 @@
+/* Drives the block core and the platform backend without Python.
+ *
+ * Each case runs real processes (fork on POSIX) where it claims something
+ * about processes.  Prints one line per check and "N passed, N failed".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#include "segment.h"
+
+static int passed, failed;
+static char prefix[64];
+
+#define CHECK(cond, ...)                                    \
+    do {                                                    \
+        if (cond) {                                         \
+            passed++;                                       \
+            printf("ok - ");                                \
+        } else {                                            \
+            failed++;                                       \
+            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);  \
+        }                                                   \
+        printf(__VA_ARGS__);                                \
+        printf("\n");                                       \
+        fflush(stdout);                                     \
+    } while (0)
+
+static const char *block_name(const char *what)
+{
+    static char buf[128];
+    snprintf(buf, sizeof buf, "%s-%s", prefix, what);
+    return buf;
+}
+
+static void describe(const shx_error *err)
+{
+    char msg[256];
+    shx_strerror(err, msg, sizeof msg);
+    printf("    (%s)\n", msg);
+}
+
+/* A destination for shx_value_get: a fixed buffer. */
+typedef struct {
+    char buf[1 << 16];
+} fixed_dst;
+
+static void *to_fixed(void *ctx, uint32_t type, size_t nbytes)
+{
+    (void)type;
+    return nbytes <= sizeof(((fixed_dst *)ctx)->buf) ? ((fixed_dst *)ctx)->buf : NULL;
+}
+
+static int get_text(shx_block *b, char *out, size_t size, uint64_t *version)
+{
+    static fixed_dst dst;
+    uint32_t type;
+    size_t n;
+    shx_error err;
+    int rc = shx_value_get(b, to_fixed, &dst, NULL, &type, &n, version, &err);
+    if (rc != SHX_OK || n >= size)
+        return -1;
+    memcpy(out, dst.buf, n);
+    out[n] = '\0';
+    return (int)type;
+}
+
+static int set_text(shx_block *b, const char *text)
+{
+    shx_error err;
+    int rc = shx_value_set(b, SHX_TYPE_ASCII, text, strlen(text), NULL, &err);
+    if (rc != SHX_OK)
+        describe(&err);
+    return rc;
+}
+
+static int object_exists(const char *name)
+{
+    char path[256];
+    snprintf(path, sizeof path, "/dev/shm/%s", name);
+    return access(path, F_OK) == 0;
+}
+
+static int wait_child(pid_t pid)
+{
+    int status;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR)
+            return -1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static void test_names(void)
+{
+    shx_error err;
+    CHECK(shx_name_check("jobs.v1_A-2", 11, &err) == SHX_OK, "portable name accepted");
+    CHECK(shx_name_check("", 0, &err) == SHX_E_NAME, "empty name refused");
+    CHECK(shx_name_check("a/b", 3, &err) == SHX_E_NAME, "slash refused");
+    CHECK(shx_name_check("..", 2, &err) == SHX_E_NAME, "dot-dot refused");
+    CHECK(shx_name_check("a\0b", 3, &err) == SHX_E_NAME, "NUL refused");
+    char longname[SHX_NAME_MAX + 2];
+    memset(longname, 'x', sizeof longname);
+    CHECK(shx_name_check(longname, SHX_NAME_MAX, &err) == SHX_OK, "name of %d accepted", SHX_NAME_MAX);
+    CHECK(shx_name_check(longname, SHX_NAME_MAX + 1, &err) == SHX_E_NAME, "name of %d refused", SHX_NAME_MAX + 1);
+}
+
+static void test_create_open_release(void)
+{
+    shx_block a = {0}, b = {0};
+    shx_error err;
+    char text[64];
+    const char *name = block_name("life");
+
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created,
+          "first open creates the block");
+    CHECK(a.capacity == SHX_DEFAULT_CAPACITY, "default capacity is %d", SHX_DEFAULT_CAPACITY);
+    CHECK(get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY && text[0] == '\0', "a new block reads empty");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created,
+          "second open finds it");
+    CHECK(set_text(&a, "hello") == SHX_OK && get_text(&b, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
+              strcmp(text, "hello") == 0, "both handles share the value");
+    shx_block c = {0}, d = {0};
+    CHECK(shx_block_open(&d, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK, "third open");
+    CHECK(shx_block_open(&d, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_E_INUSE,
+          "opening into a handle still attached is refused");
+    CHECK(shx_block_close(&d, 0, &err) == SHX_OK, "third handle detached");
+    CHECK(shx_block_open(&c, name, SHX_KIND_VALUE, 1 << 20, 0, 0600, &err) == SHX_E_CAPACITY,
+          "asking more capacity than the block has is refused");
+    CHECK(shx_block_open(&c, name, SHX_KIND_SEGMENT, 0, 0, 0600, &err) == SHX_E_KIND,
+          "opening a value cell as a segment is refused");
+    CHECK(shx_block_close(&a, 0, &err) == SHX_OK && object_exists(name), "the block outlives one detach");
+    CHECK(shx_block_close(&b, 0, &err) == SHX_OK && !object_exists(name), "the last detach removes it");
+    CHECK(shx_block_close(&b, 0, &err) == SHX_OK, "close is idempotent");
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY, "reopened after release: new and empty");
+    shx_block_close(&a, 0, &err);
+}
+
+static void test_two_processes(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    const char *name = block_name("share");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err);
+    set_text(&a, "from parent");
+    pid_t pid = fork();
+    if (pid == 0) {
+        shx_block b = {0};
+        char text[64];
+        if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK || b.created)
+            _exit(2);
+        if (get_text(&b, text, sizeof text, NULL) != SHX_TYPE_ASCII || strcmp(text, "from parent") != 0)
+            _exit(3);
+        set_text(&b, "from child");
+        shx_block_close(&b, 0, &err);
+        _exit(0);
+    }
+    int rc = wait_child(pid);
+    char text[64];
+    uint64_t version;
+    CHECK(rc == 0, "a child process reads the parent's value (exit %d)", rc);
+    CHECK(get_text(&a, text, sizeof text, &version) == SHX_TYPE_ASCII && strcmp(text, "from child") == 0 &&
+              version == 2, "the parent reads the child's value, version 2");
+    CHECK(object_exists(name), "the child's detach does not release the parent's block");
+    shx_block_close(&a, 0, &err);
+    CHECK(!object_exists(name), "released once both are gone");
+}
+
+static void test_fork_child_outlives_parent(void)
+{
+    const char *name = block_name("fork");
+    int ready[2], done[2];
+    if (pipe(ready) != 0 || pipe(done) != 0)
+        return;
+    pid_t middle = fork();
+    if (middle == 0) {
+        shx_block a = {0};
+        shx_error err;
+        if (shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
+            _exit(2);
+        set_text(&a, "kept by the child");
+        pid_t grandchild = fork();
+        if (grandchild == 0) {
+            char c;
+            if (read(done[0], &c, 1) != 1)
+                _exit(4);   /* the test process says when */
+            char text[64];
+            int ok = get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII;
+            shx_block_close(&a, 0, &err);
+            _exit(ok && strcmp(text, "kept by the child") == 0 ? 0 : 5);
+        }
+        shx_block_close(&a, 0, &err);   /* the parent detaches and exits first */
+        _exit(write(ready[1], "r", 1) == 1 ? 0 : 3);
+    }
+    char c;
+    int rc = wait_child(middle);
+    CHECK(rc == 0 && read(ready[0], &c, 1) == 1, "parent detached after forking");
+    CHECK(object_exists(name), "a forked child keeps the block after its parent detached");
+    if (write(done[1], "d", 1) != 1)
+        return;
+    /* The grandchild is not our child: wait for the name to go. */
+    for (int i = 0; i < 200 && object_exists(name); i++)
+        usleep(10000);
+    CHECK(!object_exists(name), "released when the forked child detaches");
+}
+
+static void test_persist(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    char text[64];
+    const char *name = block_name("persist");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_PERSIST, 0600, &err);
+    set_text(&a, "persisted");
+    shx_block_close(&a, 0, &err);
+    CHECK(object_exists(name), "a persistent block outlives its last detach");
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !a.created &&
+              get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII && strcmp(text, "persisted") == 0,
+          "and keeps its value");
+    CHECK(shx_unlink(name, &err) == SHX_OK && !object_exists(name), "unlink removes the name");
+    shx_block_close(&a, 0, &err);
+    CHECK(shx_unlink(name, &err) == SHX_E_OS && err.os_error == ENOENT, "unlinking a missing name: ENOENT");
+}
+
+static void test_crash_release(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    char text[64];
+    const char *name = block_name("crash");
+    for (int i = 0; i < 3; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            shx_block b = {0};
+            if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
+                _exit(2);
+            set_text(&b, "left by the dead");
+            for (;;)
+                pause();
+        }
+        usleep(50000);
+        kill(pid, SIGKILL);
+        wait_child(pid);
+    }
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY,
+          "after every holder was SIGKILLed, the next open starts afresh");
+    shx_block_close(&a, 0, &err);
+    CHECK(!object_exists(name), "and its detach leaves nothing behind");
+}
+
+static void test_lock_owner_death(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    char text[64];
+    const char *name = block_name("lockdeath");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err);
+    set_text(&a, "committed");
+    int pipefd[2];
+    if (pipe(pipefd) != 0)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int died;
+        shx_block_lock(&a, -1, &died, NULL, &err);
+        /* Scribble over the slot a writer would fill next, as a dying writer would. */
+        shx_slot *s = &a.hdr->slot[(shx_value_version(&a) + 1) & 1];
+        atomic_store(&s->seq, atomic_load(&s->seq) | 1);
+        memset(a.data + ((shx_value_version(&a) + 1) & 1) * a.slot_stride, 'X', 64);
+        if (write(pipefd[1], "l", 1) != 1)
+            _exit(1);
+        for (;;)
+            pause();
+    }
+    char c;
+    if (read(pipefd[0], &c, 1) != 1)
+        return;
+    int died = 0;
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_TIMEOUT, "the lock is held by the child");
+    CHECK(get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII && strcmp(text, "committed") == 0,
+          "readers get the committed value while a writer is mid-write");
+    kill(pid, SIGKILL);
+    wait_child(pid);
+    CHECK(shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
+          "the next locker gets the lock and learns the owner died");
+    shx_block_unlock(&a);
+    CHECK(set_text(&a, "after") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
+              strcmp(text, "after") == 0, "writing works again after the owner's death");
+    CHECK(set_text(&a, "twice") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
+              strcmp(text, "twice") == 0, "both slots are usable");
+    shx_block_close(&a, 0, &err);
+}
+
+static void test_value_protocol(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    const char *name = block_name("protocol");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 64, 0, 0600, &err);
+    char big[65];
+    memset(big, 'a', sizeof big);
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, big, 65, NULL, &err) == SHX_E_TOOBIG && err.a == 65 && err.b == 64,
+          "a value over the capacity is refused with both sizes");
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, big, 64, NULL, &err) == SHX_OK, "a value of exactly the capacity fits");
+
+    /* The checks that keep get() from building an invalid str. */
+    const unsigned char ascii[] = "plain", latin1[] = "caf\xe9";
+    const uint16_t ucs2_ok[] = {0x41, 0x20AC}, ucs2_narrow[] = {0x41, 0x42};
+    const uint32_t ucs4_ok[] = {0x41, 0x1F600}, ucs4_narrow[] = {0x41, 0x20AC}, ucs4_high[] = {0x1F600, 0x110000};
+    CHECK(shx_value_check(SHX_TYPE_ASCII, ascii, 5, &err) == SHX_OK, "ASCII accepted");
+    CHECK(shx_value_check(SHX_TYPE_ASCII, latin1, 4, &err) == SHX_E_BADVALUE, "ASCII with a high byte refused");
+    CHECK(shx_value_check(SHX_TYPE_LATIN1, latin1, 4, &err) == SHX_OK, "Latin-1 accepted");
+    CHECK(shx_value_check(SHX_TYPE_LATIN1, ascii, 5, &err) == SHX_E_BADVALUE, "Latin-1 without a high byte refused");
+    CHECK(shx_value_check(SHX_TYPE_UCS2, ucs2_ok, 4, &err) == SHX_OK, "UCS-2 accepted");
+    CHECK(shx_value_check(SHX_TYPE_UCS2, ucs2_narrow, 4, &err) == SHX_E_BADVALUE, "UCS-2 that fits Latin-1 refused");
+    CHECK(shx_value_check(SHX_TYPE_UCS2, ucs2_ok, 3, &err) == SHX_E_BADVALUE, "UCS-2 of odd length refused");
+    CHECK(shx_value_check(SHX_TYPE_UCS4, ucs4_ok, 8, &err) == SHX_OK, "UCS-4 accepted");
+    CHECK(shx_value_check(SHX_TYPE_UCS4, ucs4_narrow, 8, &err) == SHX_E_BADVALUE, "UCS-4 that fits UCS-2 refused");
+    CHECK(shx_value_check(SHX_TYPE_UCS4, ucs4_high, 8, &err) == SHX_E_BADVALUE, "UCS-4 beyond U+10FFFF refused");
+    CHECK(shx_value_check(9, ascii, 5, &err) == SHX_E_BADVALUE, "unknown type refused");
+
+    /* A committed slot with an impossible length is an error, not an over-read. */
+    shx_slot *s = &a.hdr->slot[shx_value_version(&a) & 1];
+    uint64_t saved = s->nbytes;
+    s->nbytes = UINT64_C(1) << 40;
+    fixed_dst dst;
+    uint32_t type;
+    size_t n;
+    CHECK(shx_value_get(&a, to_fixed, &dst, NULL, &type, &n, NULL, &err) == SHX_E_BADVALUE,
+          "a hostile length is refused");
+    s->nbytes = saved;
+    shx_block_close(&a, 0, &err);
+}
+
+static void test_foreign_header(void)
+{
+    const char *name = block_name("foreign");
+    char os_name[160];
+    snprintf(os_name, sizeof os_name, "/%s", name);
+    int fd = shm_open(os_name, O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ftruncate(fd, 8192) != 0 || pwrite(fd, "NOTOURS!", 8, 0) != 8)
+        return;
+    close(fd);
+    shx_block a = {0};
+    shx_error err;
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_E_FOREIGN,
+          "a foreign object under the name is refused, not overwritten");
+    shm_unlink(os_name);
+
+    shx_block_open(&a, block_name("newer"), SHX_KIND_VALUE, 0, SHX_PERSIST, 0600, &err);
+    a.hdr->layout = SHX_LAYOUT + 1;
+    shx_block_close(&a, 0, &err);
+    CHECK(shx_block_open(&a, block_name("newer"), SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_E_NEWER &&
+              err.a == SHX_LAYOUT + 1, "a block of a newer layout is refused");
+    shx_unlink(block_name("newer"), &err);
+}
+
+static void test_many_attachers(void)
+{
+    const char *name = block_name("many");
+    enum { N = 8 };
+    int go[2], results[2];
+    if (pipe(go) != 0 || pipe(results) != 0)
+        return;
+    pid_t pids[N];
+    for (int i = 0; i < N; i++) {
+        pids[i] = fork();
+        if (pids[i] == 0) {
+            char c;
+            shx_block b = {0};
+            shx_error err;
+            if (read(go[0], &c, 1) != 1)
+                _exit(1);
+            if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
+                _exit(2);
+            char r = b.created ? 'C' : 'o';
+            if (write(results[1], &r, 1) != 1)
+                _exit(3);
+            usleep(200000);
+            shx_block_close(&b, 0, &err);
+            _exit(0);
+        }
+    }
+    char start[N];
+    memset(start, 'g', N);
+    if (write(go[1], start, N) != N)
+        return;
+    int creators = 0, ok = 1;
+    for (int i = 0; i < N; i++) {
+        char r;
+        if (read(results[0], &r, 1) != 1)
+            ok = 0;
+        creators += r == 'C';
+    }
+    for (int i = 0; i < N; i++)
+        ok &= wait_child(pids[i]) == 0;
+    CHECK(ok && creators == 1, "%d processes attaching at once: exactly one created it (%d)", N, creators);
+    CHECK(!object_exists(name), "released after all %d detached", N);
+}
+
+int main(void)
+{
+    snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
+    test_names();
+    test_create_open_release();
+    test_two_processes();
+    test_fork_child_outlives_parent();
+    test_persist();
+    test_crash_release();
+    test_lock_owner_death();
+    test_value_protocol();
+    test_foreign_header();
+    test_many_attachers();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
