@@ -1,0 +1,71 @@
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# The test process must not touch the user's own default block.
+TEST_PREFIX = f"shmemext-test-{os.getpid()}"
+os.environ["SHMEMEXT_NAME"] = f"{TEST_PREFIX}-default"
+os.environ.pop("SHMEMEXT_SIZE", None)
+
+SHM_DIR = "/dev/shm"
+_counter = itertools.count()
+
+
+def ours():
+    """Names in /dev/shm that belong to this test run (the default block aside)."""
+    if not os.path.isdir(SHM_DIR):
+        return []
+    return sorted(
+        n for n in os.listdir(SHM_DIR) if n.startswith(TEST_PREFIX) and n != f"{TEST_PREFIX}-default"
+    )
+
+
+@pytest.fixture
+def name():
+    """A block name unique to this test, checked to be released afterwards."""
+    block = f"{TEST_PREFIX}-{next(_counter)}"
+    yield block
+    leftover = [n for n in ours() if n == block]
+    for n in leftover:
+        os.unlink(os.path.join(SHM_DIR, n))
+    assert not leftover, f"block {block} was left in {SHM_DIR}"
+
+
+def python(code, *args, env=None, timeout=60, check=True, **kwargs):
+    """Runs code in a new Python process; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def spawn(code, *args, env=None, **kwargs):
+    """Starts code in a new Python process without waiting."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=full_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def shm_path(block):
+    return os.path.join(SHM_DIR, block)

@@ -1,0 +1,88 @@
+"""python -m shmemext, run as a user would."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import shm_path
+
+
+def cli(*args, env=None, timeout=60):
+    full = dict(os.environ)
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "shmemext", *args], env=full, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_prints_what_the_child_read(name):
+    proc = cli("demo", env={"SHMEMEXT_NAME": name})
+    assert proc.returncode == 0, proc.stderr
+    assert "Child process read from shared memory: This is a test string\n" in proc.stdout
+    assert not os.path.exists(shm_path(name))
+
+
+def test_demo_on_a_named_block(name):
+    proc = cli("demo", "--name", name)
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines()[-1] == "Child process read from shared memory: This is a test string"
+
+
+def test_hold_keeps_a_block_for_set_and_get(name):
+    hold = subprocess.Popen(
+        [sys.executable, "-m", "shmemext", "hold", "--name", name, "--size", "128"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert hold.stdout.readline().startswith(f"holding block '{name}' (capacity 128")
+        proc = cli("set", "--name", name, "kept by hold")
+        assert proc.returncode == 0 and proc.stderr == ""
+        assert cli("get", "--name", name).stdout == "kept by hold\n"
+        info = cli("info", "--name", name).stdout
+        assert "capacity: 128" in info and "version:  1" in info and "created:  False" in info
+    finally:
+        hold.send_signal(signal.SIGINT)
+        out, _ = hold.communicate(timeout=30)
+    assert hold.returncode == 0 and f"released block '{name}'" in out
+    assert not os.path.exists(shm_path(name))
+
+
+def test_set_on_an_unheld_block_says_the_value_goes_away(name):
+    proc = cli("set", "--name", name, "lost")
+    assert proc.returncode == 0
+    assert "goes away when this command exits" in proc.stderr
+    assert "hold --name" in proc.stderr and "--persist" in proc.stderr
+
+
+def test_set_persist_then_unlink(name):
+    assert cli("set", "--persist", "--name", name, "kept").returncode == 0
+    assert cli("get", "--name", name).stdout == "kept\n"
+    assert "persist:  True" in cli("info", "--name", name).stdout
+    assert cli("unlink", name).returncode == 0
+    assert not os.path.exists(shm_path(name))
+
+
+def test_errors_are_one_line_and_nonzero(name):
+    for args, fragment in [
+        (("get", "--name", "../etc"), "invalid block name '../etc'"),
+        (("unlink", name), "No such file or directory"),
+        (("set", "--name", name, "--size", "4", "too long"), "does not fit the capacity of 4 bytes"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("shmemext: error: ") and fragment in lines[0], proc.stderr
+
+
+def test_usage_errors_exit_2():
+    assert cli().returncode == 2
+    assert cli("frobnicate").returncode == 2
+    assert cli("info", "--size", "lots").returncode == 2
+
+
+def test_version_flag():
+    import shmemext
+
+    assert cli("--version").stdout.strip() == f"shmemext {shmemext.__version__}"

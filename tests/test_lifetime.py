@@ -1,0 +1,224 @@
+"""The seed's lifetime, with real separate processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import shmemext
+from conftest import ours, python, shm_path, spawn
+
+
+def wait_gone(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not os.path.exists(path)
+
+
+def test_parent_writes_child_reads(name):
+    with shmemext.Value(name) as v:
+        v.set("This is a test string")
+        out = python(
+            """
+            import sys, shmemext
+            v = shmemext.Value(sys.argv[1])
+            print(v.created, v.get())
+            v.set(b"child was here")
+            """,
+            name,
+        ).stdout
+        assert out == "False This is a test string\n"
+        assert v.get() == b"child was here"
+        assert v.version == 2
+
+
+def test_default_block_is_shared_between_processes():
+    shmemext.set("\u20ac from the parent")
+    out = python("import shmemext; print(shmemext.get()); shmemext.set('from the child')").stdout
+    assert out == "\u20ac from the parent\n"
+    assert shmemext.get() == "from the child"
+
+
+ATTACHER = """
+import sys, time, shmemext
+v = shmemext.Value(sys.argv[1])
+sys.stdin.readline()           # everyone attached: go
+v.set(str(len(sys.argv)))
+deadline = time.monotonic() + 20
+while v.version < int(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.005)
+print(v.created, v.version, flush=True)
+"""
+
+STARTER = """
+import sys, shmemext
+sys.stdin.readline()           # start together
+v = shmemext.Value(sys.argv[1])
+print(v.created, flush=True)
+sys.stdin.readline()           # all have attached
+v.set("x")
+while v.version < int(sys.argv[2]):
+    pass
+print(v.version, flush=True)
+"""
+
+
+def test_eight_processes_attach_at_once_exactly_one_creates(name):
+    n = 8
+    procs = [spawn(STARTER, name, str(n)) for _ in range(n)]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    created = [p.stdout.readline().strip() for p in procs]
+    assert created.count("True") == 1 and created.count("False") == n - 1, created
+    for p in procs:
+        p.stdin.write("set\n")
+        p.stdin.flush()
+    versions = [p.communicate(timeout=30)[0].strip() for p in procs]
+    assert versions == [str(n)] * n, "all share one block: every process saw all 8 sets"
+    assert all(p.returncode == 0 for p in procs)
+    assert wait_gone(shm_path(name))
+
+
+HOLDER = """
+import sys, shmemext
+v = shmemext.Value(sys.argv[1])
+v.set("held by " + sys.argv[2])
+print(v.created, flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_block_is_released_when_every_holder_is_gone(name, how):
+    procs = [spawn(HOLDER, name, str(i)) for i in range(4)]
+    for p in procs:
+        assert p.stdout.readline() in ("True\n", "False\n")
+    assert os.path.exists(shm_path(name))
+    for p in procs:
+        if how == "exit":
+            p.stdin.write("\n")
+            p.stdin.flush()
+        else:
+            p.kill()
+        p.wait(timeout=30)
+        p.stdout.close(), p.stdin.close(), p.stderr.close()
+    if how == "exit":
+        assert not os.path.exists(shm_path(name)), "the last normal exit releases the block"
+    out = python(
+        "import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, repr(v.get()))", name
+    ).stdout
+    assert out == "True ''\n"
+    assert not os.path.exists(shm_path(name)), "nothing of ours is left in /dev/shm"
+
+
+def test_forked_child_keeps_the_block_after_its_parent_exits(name, tmp_path):
+    result = tmp_path / "result"
+    script = """
+    import os, sys, time, shmemext
+    name, result = sys.argv[1], sys.argv[2]
+    v = shmemext.Value(name)
+    v.set("from before the fork")
+    pid = os.fork()
+    if pid == 0:
+        parent = os.getppid()
+        while os.getppid() == parent:       # wait until the parent has exited
+            time.sleep(0.01)
+        alive = os.path.exists("/dev/shm/" + name)
+        text = v.get()
+        v.set("child outlived parent")
+        again = shmemext.Value(name)
+        ok = alive and text == "from before the fork" and not again.created and again.get() == "child outlived parent"
+        again.close()
+        v.close()
+        with open(result, "w") as f:
+            f.write("ok" if ok else f"bad {alive} {text!r}")
+        os._exit(0)
+    print(pid, flush=True)
+    """
+    out = python(script, name, str(result)).stdout
+    child = int(out)
+    deadline = time.monotonic() + 20
+    while not result.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert result.read_text() == "ok"
+    assert wait_gone(shm_path(name)), "released when the forked child detached"
+    del child
+
+
+def test_multiprocessing_children_of_every_start_method(name, tmp_path):
+    script = tmp_path / "mp_children.py"
+    script.write_text(textwrap.dedent("""
+    import multiprocessing as mp, sys, shmemext
+    def child(name):
+        print(shmemext.Value(name).get(), flush=True)
+    if __name__ == "__main__":
+        v = shmemext.Value(sys.argv[1])
+        v.set("mp")
+        for method in ("fork", "spawn", "forkserver"):
+            p = mp.get_context(method).Process(target=child, args=(sys.argv[1],))
+            p.start(); p.join()
+            assert p.exitcode == 0
+        print(v.created, v.get())
+    """))
+    out = subprocess.run(
+        [sys.executable, str(script), name], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out == "mp\nmp\nmp\nTrue mp\n"
+
+
+def test_persist_keeps_the_block_until_unlinked(name):
+    python("import sys, shmemext; shmemext.Value(sys.argv[1], persist=True).set('kept')", name)
+    assert os.path.exists(shm_path(name))
+    out = python(
+        "import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, v.persist, v.get())", name
+    ).stdout
+    assert out == "False True kept\n"
+    shmemext.unlink(name)
+    assert not os.path.exists(shm_path(name))
+    with pytest.raises(FileNotFoundError, match=name):
+        shmemext.unlink(name)
+
+
+def test_unlink_while_in_use_gives_newcomers_a_new_block(name):
+    with shmemext.Value(name) as old:
+        old.set("old")
+        shmemext.unlink(name)
+        with shmemext.Value(name) as new:
+            assert new.created and new.get() == ""
+            new.set("new")
+            assert old.get() == "old"
+
+
+def test_persist_flag_given_later_sticks(name):
+    with shmemext.Value(name) as v:
+        assert not v.persist
+        with shmemext.Value(name, persist=True):
+            assert v.persist
+    assert os.path.exists(shm_path(name))
+    shmemext.unlink(name)
+
+
+def test_interpreter_exit_detaches_blocks_left_open(name):
+    # The object is never closed: the module's exit hook must detach it.
+    python("import sys, shmemext; sys.modules['keep'] = shmemext.Value(sys.argv[1]); shmemext.Value(sys.argv[1])", name)
+    assert not os.path.exists(shm_path(name))
+
+
+def test_default_block_is_private_to_the_user_by_default():
+    env = dict(os.environ)
+    env.pop("SHMEMEXT_NAME")
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, shmemext; print(shmemext.default.name == f'shmemext-{os.geteuid()}')"],
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert out == "True\n"
+
+
+def test_no_leftovers_from_this_module():
+    assert ours() == []
