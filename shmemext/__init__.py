@@ -7,7 +7,17 @@ value in and out of it; ``Value`` opens any number of other named cells.
 """
 
 from ._version import __version__
-from . import _shmemext
+
+try:
+    from . import _shmemext
+except ImportError as exc:  # pragma: no cover - depends on how it was installed
+    import os as _os
+
+    raise ImportError(
+        f"shmemext's compiled module is missing from {_os.path.dirname(__file__)}: this looks like "
+        f"an unbuilt source tree. Install the package (pip install .) and run from another "
+        f"directory, or build it in place (python setup.py build_ext --inplace)"
+    ) from exc
 
 if _shmemext.__version__ != __version__:
     raise ImportError(

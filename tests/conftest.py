@@ -15,6 +15,17 @@ SHM_DIR = "/dev/shm"
 _counter = itertools.count()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_source_tree(tmp_path_factory):
+    """Child processes started with -c or -m put the working directory first on
+    sys.path; run them from elsewhere so they import the installed package, not
+    the unbuilt source tree."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 def ours():
     """Names in /dev/shm that belong to this test run (the default block aside)."""
     if not os.path.isdir(SHM_DIR):
