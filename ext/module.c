@@ -267,7 +267,9 @@ static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (capacity_arg(capacity_obj, &capacity) < 0)
         return NULL;
     if (mode < 0 || mode > 0777) {
-        PyErr_Format(PyExc_ValueError, "mode %#o is out of range: it must be between 0 and 0o777", mode);
+        char text[32];
+        snprintf(text, sizeof text, mode < 0 ? "%d" : "0o%o", mode);
+        PyErr_Format(PyExc_ValueError, "mode %s is out of range: it must be between 0 and 0o777", text);
         return NULL;
     }
     ValueObject *self = (ValueObject *)type->tp_alloc(type, 0);

@@ -132,8 +132,10 @@ def test_bad_capacity_types(name, capacity):
 
 
 def test_bad_mode(name):
-    with pytest.raises(ValueError, match="mode .* between 0 and 0o777"):
+    with pytest.raises(ValueError, match="mode 0o1777 is out of range: it must be between 0 and 0o777"):
         shmemext.Value(name, mode=0o1777)
+    with pytest.raises(ValueError, match="mode -1 is out of range"):
+        shmemext.Value(name, mode=-1)
 
 
 def test_existing_block_keeps_its_capacity(name):
