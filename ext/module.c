@@ -26,21 +26,52 @@
 
 typedef struct {
     PyTypeObject *value_type;
+    PyTypeObject *segment_type;
+    PyTypeObject *lock_type;
     PyObject *default_value;   /* a Value, or NULL when disabled */
 } module_state;
 
+/* A Value or a Segment: one attachment, with what must be settled before it
+ * may be detached. */
 typedef struct {
     PyObject_HEAD
     shx_block block;
-    int busy;   /* calls in progress that may run without the GIL */
-} ValueObject;
+    int busy;              /* calls in progress that may run without the GIL */
+    Py_ssize_t exports;    /* buffers exported (Segment) */
+    Py_ssize_t locks_held; /* lock acquisitions not yet released (Segment) */
+    int readonly;
+} BlockObject;
+
+typedef struct {
+    PyObject_HEAD
+    BlockObject *segment;
+    double timeout;        /* seconds; < 0: wait forever */
+    int owner_died;
+    int held;
+} LockObject;
 
 static inline module_state *get_state(PyObject *module)
 {
     return (module_state *)PyModule_GetState(module);
 }
 
+static inline module_state *state_of(PyObject *obj)
+{
+    return get_state(PyType_GetModule(Py_TYPE(obj)));
+}
+
 /* ---- errors -------------------------------------------------------------- */
+
+static PyObject *raise_os_error(PyObject *type, int code, const char *msg, const char *name)
+{
+    /* OSError(errno, text, filename) picks the subclass for the errno. */
+    PyObject *exc = PyObject_CallFunction(type, "iss", code, msg, name);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
 
 /* Raises the exception for a core error about block `name`; returns NULL. */
 static PyObject *raise_block_error(const shx_error *err, const char *name)
@@ -51,21 +82,9 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
     case SHX_E_OS:
         if (err->op == NULL)
             return PyErr_NoMemory();
-        /* OSError(errno, text, filename) picks the subclass for the errno. */
-        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iss", err->os_error, msg, name);
-        if (exc != NULL) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-        return NULL;
-    case SHX_E_NOTOWNER: {
-        PyObject *perm = PyObject_CallFunction(PyExc_PermissionError, "iss", 13, msg, name);
-        if (perm != NULL) {
-            PyErr_SetObject(PyExc_PermissionError, perm);
-            Py_DECREF(perm);
-        }
-        return NULL;
-    }
+        return raise_os_error(PyExc_OSError, err->os_error, msg, name);
+    case SHX_E_NOTOWNER:
+        return raise_os_error(PyExc_PermissionError, EACCES, msg, name);
     case SHX_E_NAME:
         return PyErr_Format(PyExc_ValueError, "invalid block name '%s': %s", name, msg);
     case SHX_E_TIMEOUT:
@@ -88,7 +107,7 @@ static void gil_end(void *ctx) { PyEval_RestoreThread(((gil_release *)ctx)->save
 
 /* ---- argument helpers ---------------------------------------------------- */
 
-/* The UTF-8 of a block name argument, or NULL with TypeError. */
+/* The UTF-8 of a block name argument, or NULL with TypeError/ValueError. */
 static const char *name_arg(PyObject *arg, const char *what)
 {
     if (!PyUnicode_Check(arg)) {
@@ -109,15 +128,16 @@ static const char *name_arg(PyObject *arg, const char *what)
     return name;
 }
 
-/* A capacity argument: None -> 0 (the default, or the existing block's), else 1..max. */
-static int capacity_arg(PyObject *arg, uint64_t *out)
+/* A size argument named `what`: None -> 0 when allowed, else 1..SHX_MAX_CAPACITY. */
+static int size_arg(PyObject *arg, const char *what, int none_ok, uint64_t *out)
 {
-    if (arg == NULL || arg == Py_None) {
+    if ((arg == NULL || arg == Py_None) && none_ok) {
         *out = 0;
         return 0;
     }
-    if (!PyLong_Check(arg) || PyBool_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "capacity must be int or None, not %.100s", Py_TYPE(arg)->tp_name);
+    if (arg == NULL || !PyLong_Check(arg) || PyBool_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s must be int%s, not %.100s", what, none_ok ? " or None" : "",
+                     arg ? Py_TYPE(arg)->tp_name : "nothing");
         return -1;
     }
     int overflow;
@@ -125,26 +145,203 @@ static int capacity_arg(PyObject *arg, uint64_t *out)
     if (v == -1 && PyErr_Occurred())
         return -1;
     if (overflow != 0 || v < 1 || (unsigned long long)v > SHX_MAX_CAPACITY) {
-        PyErr_Format(PyExc_ValueError, "capacity %R is out of range: it must be between 1 and %llu bytes",
-                     arg, (unsigned long long)SHX_MAX_CAPACITY);
+        PyErr_Format(PyExc_ValueError, "%s %R is out of range: it must be between 1 and %llu bytes", what, arg,
+                     (unsigned long long)SHX_MAX_CAPACITY);
         return -1;
     }
     *out = (uint64_t)v;
     return 0;
 }
 
-/* ---- Value ------------------------------------------------------------------- */
-
-static int value_check_open(ValueObject *self)
+static int mode_arg(int mode)
 {
-    if (!self->block.attached) {
-        PyErr_Format(PyExc_ValueError, "Value '%s' is closed", self->block.name);
+    if (mode < 0 || mode > 0777) {
+        char text[32];
+        snprintf(text, sizeof text, mode < 0 ? "%d" : "0o%o", mode);
+        PyErr_Format(PyExc_ValueError, "mode %s is out of range: it must be between 0 and 0o777", text);
         return -1;
     }
     return 0;
 }
 
-/* Maps a value type to the Python object that receives it. */
+/* Parses an optional `timeout` (None or seconds >= 0; None -> -1) from a
+ * fastcall; leaves *timeout alone when it is not given. */
+static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       double *timeout)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw > 1 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)) {
+        PyErr_Format(PyExc_TypeError, "%s() takes one optional argument, timeout", fname);
+        return -1;
+    }
+    if (nargs + nkw == 0)
+        return 0;
+    PyObject *obj = args[0];
+    if (obj == Py_None) {
+        *timeout = -1;
+        return 0;
+    }
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1 && PyErr_Occurred())
+        return -1;
+    if (!(t >= 0)) {
+        PyErr_Format(PyExc_ValueError, "timeout must be None or a number of seconds >= 0, not %R", obj);
+        return -1;
+    }
+    *timeout = t;
+    return 0;
+}
+
+/* ---- what Value and Segment share ------------------------------------------ */
+
+static const char *type_label(BlockObject *self) { return self->block.kind == SHX_KIND_SEGMENT ? "Segment" : "Value"; }
+
+static int block_check_open(BlockObject *self)
+{
+    if (!self->block.attached) {
+        PyErr_Format(PyExc_ValueError, "%s '%s' is closed", type_label(self), self->block.name);
+        return -1;
+    }
+    return 0;
+}
+
+/* Allocates the object and attaches it (without the GIL: creation may wait
+ * for other processes or reserve much memory). */
+static PyObject *block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, int persist,
+                           int mode, int readonly)
+{
+    BlockObject *self = (BlockObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->readonly = readonly;
+    unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
+    shx_error err;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shx_block_open(&self->block, name, kind, size, flags, (unsigned)mode, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHX_OK) {
+        raise_block_error(&err, name);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void block_dealloc(BlockObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    shx_error err;
+    (void)shx_block_close(&self->block, 0, &err);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int block_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->block.attached)
+        Py_RETURN_NONE;
+    if (self->exports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot close %s '%s': %zd exported buffer(s) (memoryview, NumPy array...) still use it",
+                     type_label(self), self->block.name, self->exports);
+        return NULL;
+    }
+    if (self->locks_held > 0) {
+        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this process holds its lock; release it first",
+                     type_label(self), self->block.name);
+        return NULL;
+    }
+    if (self->busy > 0) {
+        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while another thread is using it",
+                     type_label(self), self->block.name);
+        return NULL;
+    }
+    shx_error err;
+    if (shx_block_close(&self->block, 0, &err) != SHX_OK)
+        return raise_block_error(&err, self->block.name);
+    Py_RETURN_NONE;
+}
+
+static PyObject *block_enter(BlockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (block_check_open(self) < 0)
+        return NULL;
+    return Py_NewRef(self);
+}
+
+static PyObject *block_exit(BlockObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    return block_close(self, NULL);
+}
+
+static PyObject *block_sole_holder(BlockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (block_check_open(self) < 0)
+        return NULL;
+    int alone = 0, rc;
+    shx_error err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shx_block_sole_holder(&self->block, &alone, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHX_OK)
+        return raise_block_error(&err, self->block.name);
+    return PyBool_FromLong(alone);
+}
+
+static PyObject *block_get_name(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(self->block.name);
+}
+
+static PyObject *block_get_size(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->block.capacity);
+}
+
+static PyObject *block_get_created(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->block.created);
+}
+
+static PyObject *block_get_closed(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(!self->block.attached);
+}
+
+static PyObject *block_get_persist(BlockObject *self, void *Py_UNUSED(c))
+{
+    if (block_check_open(self) < 0)
+        return NULL;
+    return PyBool_FromLong(shx_block_is_persistent(&self->block));
+}
+
+#define BLOCK_METHODS                                                                                    \
+    {"close", (PyCFunction)block_close, METH_NOARGS,                                                     \
+     "close($self, /)\n--\n\nDetach from the block. The last process to detach releases it. Idempotent."}, \
+    {"__enter__", (PyCFunction)block_enter, METH_NOARGS, NULL},                                          \
+    {"__exit__", (PyCFunction)(void (*)(void))block_exit, METH_FASTCALL, NULL},                          \
+    {"_sole_holder", (PyCFunction)block_sole_holder, METH_NOARGS,                                        \
+     "_sole_holder($self, /)\n--\n\nWhether no other process holds this block."}
+
+#define BLOCK_GETSET                                                                                \
+    {"name", (getter)block_get_name, NULL, "The block's name.", NULL},                              \
+    {"created", (getter)block_get_created, NULL,                                                    \
+     "True if this process created (or re-created) the block.", NULL},                              \
+    {"closed", (getter)block_get_closed, NULL, "True after close().", NULL},                        \
+    {"persist", (getter)block_get_persist, NULL, "True if the block outlives its last process.", NULL}
+
+/* ---- Value ------------------------------------------------------------------- */
+
+/* Where shx_value_get copies to: a new str of the stored width, or bytes. */
 typedef struct {
     PyObject *obj;
 } value_dst;
@@ -172,9 +369,9 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
     return d->obj ? PyUnicode_DATA(d->obj) : NULL;
 }
 
-static PyObject *value_get_impl(ValueObject *self)
+static PyObject *value_get_impl(BlockObject *self)
 {
-    if (value_check_open(self) < 0)
+    if (block_check_open(self) < 0)
         return NULL;
     value_dst dst = {NULL};
     gil_release release;
@@ -199,9 +396,9 @@ static PyObject *value_get_impl(ValueObject *self)
     return dst.obj;
 }
 
-static int value_set_impl(ValueObject *self, PyObject *value)
+static int value_set_impl(BlockObject *self, PyObject *value)
 {
-    if (value_check_open(self) < 0)
+    if (block_check_open(self) < 0)
         return -1;
     Py_buffer view;
     const void *data;
@@ -255,104 +452,26 @@ static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", "capacity", "persist", "mode", NULL};
     PyObject *name_obj, *capacity_obj = Py_None;
-    int persist = 0;
-    int mode = 0600;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pi:Value", kwlist, &name_obj, &capacity_obj,
-                                     &persist, &mode))
+    int persist = 0, mode = 0600;
+    uint64_t capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pi:Value", kwlist, &name_obj, &capacity_obj, &persist, &mode))
         return NULL;
     const char *name = name_arg(name_obj, "name");
-    if (name == NULL)
+    if (name == NULL || size_arg(capacity_obj, "capacity", 1, &capacity) < 0 || mode_arg(mode) < 0)
         return NULL;
-    uint64_t capacity;
-    if (capacity_arg(capacity_obj, &capacity) < 0)
-        return NULL;
-    if (mode < 0 || mode > 0777) {
-        char text[32];
-        snprintf(text, sizeof text, mode < 0 ? "%d" : "0o%o", mode);
-        PyErr_Format(PyExc_ValueError, "mode %s is out of range: it must be between 0 and 0o777", text);
-        return NULL;
-    }
-    ValueObject *self = (ValueObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
-    shx_error err;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_open(&self->block, name, SHX_KIND_VALUE, capacity, flags, (unsigned)mode, &err);
-    Py_END_ALLOW_THREADS
-    if (rc != SHX_OK) {
-        raise_block_error(&err, name);
-        Py_DECREF(self);
-        return NULL;
-    }
-    return (PyObject *)self;
+    return block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0);
 }
 
-static void value_dealloc(ValueObject *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    shx_error err;
-    (void)shx_block_close(&self->block, 0, &err);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
+static PyObject *value_get(BlockObject *self, PyObject *Py_UNUSED(ignored)) { return value_get_impl(self); }
 
-static int value_traverse(ValueObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(Py_TYPE(self));
-    return 0;
-}
-
-static PyObject *value_get(ValueObject *self, PyObject *Py_UNUSED(ignored)) { return value_get_impl(self); }
-
-static PyObject *value_set(ValueObject *self, PyObject *value)
+static PyObject *value_set(BlockObject *self, PyObject *value)
 {
     if (value_set_impl(self, value) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *value_close(ValueObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (self->busy > 0) {
-        PyErr_Format(PyExc_RuntimeError, "cannot close Value '%s' while another thread is using it",
-                     self->block.name);
-        return NULL;
-    }
-    shx_error err;
-    if (shx_block_close(&self->block, 0, &err) != SHX_OK)
-        return raise_block_error(&err, self->block.name);
-    Py_RETURN_NONE;
-}
-
-static PyObject *value_enter(ValueObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (value_check_open(self) < 0)
-        return NULL;
-    return Py_NewRef(self);
-}
-
-static PyObject *value_exit(ValueObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
-{
-    return value_close(self, NULL);
-}
-
-static PyObject *value_sole_holder(ValueObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (value_check_open(self) < 0)
-        return NULL;
-    int alone = 0, rc;
-    shx_error err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_sole_holder(&self->block, &alone, &err);
-    Py_END_ALLOW_THREADS
-    if (rc != SHX_OK)
-        return raise_block_error(&err, self->block.name);
-    return PyBool_FromLong(alone);
-}
-
-static PyObject *value_repr(ValueObject *self)
+static PyObject *value_repr(BlockObject *self)
 {
     if (!self->block.attached)
         return PyUnicode_FromFormat("<shmemext.Value name='%s' closed>", self->block.name);
@@ -362,38 +481,11 @@ static PyObject *value_repr(ValueObject *self)
                                 shx_block_is_persistent(&self->block) ? " persist" : "");
 }
 
-static PyObject *value_get_name(ValueObject *self, void *Py_UNUSED(c))
+static PyObject *value_get_version(BlockObject *self, void *Py_UNUSED(c))
 {
-    return PyUnicode_FromString(self->block.name);
-}
-
-static PyObject *value_get_capacity(ValueObject *self, void *Py_UNUSED(c))
-{
-    return PyLong_FromUnsignedLongLong(self->block.capacity);
-}
-
-static PyObject *value_get_created(ValueObject *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(self->block.created);
-}
-
-static PyObject *value_get_closed(ValueObject *self, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(!self->block.attached);
-}
-
-static PyObject *value_get_version(ValueObject *self, void *Py_UNUSED(c))
-{
-    if (value_check_open(self) < 0)
+    if (block_check_open(self) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(shx_value_version(&self->block));
-}
-
-static PyObject *value_get_persist(ValueObject *self, void *Py_UNUSED(c))
-{
-    if (value_check_open(self) < 0)
-        return NULL;
-    return PyBool_FromLong(shx_block_is_persistent(&self->block));
 }
 
 static PyMethodDef value_methods[] = {
@@ -401,21 +493,13 @@ static PyMethodDef value_methods[] = {
      "get($self, /)\n--\n\nReturn the committed value: str or bytes, as it was set. A never-written block gives ''."},
     {"set", (PyCFunction)value_set, METH_O,
      "set($self, value, /)\n--\n\nCommit value (str or a contiguous bytes-like object) for every process to see."},
-    {"close", (PyCFunction)value_close, METH_NOARGS,
-     "close($self, /)\n--\n\nDetach from the block. The last process to detach releases it. Idempotent."},
-    {"__enter__", (PyCFunction)value_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))value_exit, METH_FASTCALL, NULL},
-    {"_sole_holder", (PyCFunction)value_sole_holder, METH_NOARGS,
-     "_sole_holder($self, /)\n--\n\nWhether no other process holds this block."},
+    BLOCK_METHODS,
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef value_getset[] = {
-    {"name", (getter)value_get_name, NULL, "The block's name.", NULL},
-    {"capacity", (getter)value_get_capacity, NULL, "The largest value in bytes (str: code units x width).", NULL},
-    {"created", (getter)value_get_created, NULL, "True if this process created (or re-created) the block.", NULL},
-    {"closed", (getter)value_get_closed, NULL, "True after close().", NULL},
+    BLOCK_GETSET,
+    {"capacity", (getter)block_get_size, NULL, "The largest value in bytes (str: characters x their width).", NULL},
     {"version", (getter)value_get_version, NULL, "How many values have been committed to the block.", NULL},
-    {"persist", (getter)value_get_persist, NULL, "True if the block outlives its last process.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(value_doc,
@@ -427,8 +511,8 @@ PyDoc_STRVAR(value_doc,
 
 static PyType_Slot value_slots[] = {
     {Py_tp_new, value_new},
-    {Py_tp_dealloc, value_dealloc},
-    {Py_tp_traverse, value_traverse},
+    {Py_tp_dealloc, block_dealloc},
+    {Py_tp_traverse, block_traverse},
     {Py_tp_repr, value_repr},
     {Py_tp_methods, value_methods},
     {Py_tp_getset, value_getset},
@@ -437,14 +521,410 @@ static PyType_Slot value_slots[] = {
 
 static PyType_Spec value_spec = {
     .name = "shmemext.Value",
-    .basicsize = sizeof(ValueObject),
+    .basicsize = sizeof(BlockObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = value_slots,
 };
 
+/* ---- Segment ------------------------------------------------------------------ */
+
+static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "size", "persist", "mode", "readonly", NULL};
+    PyObject *name_obj, *size_obj;
+    int persist = 0, mode = 0600, readonly = 0;
+    uint64_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pip:Segment", kwlist, &name_obj, &size_obj, &persist, &mode,
+                                     &readonly))
+        return NULL;
+    const char *name = name_arg(name_obj, "name");
+    if (name == NULL || size_arg(size_obj, "size", 0, &size) < 0 || mode_arg(mode) < 0)
+        return NULL;
+    return block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly);
+}
+
+/* An offset or length argument as a non-negative size_t, or -1 with ValueError/TypeError. */
+static int index_arg(PyObject *arg, const char *what, Py_ssize_t *out)
+{
+    Py_ssize_t v = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s %R is out of range", what, arg);
+        }
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static PyObject *range_error(BlockObject *self, const char *what, unsigned long long end)
+{
+    return PyErr_Format(PyExc_ValueError, "Segment '%s': %s ends at byte %llu, beyond its size of %llu bytes",
+                        self->block.name, what, end, (unsigned long long)self->block.capacity);
+}
+
+static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"n", "offset"};
+    PyObject *vals[2] = {NULL, NULL};
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "read() takes at most 2 arguments (%zd given)", nargs + nkw);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        vals[i] = args[i];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
+        if (slot < 0 || vals[slot] != NULL) {
+            PyErr_Format(PyExc_TypeError, "read() got an unexpected or repeated keyword argument '%s'", key);
+            return NULL;
+        }
+        vals[slot] = args[nargs + i];
+    }
+    if (block_check_open(self) < 0)
+        return NULL;
+    Py_ssize_t n = -1, offset = 0;
+    if ((vals[0] && index_arg(vals[0], "n", &n) < 0) || (vals[1] && index_arg(vals[1], "offset", &offset) < 0))
+        return NULL;
+    uint64_t size = self->block.capacity;
+    if (offset < 0 || (uint64_t)offset > size)
+        return PyErr_Format(PyExc_ValueError, "Segment '%s': offset %zd is out of range: it must be between 0 and %llu",
+                            self->block.name, offset, (unsigned long long)size);
+    if (n < -1)
+        return PyErr_Format(PyExc_ValueError, "read(): n must be -1 (to the end) or at least 0, not %zd", n);
+    if (n == -1)
+        n = (Py_ssize_t)(size - (uint64_t)offset);
+    if ((uint64_t)n > size - (uint64_t)offset)
+        return range_error(self, "read", (unsigned long long)offset + (unsigned long long)n);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        return NULL;
+    gil_release release;
+    shx_hooks hooks = GIL_HOOKS(release);
+    shx_error err;
+    self->busy++;
+    int rc = shx_segment_read(&self->block, (uint64_t)offset, PyBytes_AS_STRING(out), (size_t)n, &hooks, &err);
+    self->busy--;
+    if (rc != SHX_OK) {
+        Py_DECREF(out);
+        return raise_block_error(&err, self->block.name);
+    }
+    return out;
+}
+
+static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *data = nargs > 0 ? args[0] : NULL, *offset_obj = nargs > 1 ? args[1] : NULL;
+    if (nargs > 2 || nargs + nkw < 1) {
+        PyErr_Format(PyExc_TypeError, "write() takes 1 or 2 arguments (%zd given)", nargs + nkw);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+        PyObject **slot = key && strcmp(key, "data") == 0 ? &data : key && strcmp(key, "offset") == 0 ? &offset_obj : NULL;
+        if (slot == NULL || *slot != NULL) {
+            PyErr_Format(PyExc_TypeError, "write() got an unexpected or repeated keyword argument '%s'", key);
+            return NULL;
+        }
+        *slot = args[nargs + i];
+    }
+    if (data == NULL) {
+        PyErr_SetString(PyExc_TypeError, "write() missing required argument 'data'");
+        return NULL;
+    }
+    if (block_check_open(self) < 0)
+        return NULL;
+    if (self->readonly)
+        return PyErr_Format(PyExc_TypeError, "Segment '%s' was opened readonly", self->block.name);
+    Py_ssize_t offset = 0;
+    if (offset_obj && index_arg(offset_obj, "offset", &offset) < 0)
+        return NULL;
+    uint64_t size = self->block.capacity;
+    if (offset < 0 || (uint64_t)offset > size)
+        return PyErr_Format(PyExc_ValueError, "Segment '%s': offset %zd is out of range: it must be between 0 and %llu",
+                            self->block.name, offset, (unsigned long long)size);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_TypeError, "write() needs a contiguous bytes-like object, not %.100s",
+                            Py_TYPE(data)->tp_name);
+    }
+    if ((uint64_t)view.len > size - (uint64_t)offset) {
+        unsigned long long end = (unsigned long long)offset + (unsigned long long)view.len;
+        PyBuffer_Release(&view);
+        return range_error(self, "write", end);
+    }
+    gil_release release;
+    shx_hooks hooks = GIL_HOOKS(release);
+    shx_error err;
+    self->busy++;
+    int rc = shx_segment_write(&self->block, (uint64_t)offset, view.buf, (size_t)view.len, &hooks, &err);
+    self->busy--;
+    Py_ssize_t written = view.len;
+    PyBuffer_Release(&view);
+    if (rc != SHX_OK)
+        return raise_block_error(&err, self->block.name);
+    return PyLong_FromSsize_t(written);
+}
+
+static int segment_getbuffer(BlockObject *self, Py_buffer *view, int flags)
+{
+    if (block_check_open(self) < 0)
+        return -1;
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->block.data, (Py_ssize_t)self->block.capacity,
+                          self->readonly, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void segment_releasebuffer(BlockObject *self, Py_buffer *Py_UNUSED(view)) { self->exports--; }
+
+/* Takes the segment's lock, waiting at most `timeout` seconds (< 0: forever)
+ * with the GIL released, in short slices so that signals (Ctrl-C) are handled. */
+static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died)
+{
+    const int64_t slice_ns = 50 * 1000 * 1000;
+    shx_error err;
+    int rc = shx_block_lock(&self->block, 0, owner_died, NULL, &err);
+    uint64_t start = shx_os_monotonic_ns();
+    while (rc == SHX_E_TIMEOUT) {
+        int64_t wait = slice_ns;
+        if (timeout >= 0) {
+            int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
+            if (left <= 0) {
+                char secs[32];
+                snprintf(secs, sizeof secs, "%g", timeout);
+                PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for the lock of Segment '%s'", secs,
+                             self->block.name);
+                return -1;
+            }
+            wait = left < slice_ns ? left : slice_ns;
+        }
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = shx_block_lock(&self->block, wait, owner_died, NULL, &err);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+        if (rc == SHX_E_TIMEOUT && PyErr_CheckSignals() < 0)
+            return -1;
+    }
+    if (rc == SHX_E_OS && err.os_error == EDEADLK) {
+        PyErr_Format(PyExc_RuntimeError, "this thread already holds the lock of Segment '%s' (it is not re-entrant)",
+                     self->block.name);
+        return -1;
+    }
+    if (rc != SHX_OK) {
+        raise_block_error(&err, self->block.name);
+        return -1;
+    }
+    self->locks_held++;
+    return 0;
+}
+
+static PyObject *segment_lock(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    double timeout = -1;
+    if (timeout_arg("lock", args, nargs, kwnames, &timeout) < 0)
+        return NULL;
+    if (block_check_open(self) < 0)
+        return NULL;
+    LockObject *lock = PyObject_GC_New(LockObject, state_of((PyObject *)self)->lock_type);
+    if (lock == NULL)
+        return NULL;
+    lock->segment = (BlockObject *)Py_NewRef(self);
+    lock->timeout = timeout;
+    lock->owner_died = 0;
+    lock->held = 0;
+    PyObject_GC_Track(lock);
+    return (PyObject *)lock;
+}
+
+static PyObject *segment_repr(BlockObject *self)
+{
+    if (!self->block.attached)
+        return PyUnicode_FromFormat("<shmemext.Segment name='%s' closed>", self->block.name);
+    return PyUnicode_FromFormat("<shmemext.Segment name='%s' size=%llu%s%s>", self->block.name,
+                                (unsigned long long)self->block.capacity, self->readonly ? " readonly" : "",
+                                shx_block_is_persistent(&self->block) ? " persist" : "");
+}
+
+static PyObject *segment_get_readonly(BlockObject *self, void *Py_UNUSED(c)) { return PyBool_FromLong(self->readonly); }
+
+static PyObject *segment_get_exports(BlockObject *self, void *Py_UNUSED(c)) { return PyLong_FromSsize_t(self->exports); }
+
+static PyMethodDef segment_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))segment_read, METH_FASTCALL | METH_KEYWORDS,
+     "read($self, /, n=-1, offset=0)\n--\n\nCopy n bytes (to the end if -1) from offset into a new bytes object."},
+    {"write", (PyCFunction)(void (*)(void))segment_write, METH_FASTCALL | METH_KEYWORDS,
+     "write($self, /, data, offset=0)\n--\n\nCopy a bytes-like object into the segment at offset; return its length."},
+    {"lock", (PyCFunction)(void (*)(void))segment_lock, METH_FASTCALL | METH_KEYWORDS,
+     "lock($self, /, timeout=None)\n--\n\nThe segment's cross-process lock, as a context manager\n"
+     "(also acquire()/release()). It survives its holder's death: see SegmentLock.owner_died."},
+    BLOCK_METHODS,
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef segment_getset[] = {
+    BLOCK_GETSET,
+    {"size", (getter)block_get_size, NULL, "The segment's size in bytes, exactly as asked at creation.", NULL},
+    {"readonly", (getter)segment_get_readonly, NULL, "True if opened readonly.", NULL},
+    {"_exports", (getter)segment_get_exports, NULL, "Buffers exported and not yet released.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+PyDoc_STRVAR(segment_doc,
+"Segment(name, size, *, persist=False, mode=0o600, readonly=False)\n--\n\n"
+"A named block of raw shared memory with the buffer protocol.\n\n"
+"The first process to open `name` creates it zero-filled with `size` bytes;\n"
+"later ones get the existing block (which must be at least `size` bytes).\n"
+"It lives while any process has it open, unless persist=True.");
+
+static PyType_Slot segment_slots[] = {
+    {Py_tp_new, segment_new},
+    {Py_tp_dealloc, block_dealloc},
+    {Py_tp_traverse, block_traverse},
+    {Py_tp_repr, segment_repr},
+    {Py_tp_methods, segment_methods},
+    {Py_tp_getset, segment_getset},
+    {Py_tp_doc, (void *)segment_doc},
+    {Py_bf_getbuffer, segment_getbuffer},
+    {Py_bf_releasebuffer, segment_releasebuffer},
+    {0, NULL}};
+
+static PyType_Spec segment_spec = {
+    .name = "shmemext.Segment",
+    .basicsize = sizeof(BlockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = segment_slots,
+};
+
+/* ---- SegmentLock ---------------------------------------------------------------- */
+
+static PyObject *lock_acquire_impl(LockObject *self, double timeout)
+{
+    if (block_check_open(self->segment) < 0)
+        return NULL;
+    int owner_died = 0;
+    if (acquire_block_lock(self->segment, timeout, &owner_died) < 0)
+        return NULL;
+    self->owner_died = owner_died;
+    self->held++;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *lock_acquire(LockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    double timeout = self->timeout;
+    if (timeout_arg("acquire", args, nargs, kwnames, &timeout) < 0)
+        return NULL;
+    return lock_acquire_impl(self, timeout);
+}
+
+static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    BlockObject *seg = self->segment;
+    if (block_check_open(seg) < 0)
+        return NULL;
+    shx_error err;
+    if (shx_block_unlock(&seg->block, &err) != SHX_OK) {
+        if (err.status == SHX_E_OS && err.os_error == EPERM)
+            return PyErr_Format(PyExc_RuntimeError, "the lock of Segment '%s' is not held by this thread",
+                                seg->block.name);
+        return raise_block_error(&err, seg->block.name);
+    }
+    seg->locks_held--;
+    if (self->held > 0)
+        self->held--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *lock_enter(LockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *r = lock_acquire_impl(self, self->timeout);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    return Py_NewRef(self);
+}
+
+static PyObject *lock_exit(LockObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    return lock_release(self, NULL);
+}
+
+static PyObject *lock_get_owner_died(LockObject *self, void *Py_UNUSED(c)) { return PyBool_FromLong(self->owner_died); }
+
+static PyObject *lock_get_segment(LockObject *self, void *Py_UNUSED(c)) { return Py_NewRef(self->segment); }
+
+static int lock_traverse(LockObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->segment);
+    return 0;
+}
+
+static int lock_clear(LockObject *self)
+{
+    Py_CLEAR(self->segment);
+    return 0;
+}
+
+static void lock_dealloc(LockObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    /* A lock object dropped while held releases it, so the mapping under the
+     * mutex is never unmapped with the mutex locked. */
+    if (self->segment != NULL && self->held > 0 && self->segment->block.attached) {
+        shx_error err;
+        while (self->held > 0 && shx_block_unlock(&self->segment->block, &err) == SHX_OK) {
+            self->held--;
+            self->segment->locks_held--;
+        }
+    }
+    (void)lock_clear(self);
+    PyObject_GC_Del(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire($self, /, timeout=None)\n--\n\nTake the lock, waiting at most timeout seconds (TimeoutError after).\n"
+     "Returns True. Afterwards owner_died tells whether the previous holder died holding it."},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "release($self, /)\n--\n\nRelease the lock (held by this thread)."},
+    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef lock_getset[] = {
+    {"owner_died", (getter)lock_get_owner_died, NULL,
+     "True if the last acquire() took the lock from a holder that died holding it:\n"
+     "the data it guarded may be half-updated.", NULL},
+    {"segment", (getter)lock_get_segment, NULL, "The Segment this lock belongs to.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot lock_slots[] = {
+    {Py_tp_dealloc, lock_dealloc},
+    {Py_tp_traverse, lock_traverse},
+    {Py_tp_clear, lock_clear},
+    {Py_tp_methods, lock_methods},
+    {Py_tp_getset, lock_getset},
+    {Py_tp_doc, (void *)"A Segment's cross-process lock; made by Segment.lock()."},
+    {0, NULL}};
+
+static PyType_Spec lock_spec = {
+    .name = "shmemext.SegmentLock",
+    .basicsize = sizeof(LockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = lock_slots,
+};
+
 /* ---- module functions ---------------------------------------------------- */
 
-static ValueObject *default_value(PyObject *module)
+static BlockObject *default_value(PyObject *module)
 {
     module_state *st = get_state(module);
     if (st->default_value == NULL) {
@@ -452,18 +932,18 @@ static ValueObject *default_value(PyObject *module)
                         "the default block is disabled (SHMEMEXT_SIZE=0); use shmemext.Value(name) instead");
         return NULL;
     }
-    return (ValueObject *)st->default_value;
+    return (BlockObject *)st->default_value;
 }
 
 static PyObject *mod_get(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    ValueObject *v = default_value(module);
+    BlockObject *v = default_value(module);
     return v ? value_get_impl(v) : NULL;
 }
 
 static PyObject *mod_set(PyObject *module, PyObject *value)
 {
-    ValueObject *v = default_value(module);
+    BlockObject *v = default_value(module);
     if (v == NULL || value_set_impl(v, value) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -552,7 +1032,13 @@ static int module_exec(PyObject *module)
     st->value_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &value_spec, NULL);
     if (st->value_type == NULL)
         return -1;
-    if (PyModule_AddObjectRef(module, "Value", (PyObject *)st->value_type) < 0)
+    st->segment_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &segment_spec, NULL);
+    st->lock_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &lock_spec, NULL);
+    if (st->segment_type == NULL || st->lock_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(module, "Value", (PyObject *)st->value_type) < 0 ||
+        PyModule_AddObjectRef(module, "Segment", (PyObject *)st->segment_type) < 0 ||
+        PyModule_AddObjectRef(module, "SegmentLock", (PyObject *)st->lock_type) < 0)
         return -1;
     if (PyModule_AddStringConstant(module, "__version__", SHMEMEXT_VERSION) < 0 ||
         PyModule_AddIntConstant(module, "DEFAULT_CAPACITY", SHX_DEFAULT_CAPACITY) < 0 ||
@@ -572,6 +1058,8 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
 {
     module_state *st = get_state(module);
     Py_VISIT(st->value_type);
+    Py_VISIT(st->segment_type);
+    Py_VISIT(st->lock_type);
     Py_VISIT(st->default_value);
     return 0;
 }
@@ -581,6 +1069,8 @@ static int module_clear(PyObject *module)
     module_state *st = get_state(module);
     Py_CLEAR(st->default_value);
     Py_CLEAR(st->value_type);
+    Py_CLEAR(st->segment_type);
+    Py_CLEAR(st->lock_type);
     return 0;
 }
 

@@ -27,7 +27,8 @@ typedef enum shx_status {
     SHX_E_NOTOWNER,  /* a private block owned by another user (a = owner) */
     SHX_E_BADVALUE,  /* the committed value is not well formed: detail */
     SHX_E_CLOSED,    /* the block was already detached */
-    SHX_E_INUSE      /* the handle is still attached to a block */
+    SHX_E_INUSE,     /* the handle is still attached to a block */
+    SHX_E_RANGE      /* offset + length a is beyond the size b */
 } shx_status;
 
 typedef struct shx_error {
@@ -93,10 +94,15 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err);
 #define SHX_LOCK_AREA 128
 int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err);
 /* timeout_ns < 0 waits forever, 0 only tries.  *owner_died is set when the lock
- * was taken from a holder that died; the protected data may need repair. */
+ * was taken from a holder that died; the protected data may need repair.
+ * The lock is not recursive: a thread that holds it gets SHX_E_OS (EDEADLK). */
 int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died,
                 shx_error *err);
-void shx_os_unlock(shx_os_map *m, void *area);
+/* Fails (SHX_E_OS, EPERM) when the calling thread does not hold the lock. */
+int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
+
+/* A monotonic clock, for lock-wait deadlines. */
+uint64_t shx_os_monotonic_ns(void);
 
 uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */

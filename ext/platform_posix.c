@@ -442,6 +442,10 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
         rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
     if (rc == 0)
         rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    /* Error-checking, so a relock by its holder or an unlock by another thread
+     * is an error the caller can report instead of a deadlock. */
+    if (rc == 0)
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
     if (rc == 0)
         rc = pthread_mutex_init((pthread_mutex_t *)area, &attr);
     (void)pthread_mutexattr_destroy(&attr);
@@ -491,8 +495,20 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
     return SHX_OK;
 }
 
-void shx_os_unlock(shx_os_map *m, void *area)
+int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
 {
     (void)m;
-    (void)pthread_mutex_unlock((pthread_mutex_t *)area);
+    int rc = pthread_mutex_unlock((pthread_mutex_t *)area);
+    if (rc != 0) {
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_unlock");
+    }
+    return SHX_OK;
+}
+
+uint64_t shx_os_monotonic_ns(void)
+{
+    struct timespec ts;
+    (void)clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }

@@ -238,7 +238,7 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
     return rc;
 }
 
-void shx_block_unlock(shx_block *b) { shx_os_unlock(&b->map, b->hdr->lock_area); }
+int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->map, b->hdr->lock_area, err); }
 
 static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
 {
@@ -249,6 +249,37 @@ static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *ho
     } else {
         memcpy(dst, src, n);
     }
+}
+
+/* ---- raw segments ------------------------------------------------------------ */
+
+static int segment_range(shx_block *b, uint64_t offset, size_t n, shx_error *err)
+{
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    if (b->kind != SHX_KIND_SEGMENT)
+        return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_SEGMENT, NULL);
+    if (offset > b->capacity || n > b->capacity - offset)
+        return shx_fail(err, SHX_E_RANGE, offset + n, b->capacity, NULL);
+    return SHX_OK;
+}
+
+int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks,
+                     shx_error *err)
+{
+    int rc = segment_range(b, offset, n, err);
+    if (rc == SHX_OK)
+        copy_bytes(dst, b->data + offset, n, hooks);
+    return rc;
+}
+
+int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks,
+                      shx_error *err)
+{
+    int rc = segment_range(b, offset, n, err);
+    if (rc == SHX_OK)
+        copy_bytes(b->data + offset, src, n, hooks);
+    return rc;
 }
 
 /* ---- the value protocol --------------------------------------------------- */
@@ -282,8 +313,7 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
     atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
     atomic_store_explicit(&h->version, next, memory_order_release);
 
-    shx_block_unlock(b);
-    return SHX_OK;
+    return shx_block_unlock(b, err);
 }
 
 static int valid_type(uint32_t type) { return type <= SHX_TYPE_UCS4; }
@@ -350,7 +380,8 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         else
             copy_bytes(dst, b->data + index * b->slot_stride, (size_t)nbytes, hooks);
     }
-    shx_block_unlock(b);
+    shx_error unlock_err;
+    (void)shx_block_unlock(b, &unlock_err);   /* we hold it: cannot fail */
     if (rc == SHX_OK) {
         *type_out = type;
         *nbytes_out = (size_t)nbytes;
@@ -493,6 +524,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         break;
     case SHX_E_INUSE:
         snprintf(buf, size, "handle is still attached to a block");
+        break;
+    case SHX_E_RANGE:
+        snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b);
         break;
     default:
         snprintf(buf, size, "unknown error %d", err->status);

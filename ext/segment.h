@@ -133,7 +133,14 @@ int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *e
 /* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
 int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,
                    shx_error *err);
-void shx_block_unlock(shx_block *b);
+int shx_block_unlock(shx_block *b, shx_error *err);
+
+/* A raw segment's bytes: b->data, b->capacity of them.  Copies in and out
+ * of it, bounds-checked (SHX_E_RANGE). */
+int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks,
+                     shx_error *err);
+int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks,
+                      shx_error *err);
 
 /* A human-readable message for err (without the block name). */
 void shx_strerror(const shx_error *err, char *buf, size_t size);

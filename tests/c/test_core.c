@@ -293,7 +293,11 @@ static void test_lock_owner_death(void)
     wait_child(pid);
     CHECK(shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
           "the next locker gets the lock and learns the owner died");
-    shx_block_unlock(&a);
+    CHECK(shx_block_unlock(&a, &err) == SHX_OK, "and releases it");
+    CHECK(shx_block_unlock(&a, &err) == SHX_E_OS && err.os_error == EPERM, "releasing a lock not held is an error");
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_OK && shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_OS &&
+              err.os_error == EDEADLK && shx_block_unlock(&a, &err) == SHX_OK,
+          "relocking by the holder is an error, not a deadlock");
     CHECK(set_text(&a, "after") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
               strcmp(text, "after") == 0, "writing works again after the owner's death");
     CHECK(set_text(&a, "twice") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
@@ -340,6 +344,29 @@ static void test_value_protocol(void)
           "a hostile length is refused");
     s->nbytes = saved;
     shx_block_close(&a, 0, &err);
+}
+
+static void test_segment(void)
+{
+    shx_block a = {0}, b = {0};
+    shx_error err;
+    const char *name = block_name("segment");
+    CHECK(shx_block_open(&a, name, SHX_KIND_SEGMENT, 1000, 0, 0600, &err) == SHX_OK && a.capacity == 1000,
+          "a raw segment of exactly the size asked");
+    CHECK(((uintptr_t)a.data & 4095) == 0, "segment data is page aligned");
+    CHECK(shx_segment_write(&a, 990, "0123456789", 10, NULL, &err) == SHX_OK, "write up to the last byte");
+    CHECK(shx_segment_write(&a, 991, "0123456789", 10, NULL, &err) == SHX_E_RANGE && err.a == 1001 && err.b == 1000,
+          "a write past the end is refused");
+    CHECK(shx_segment_read(&a, UINT64_MAX, NULL, 1, NULL, &err) == SHX_E_RANGE, "an overflowing offset is refused");
+    CHECK(shx_block_open(&b, name, SHX_KIND_SEGMENT, 0, 0, 0600, &err) == SHX_OK && !b.created && b.capacity == 1000,
+          "a second handle sees the same size");
+    char got[10];
+    CHECK(shx_segment_read(&b, 990, got, 10, NULL, &err) == SHX_OK && memcmp(got, "0123456789", 10) == 0,
+          "and the same bytes");
+    CHECK(shx_value_set(&b, SHX_TYPE_BYTES, "x", 1, NULL, &err) == SHX_E_KIND, "a segment is not a value cell");
+    shx_block_close(&a, 0, &err);
+    shx_block_close(&b, 0, &err);
+    CHECK(!object_exists(name), "released like a value cell");
 }
 
 static void test_foreign_header(void)
@@ -419,6 +446,7 @@ int main(void)
     test_crash_release();
     test_lock_owner_death();
     test_value_protocol();
+    test_segment();
     test_foreign_header();
     test_many_attachers();
     printf("%d passed, %d failed\n", passed, failed);
