@@ -38,7 +38,10 @@ typedef struct {
     shx_block block;
     int busy;              /* calls in progress that may run without the GIL */
     Py_ssize_t exports;    /* buffers exported (Segment) */
-    Py_ssize_t locks_held; /* lock acquisitions not yet released (Segment) */
+    /* The lock object through which a thread of this process holds the
+     * segment's lock (at most one can: it is a mutex), and that thread. */
+    void *lock_holder;
+    unsigned long lock_thread;
     int readonly;
 } BlockObject;
 
@@ -47,7 +50,6 @@ typedef struct {
     BlockObject *segment;
     double timeout;        /* seconds; < 0: wait forever */
     int owner_died;
-    int held;
 } LockObject;
 
 static inline module_state *get_state(PyObject *module)
@@ -255,7 +257,7 @@ static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
                      type_label(self), self->block.name, self->exports);
         return NULL;
     }
-    if (self->locks_held > 0) {
+    if (self->lock_holder != NULL) {
         PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this process holds its lock; release it first",
                      type_label(self), self->block.name);
         return NULL;
@@ -722,7 +724,6 @@ static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died
         raise_block_error(&err, self->block.name);
         return -1;
     }
-    self->locks_held++;
     return 0;
 }
 
@@ -739,7 +740,6 @@ static PyObject *segment_lock(BlockObject *self, PyObject *const *args, Py_ssize
     lock->segment = (BlockObject *)Py_NewRef(self);
     lock->timeout = timeout;
     lock->owner_died = 0;
-    lock->held = 0;
     PyObject_GC_Track(lock);
     return (PyObject *)lock;
 }
@@ -810,8 +810,10 @@ static PyObject *lock_acquire_impl(LockObject *self, double timeout)
     int owner_died = 0;
     if (acquire_block_lock(self->segment, timeout, &owner_died) < 0)
         return NULL;
+    /* A holder recorded here but found dead by the kernel was a thread of ours that ended. */
     self->owner_died = owner_died;
-    self->held++;
+    self->segment->lock_holder = self;
+    self->segment->lock_thread = PyThread_get_thread_ident();
     Py_RETURN_TRUE;
 }
 
@@ -835,9 +837,7 @@ static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
                                 seg->block.name);
         return raise_block_error(&err, seg->block.name);
     }
-    seg->locks_held--;
-    if (self->held > 0)
-        self->held--;
+    seg->lock_holder = NULL;
     Py_RETURN_NONE;
 }
 
@@ -876,15 +876,17 @@ static void lock_dealloc(LockObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    /* A lock object dropped while held releases it, so the mapping under the
-     * mutex is never unmapped with the mutex locked. */
-    if (self->segment != NULL && self->held > 0 && self->segment->block.attached) {
+    /* A lock object dropped by the thread that holds the lock through it
+     * releases it, so the mapping is never unmapped under a locked mutex. */
+    BlockObject *seg = self->segment;
+    if (seg != NULL && seg->lock_holder == self && seg->lock_thread == PyThread_get_thread_ident() &&
+        seg->block.attached) {
         shx_error err;
-        while (self->held > 0 && shx_block_unlock(&self->segment->block, &err) == SHX_OK) {
-            self->held--;
-            self->segment->locks_held--;
-        }
+        if (shx_block_unlock(&seg->block, &err) == SHX_OK)
+            seg->lock_holder = NULL;
     }
+    if (seg != NULL && seg->lock_holder == self)
+        seg->lock_holder = NULL;   /* held by a thread that is gone or elsewhere: forget the object */
     (void)lock_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(tp);

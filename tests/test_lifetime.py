@@ -13,6 +13,32 @@ import shmemext
 from conftest import ours, python, shm_path, spawn
 
 
+# The seed's lifetime holds for both kinds of block: the same tests, parametrized.
+PRELUDE = {
+    "value": (
+        "import shmemext\n"
+        "def open_block(n, **kw): return shmemext.Value(n, **kw)\n"
+        "def put(b, s): b.set(s)\n"
+        "def take(b): return b.get()\n"
+        "def mark(b, i): b.set(str(i))\n"
+        "def count(b): return b.version\n"
+    ),
+    "segment": (
+        "import shmemext\n"
+        "def open_block(n, **kw): return shmemext.Segment(n, 4096, **kw)\n"
+        "def put(b, s): d = s.encode(); b.write(len(d).to_bytes(4, 'little') + d)\n"
+        "def take(b): return b.read(int.from_bytes(b.read(4), 'little'), 4).decode()\n"
+        "def mark(b, i): b.write(b'\\x01', 1024 + i)\n"
+        "def count(b): return sum(b.read(64, 1024))\n"
+    ),
+}
+KINDS = pytest.mark.parametrize("kind", sorted(PRELUDE))
+
+
+def with_prelude(kind, code):
+    return PRELUDE[kind] + textwrap.dedent(code)
+
+
 def wait_gone(path, timeout=10.0):
     deadline = time.monotonic() + timeout
     while os.path.exists(path) and time.monotonic() < deadline:
@@ -44,33 +70,23 @@ def test_default_block_is_shared_between_processes():
     assert shmemext.get() == "from the child"
 
 
-ATTACHER = """
-import sys, time, shmemext
-v = shmemext.Value(sys.argv[1])
-sys.stdin.readline()           # everyone attached: go
-v.set(str(len(sys.argv)))
-deadline = time.monotonic() + 20
-while v.version < int(sys.argv[2]) and time.monotonic() < deadline:
-    time.sleep(0.005)
-print(v.created, v.version, flush=True)
-"""
-
 STARTER = """
-import sys, shmemext
+import sys
 sys.stdin.readline()           # start together
-v = shmemext.Value(sys.argv[1])
-print(v.created, flush=True)
+b = open_block(sys.argv[1])
+print(b.created, flush=True)
 sys.stdin.readline()           # all have attached
-v.set("x")
-while v.version < int(sys.argv[2]):
+mark(b, int(sys.argv[3]))
+while count(b) < int(sys.argv[2]):
     pass
-print(v.version, flush=True)
+print(count(b), flush=True)
 """
 
 
-def test_eight_processes_attach_at_once_exactly_one_creates(name):
+@KINDS
+def test_eight_processes_attach_at_once_exactly_one_creates(name, kind):
     n = 8
-    procs = [spawn(STARTER, name, str(n)) for _ in range(n)]
+    procs = [spawn(with_prelude(kind, STARTER), name, str(n), str(i)) for i in range(n)]
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()
@@ -79,26 +95,27 @@ def test_eight_processes_attach_at_once_exactly_one_creates(name):
     for p in procs:
         p.stdin.write("set\n")
         p.stdin.flush()
-    versions = [p.communicate(timeout=30)[0].strip() for p in procs]
-    assert versions == [str(n)] * n, "all share one block: every process saw all 8 sets"
+    counts = [p.communicate(timeout=30)[0].strip() for p in procs]
+    assert counts == [str(n)] * n, "all share one block: every process saw all 8 marks"
     assert all(p.returncode == 0 for p in procs)
     assert wait_gone(shm_path(name))
 
 
 HOLDER = """
-import sys, shmemext
-v = shmemext.Value(sys.argv[1])
-v.set("held by " + sys.argv[2])
-print(v.created, flush=True)
+import sys
+b = open_block(sys.argv[1])
+put(b, "held by " + sys.argv[2])
+print(b.created, flush=True)
 sys.stdin.readline()
 """
 
 
+@KINDS
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
-def test_block_is_released_when_every_holder_is_gone(name, how):
-    procs = [spawn(HOLDER, name, str(i)) for i in range(4)]
-    for p in procs:
-        assert p.stdout.readline() in ("True\n", "False\n")
+def test_block_is_released_when_every_holder_is_gone(name, kind, how):
+    procs = [spawn(with_prelude(kind, HOLDER), name, str(i)) for i in range(4)]
+    created = [p.stdout.readline() for p in procs]
+    assert created.count("True\n") == 1 and created.count("False\n") == 3
     assert os.path.exists(shm_path(name))
     for p in procs:
         if how == "exit":
@@ -110,45 +127,41 @@ def test_block_is_released_when_every_holder_is_gone(name, how):
         p.stdout.close(), p.stdin.close(), p.stderr.close()
     if how == "exit":
         assert not os.path.exists(shm_path(name)), "the last normal exit releases the block"
-    out = python(
-        "import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, repr(v.get()))", name
-    ).stdout
-    assert out == "True ''\n"
+    code = "import sys\nb = open_block(sys.argv[1])\nprint(b.created, repr(take(b)))"
+    assert python(with_prelude(kind, code), name).stdout == "True ''\n"
     assert not os.path.exists(shm_path(name)), "nothing of ours is left in /dev/shm"
 
 
-def test_forked_child_keeps_the_block_after_its_parent_exits(name, tmp_path):
+@KINDS
+def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_path):
     result = tmp_path / "result"
     script = """
-    import os, sys, time, shmemext
+    import os, sys, time
     name, result = sys.argv[1], sys.argv[2]
-    v = shmemext.Value(name)
-    v.set("from before the fork")
+    b = open_block(name)
+    put(b, "from before the fork")
     pid = os.fork()
     if pid == 0:
         parent = os.getppid()
         while os.getppid() == parent:       # wait until the parent has exited
             time.sleep(0.01)
         alive = os.path.exists("/dev/shm/" + name)
-        text = v.get()
-        v.set("child outlived parent")
-        again = shmemext.Value(name)
-        ok = alive and text == "from before the fork" and not again.created and again.get() == "child outlived parent"
+        text = take(b)
+        put(b, "child outlived parent")
+        again = open_block(name)
+        ok = alive and text == "from before the fork" and not again.created and take(again) == "child outlived parent"
         again.close()
-        v.close()
+        b.close()
         with open(result, "w") as f:
             f.write("ok" if ok else f"bad {alive} {text!r}")
         os._exit(0)
-    print(pid, flush=True)
     """
-    out = python(script, name, str(result)).stdout
-    child = int(out)
+    python(with_prelude(kind, script), name, str(result))
     deadline = time.monotonic() + 20
     while not result.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert result.read_text() == "ok"
     assert wait_gone(shm_path(name)), "released when the forked child detached"
-    del child
 
 
 def test_multiprocessing_children_of_every_start_method(name, tmp_path):
@@ -172,13 +185,12 @@ def test_multiprocessing_children_of_every_start_method(name, tmp_path):
     assert out == "mp\nmp\nmp\nTrue mp\n"
 
 
-def test_persist_keeps_the_block_until_unlinked(name):
-    python("import sys, shmemext; shmemext.Value(sys.argv[1], persist=True).set('kept')", name)
+@KINDS
+def test_persist_keeps_the_block_until_unlinked(name, kind):
+    python(with_prelude(kind, "import sys\nput(open_block(sys.argv[1], persist=True), 'kept')"), name)
     assert os.path.exists(shm_path(name))
-    out = python(
-        "import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, v.persist, v.get())", name
-    ).stdout
-    assert out == "False True kept\n"
+    code = "import sys\nb = open_block(sys.argv[1])\nprint(b.created, b.persist, take(b))"
+    assert python(with_prelude(kind, code), name).stdout == "False True kept\n"
     shmemext.unlink(name)
     assert not os.path.exists(shm_path(name))
     with pytest.raises(FileNotFoundError, match=name):
@@ -204,9 +216,11 @@ def test_persist_flag_given_later_sticks(name):
     shmemext.unlink(name)
 
 
-def test_interpreter_exit_detaches_blocks_left_open(name):
-    # The object is never closed: the module's exit hook must detach it.
-    python("import sys, shmemext; sys.modules['keep'] = shmemext.Value(sys.argv[1]); shmemext.Value(sys.argv[1])", name)
+@KINDS
+def test_interpreter_exit_detaches_blocks_left_open(name, kind):
+    # The objects are never closed: the module's exit hook must detach them.
+    code = "import sys\nsys.modules['keep'] = open_block(sys.argv[1])\nkeep2 = open_block(sys.argv[1])"
+    python(with_prelude(kind, code), name)
     assert not os.path.exists(shm_path(name))
 
 
