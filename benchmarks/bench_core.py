@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import timeit
 from multiprocessing import shared_memory
 
 os.environ.setdefault("SHMEMEXT_NAME", f"shmemext-bench-{os.getpid()}")
 os.environ["SHMEMEXT_SIZE"] = str((1 << 20) + 64)
 
 import shmemext  # noqa: E402
+from _timing import interleaved  # noqa: E402
 
 SIZES = {"16 B": 16, "4 KiB": 4096, "1 MiB": 1 << 20}
 
@@ -48,10 +47,6 @@ def make_mp_ops(shm: shared_memory.SharedMemory, value: str | bytes):
         return data.decode() if is_str else data
 
     return mp_set, mp_get
-
-
-def per_call_ns(fn, number: int) -> float:
-    return timeit.timeit(fn, number=number) / number * 1e9
 
 
 def measure(rounds: int) -> list[dict]:
@@ -80,13 +75,9 @@ def measure(rounds: int) -> list[dict]:
                     "empty C call": empty,
                     "memcpy floor": lambda view=view: bytes(view),
                 }
-                samples: dict[str, list[float]] = {m: [] for m in methods}
-                for _ in range(rounds):
-                    for method, fn in methods.items():
-                        samples[method].append(per_call_ns(fn, number))
-                medians = {m: statistics.median(s) for m, s in samples.items()}
-                rows.append({"kind": kind, "size": label, "ns": medians,
-                             "spread": {m: (min(s), max(s)) for m, s in samples.items()}})
+                timing = interleaved(methods, number, rounds)
+                rows.append({"kind": kind, "size": label, "ns": {m: t["ns"] for m, t in timing.items()},
+                             "spread": {m: (t["min"], t["max"]) for m, t in timing.items()}})
     finally:
         value_cell.close()
         shm.close()

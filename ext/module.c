@@ -693,7 +693,7 @@ static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died
     const int64_t slice_ns = 50 * 1000 * 1000;
     shx_error err;
     int rc = shx_block_lock(&self->block, 0, owner_died, NULL, &err);
-    uint64_t start = shx_os_monotonic_ns();
+    uint64_t start = rc == SHX_E_TIMEOUT ? shx_os_monotonic_ns() : 0;
     while (rc == SHX_E_TIMEOUT) {
         int64_t wait = slice_ns;
         if (timeout >= 0) {
