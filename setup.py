@@ -23,7 +23,7 @@ def read_version():
 
 def extension():
     version = read_version()
-    sources = ["ext/module.c", "ext/segment.c"]
+    sources = ["ext/module.c", "ext/capi.c", "ext/segment.c", "ext/text.c"]
     libraries = []
     if sys.platform == "win32":
         sources.append("ext/platform_win32.c")
@@ -41,7 +41,7 @@ def extension():
     return Extension(
         "shmemext._shmemext",
         sources=sources,
-        depends=["ext/platform.h", "ext/segment.h"],
+        depends=["ext/platform.h", "ext/segment.h", "ext/capi.h", "shmemext/include/shmemext.h"],
         include_dirs=["ext"],
         define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)],
         extra_compile_args=compile_args,

@@ -15,6 +15,7 @@
 #include <unistd.h>
 #endif
 
+#include "capi.h"
 #include "segment.h"
 
 #ifndef SHMEMEXT_VERSION
@@ -970,6 +971,51 @@ static PyMethodDef module_methods[] = {
      "that have it open keep it; the next open of the name creates a new block."},
     {NULL, NULL, 0, NULL}};
 
+/* ---- the Python side of the C API ------------------------------------------ */
+
+static struct PyModuleDef shmemext_module;
+
+/* This interpreter's module state, importing the module if need be. */
+static module_state *current_state(void)
+{
+    PyObject *mod = PyImport_ImportModule("shmemext._shmemext");
+    if (mod == NULL)
+        return NULL;
+    module_state *st = PyModule_GetDef(mod) == &shmemext_module ? get_state(mod) : NULL;
+    Py_DECREF(mod);   /* sys.modules keeps it */
+    if (st == NULL)
+        PyErr_SetString(PyExc_ImportError, "shmemext._shmemext is not the shmemext extension module");
+    return st;
+}
+
+ShmemExt_Block *shmemext_default_block(void)
+{
+    module_state *st = current_state();
+    if (st == NULL)
+        return NULL;
+    if (st->default_value == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the default block is disabled (SHMEMEXT_SIZE=0)");
+        return NULL;
+    }
+    return (ShmemExt_Block *)&((BlockObject *)st->default_value)->block;
+}
+
+ShmemExt_Block *shmemext_block_from_object(PyObject *obj)
+{
+    module_state *st = current_state();
+    if (st == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(obj, st->value_type) && !PyObject_TypeCheck(obj, st->segment_type)) {
+        PyErr_Format(PyExc_TypeError, "expected a shmemext.Value or shmemext.Segment, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    BlockObject *b = (BlockObject *)obj;
+    if (block_check_open(b) < 0)
+        return NULL;
+    return (ShmemExt_Block *)&b->block;
+}
+
 /* ---- the default block ----------------------------------------------------- */
 
 static void default_name(char *out, size_t size)
@@ -1047,6 +1093,11 @@ static int module_exec(PyObject *module)
         PyModule_AddIntConstant(module, "NAME_MAX", SHX_NAME_MAX) < 0 ||
         PyModule_AddObject(module, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SHX_MAX_CAPACITY)) < 0)
         return -1;
+    PyObject *capsule = shmemext_capi_capsule();
+    if (capsule == NULL || PyModule_AddObject(module, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        return -1;
+    }
     if (!atomic_flag_test_and_set(&at_exit_registered) && Py_AtExit(detach_all_at_exit) < 0) {
         PyErr_SetString(PyExc_RuntimeError, "no room to register the exit hook (Py_AtExit)");
         return -1;

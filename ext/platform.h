@@ -28,7 +28,9 @@ typedef enum shx_status {
     SHX_E_BADVALUE,  /* the committed value is not well formed: detail */
     SHX_E_CLOSED,    /* the block was already detached */
     SHX_E_INUSE,     /* the handle is still attached to a block */
-    SHX_E_RANGE      /* offset + length a is beyond the size b */
+    SHX_E_RANGE,     /* offset + length a is beyond the size b */
+    SHX_E_BUFFER,    /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
+    SHX_E_ENCODING   /* text that UTF-8 cannot carry: detail */
 } shx_status;
 
 typedef struct shx_error {

@@ -525,6 +525,12 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_INUSE:
         snprintf(buf, size, "handle is still attached to a block");
         break;
+    case SHX_E_BUFFER:
+        snprintf(buf, size, "value of %llu bytes does not fit the buffer of %llu bytes", a, b);
+        break;
+    case SHX_E_ENCODING:
+        snprintf(buf, size, "text %s (at %llu)", err->detail, a);
+        break;
     case SHX_E_RANGE:
         snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b);
         break;

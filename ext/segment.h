@@ -79,6 +79,7 @@ typedef struct shx_block {
     uint32_t kind;
     int created;
     int attached;
+    int heap_owned;           /* allocated by the C API's open(), freed by its close() */
     char name[SHX_NAME_MAX + 1];
 } shx_block;
 
@@ -127,6 +128,13 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
  * *nbytes_out describe it; *version_out (may be NULL) is its version. */
 int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
                   uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err);
+/* Text as UTF-8, for callers without Python (text.c).  set stores strict
+ * UTF-8 as the narrowest PEP 393 width; get copies bytes as they are and text
+ * as UTF-8 into buf, or fails with SHX_E_BUFFER and *len = the length needed. */
+int shx_value_set_utf8(shx_block *b, const char *text, size_t len, const shx_hooks *hooks, shx_error *err);
+int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
+                       const shx_hooks *hooks, shx_error *err);
+
 /* Whether `nbytes` of `type` are well formed (a str CPython would build). */
 int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err);
 

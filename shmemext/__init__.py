@@ -26,6 +26,7 @@ if _shmemext.__version__ != __version__:
     )
 
 from ._shmemext import (  # noqa: E402
+    _C_API,
     DEFAULT_CAPACITY,
     MAX_CAPACITY,
     NAME_MAX,
@@ -47,7 +48,16 @@ __all__ = [
     "Value",
     "__version__",
     "default",
+    "get_include",
     "get",
     "set",
     "unlink",
 ]
+
+
+def get_include() -> str:
+    """The directory holding shmemext.h, for extensions that use the C API:
+    Extension(..., include_dirs=[shmemext.get_include()])."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")

@@ -1,0 +1,165 @@
+/* The C API table (shmemext/include/shmemext.h) over the block core.
+ * Everything here runs without the GIL except the two functions that
+ * module.c provides, which look at Python objects. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "capi.h"
+#include "segment.h"
+
+_Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_NAME == SHX_E_NAME &&
+                   SHMEMEXT_E_SIZE == SHX_E_SIZE && SHMEMEXT_E_FOREIGN == SHX_E_FOREIGN &&
+                   SHMEMEXT_E_NEWER == SHX_E_NEWER && SHMEMEXT_E_CORRUPT == SHX_E_CORRUPT &&
+                   SHMEMEXT_E_KIND == SHX_E_KIND && SHMEMEXT_E_CAPACITY == SHX_E_CAPACITY &&
+                   SHMEMEXT_E_TOOBIG == SHX_E_TOOBIG && SHMEMEXT_E_TIMEOUT == SHX_E_TIMEOUT &&
+                   SHMEMEXT_E_NOTOWNER == SHX_E_NOTOWNER && SHMEMEXT_E_BADVALUE == SHX_E_BADVALUE &&
+                   SHMEMEXT_E_CLOSED == SHX_E_CLOSED && SHMEMEXT_E_RANGE == SHX_E_RANGE &&
+                   SHMEMEXT_E_BUFFER == SHX_E_BUFFER && SHMEMEXT_E_ENCODING == SHX_E_ENCODING,
+               "public result codes match the core's");
+_Static_assert(SHMEMEXT_VALUE == SHX_KIND_VALUE && SHMEMEXT_SEGMENT == SHX_KIND_SEGMENT, "kinds match");
+_Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST, "flags match");
+
+static shx_block *block_of(ShmemExt_Block *handle) { return (shx_block *)handle; }
+
+/* Fills the public error from a core one; returns its code. */
+static int report(ShmemExt_Error *out, const shx_error *err, const char *name)
+{
+    char msg[256];
+    shx_strerror(err, msg, sizeof msg);
+    if (out != NULL) {
+        out->code = err->status;
+        out->os_error = err->os_error;
+        if (snprintf(out->message, sizeof out->message, "block '%s': %s", name, msg) < 0)
+            out->message[0] = '\0';
+    }
+    return err->status;
+}
+
+static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode, ShmemExt_Block **out,
+                     int *created, ShmemExt_Error *perr)
+{
+    shx_error err;
+    *out = NULL;
+    if (kind != SHX_KIND_VALUE && kind != SHX_KIND_SEGMENT) {
+        shx_fail(&err, SHX_E_KIND, (uint64_t)kind, SHX_KIND_VALUE, NULL);
+        return report(perr, &err, name);
+    }
+    if (mode > 0777) {
+        shx_fail(&err, SHX_E_SIZE, mode, 0777, NULL);
+        return report(perr, &err, name);
+    }
+    shx_block *b = (shx_block *)calloc(1, sizeof *b);
+    if (b == NULL) {
+        shx_fail(&err, SHX_E_OS, 0, 0, "out of memory");
+        return report(perr, &err, name);
+    }
+    unsigned core_flags = (flags & SHX_PERSIST) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
+    int rc = shx_block_open(b, name, (uint32_t)kind, size, core_flags, mode, &err);
+    if (rc != SHX_OK) {
+        free(b);
+        return report(perr, &err, name);
+    }
+    b->heap_owned = 1;
+    if (created != NULL)
+        *created = b->created;
+    *out = (ShmemExt_Block *)b;
+    return SHMEMEXT_OK;
+}
+
+static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    shx_block *b = block_of(handle);
+    shx_error err;
+    if (b == NULL || !b->heap_owned) {
+        /* The default block and Python objects' blocks belong to Python. */
+        shx_fail(&err, SHX_E_CLOSED, 0, 0, NULL);
+        return report(perr, &err, b ? b->name : "?");
+    }
+    int rc = shx_block_close(b, 0, &err);
+    if (rc != SHX_OK)
+        report(perr, &err, b->name);
+    free(b);
+    return rc;
+}
+
+static int capi_set_bytes(ShmemExt_Block *handle, const void *data, size_t len, ShmemExt_Error *perr)
+{
+    shx_error err;
+    int rc = shx_value_set(block_of(handle), SHX_TYPE_BYTES, data, len, NULL, &err);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static int capi_set_utf8(ShmemExt_Block *handle, const char *text, size_t len, ShmemExt_Error *perr)
+{
+    shx_error err;
+    int rc = shx_value_set_utf8(block_of(handle), text, len, NULL, &err);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static int capi_get(ShmemExt_Block *handle, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
+                    ShmemExt_Error *perr)
+{
+    shx_error err;
+    size_t ignored;
+    int rc = shx_value_get_utf8(block_of(handle), buf, cap, len ? len : &ignored, is_text, version, NULL, &err);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static uint64_t capi_version(ShmemExt_Block *handle) { return shx_value_version(block_of(handle)); }
+
+static void *capi_data(ShmemExt_Block *handle, size_t *size)
+{
+    shx_block *b = block_of(handle);
+    if (b->kind != SHX_KIND_SEGMENT || !b->attached) {
+        if (size != NULL)
+            *size = 0;
+        return NULL;
+    }
+    if (size != NULL)
+        *size = (size_t)b->capacity;
+    return b->data;
+}
+
+static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died, ShmemExt_Error *perr)
+{
+    shx_error err;
+    int died = 0;
+    int rc = shx_block_lock(block_of(handle), timeout_ns, &died, NULL, &err);
+    if (owner_died != NULL)
+        *owner_died = died;
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static int capi_unlock(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    shx_error err;
+    int rc = shx_block_unlock(block_of(handle), &err);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static const char *capi_name(ShmemExt_Block *handle) { return block_of(handle)->name; }
+
+static int capi_created(ShmemExt_Block *handle) { return block_of(handle)->created; }
+
+static ShmemExt_CAPI table = {
+    SHMEMEXT_CAPI_VERSION,
+    sizeof(ShmemExt_CAPI),
+    capi_open,
+    capi_close,
+    shmemext_default_block,
+    shmemext_block_from_object,
+    capi_set_bytes,
+    capi_set_utf8,
+    capi_get,
+    capi_version,
+    capi_data,
+    capi_lock,
+    capi_unlock,
+    capi_name,
+    capi_created,
+};
+
+PyObject *shmemext_capi_capsule(void) { return PyCapsule_New(&table, SHMEMEXT_CAPSULE_NAME, NULL); }

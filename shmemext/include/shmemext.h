@@ -1,0 +1,170 @@
+/* shmemext C API: shared blocks from other C and C++ extensions.
+ *
+ * Build against it with include_dirs=[shmemext.get_include()].  In one .c
+ * file, import the API once (in your module's exec function):
+ *
+ *     #include <Python.h>
+ *     #include <shmemext.h>
+ *     ...
+ *     if (ShmemExt_IMPORT < 0) return -1;       // ImportError set
+ *
+ *     ShmemExt_Error err;
+ *     ShmemExt_Block *b;
+ *     int created;
+ *     if (ShmemExtAPI->open("jobs", SHMEMEXT_VALUE, 4096, 0, 0600, &b, &created, &err) != SHMEMEXT_OK)
+ *         ... err.message says why ...
+ *     ShmemExtAPI->set_utf8(b, "hello", 5, &err);
+ *
+ * A consumer made of several .c files defines SHMEMEXT_API_DEFINE in the file
+ * that calls ShmemExt_IMPORT and SHMEMEXT_API_EXTERN in the others, before
+ * including this header; a single-file consumer defines neither.
+ *
+ * Functions marked [no GIL] may be called without holding the GIL, from any
+ * thread; [GIL] ones need it.  Errors are returned as SHMEMEXT_* codes with
+ * the details in a ShmemExt_Error; no Python exception is set except where
+ * a function says so.
+ *
+ * The table only grows by appending: a newer shmemext serves consumers built
+ * against an older header; an older one is refused at import with a clear
+ * ImportError.
+ */
+#ifndef SHMEMEXT_H
+#define SHMEMEXT_H
+
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifndef SHMEMEXT_CAPI_VERSION
+#define SHMEMEXT_CAPI_VERSION 1
+#endif
+#define SHMEMEXT_CAPSULE_NAME "shmemext._C_API"
+
+/* Result codes. */
+#define SHMEMEXT_OK 0
+#define SHMEMEXT_E_OS 1         /* a system call failed: os_error */
+#define SHMEMEXT_E_NAME 2       /* invalid block name */
+#define SHMEMEXT_E_SIZE 3       /* invalid size */
+#define SHMEMEXT_E_FOREIGN 4    /* the name holds something that is not a shmemext block */
+#define SHMEMEXT_E_NEWER 5      /* the block was made by a newer shmemext */
+#define SHMEMEXT_E_CORRUPT 6    /* the block's header is corrupt */
+#define SHMEMEXT_E_KIND 7       /* a value cell used as a segment or the other way round */
+#define SHMEMEXT_E_CAPACITY 8   /* the existing block is smaller than asked */
+#define SHMEMEXT_E_TOOBIG 9     /* the value does not fit the block's capacity */
+#define SHMEMEXT_E_TIMEOUT 10   /* a lock wait timed out */
+#define SHMEMEXT_E_NOTOWNER 11  /* a private block of another user */
+#define SHMEMEXT_E_BADVALUE 12  /* the stored value is corrupt */
+#define SHMEMEXT_E_CLOSED 13    /* the handle was closed, or is not one open() made */
+#define SHMEMEXT_E_RANGE 15     /* an offset or length beyond a segment's size */
+#define SHMEMEXT_E_BUFFER 16    /* the caller's buffer is too small: *len says how much is needed */
+#define SHMEMEXT_E_ENCODING 17  /* text that is not valid UTF-8 */
+
+/* Block kinds for open(). */
+#define SHMEMEXT_VALUE 1
+#define SHMEMEXT_SEGMENT 2
+
+/* Flags for open(). */
+#define SHMEMEXT_PERSIST 1u     /* keep the block after the last process detaches */
+
+typedef struct ShmemExt_Block ShmemExt_Block;
+
+typedef struct ShmemExt_Error {
+    int code;            /* a SHMEMEXT_* result code */
+    int os_error;        /* errno (or GetLastError() on Windows) for SHMEMEXT_E_OS */
+    char message[512];   /* a sentence naming the block and the cause */
+} ShmemExt_Error;
+
+typedef struct ShmemExt_CAPI {
+    uint32_t version;    /* the API version this shmemext provides */
+    uint32_t size;       /* sizeof(ShmemExt_CAPI) in this shmemext */
+
+    /* -- version 1 -- */
+
+    /* [no GIL] Opens the block `name`, creating it zero-filled with `size` bytes
+     * (0: the default, 4096) if no process has it.  `mode` is its permission bits
+     * when created; 0600 keeps it to the current user.  *created tells whether
+     * this call created it.  Close the handle with close(). */
+    int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode,
+                ShmemExt_Block **out, int *created, ShmemExt_Error *err);
+    /* [no GIL] Detaches and frees a handle from open(); the last process to
+     * detach releases the block. */
+    int (*close)(ShmemExt_Block *block, ShmemExt_Error *err);
+    /* [GIL] The default block of the calling interpreter's shmemext module, or
+     * NULL with RuntimeError set when it is disabled.  Owned by the module:
+     * do not close it. */
+    ShmemExt_Block *(*default_block)(void);
+    /* [GIL] The block of a shmemext.Value or shmemext.Segment object, or NULL
+     * with TypeError/ValueError set.  Valid while the object is open: do not
+     * close it. */
+    ShmemExt_Block *(*from_object)(PyObject *obj);
+
+    /* [no GIL] Commits `len` bytes as a bytes value / valid UTF-8 as a str value. */
+    int (*set_bytes)(ShmemExt_Block *block, const void *data, size_t len, ShmemExt_Error *err);
+    int (*set_utf8)(ShmemExt_Block *block, const char *text, size_t len, ShmemExt_Error *err);
+    /* [no GIL] Copies one committed value into buf (capacity `cap`): bytes as
+     * they are, str as UTF-8 (not NUL-terminated).  *len is set to the value's
+     * length; SHMEMEXT_E_BUFFER when it exceeds cap.  *is_text (may be NULL)
+     * tells str from bytes.  *version (may be NULL) is the value's version. */
+    int (*get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text,
+               uint64_t *version, ShmemExt_Error *err);
+    /* [no GIL] How many values have been committed to a value cell. */
+    uint64_t (*value_version)(ShmemExt_Block *block);
+
+    /* [no GIL] A raw segment's memory and size (NULL for a value cell). */
+    void *(*data)(ShmemExt_Block *block, size_t *size);
+    /* [no GIL] The block's cross-process lock.  timeout_ns < 0 waits forever,
+     * 0 only tries.  *owner_died (may be NULL) is set when the previous holder
+     * died holding it.  The lock is per thread and not re-entrant. */
+    int (*lock)(ShmemExt_Block *block, int64_t timeout_ns, int *owner_died, ShmemExt_Error *err);
+    int (*unlock)(ShmemExt_Block *block, ShmemExt_Error *err);
+    /* [no GIL] The block's name and whether this process created it. */
+    const char *(*name)(ShmemExt_Block *block);
+    int (*created)(ShmemExt_Block *block);
+} ShmemExt_CAPI;
+
+#if defined(SHMEMEXT_API_EXTERN)
+extern ShmemExt_CAPI *ShmemExtAPI;
+#elif defined(SHMEMEXT_API_DEFINE)
+ShmemExt_CAPI *ShmemExtAPI = NULL;
+#else
+static ShmemExt_CAPI *ShmemExtAPI = NULL;
+#endif
+
+#if !defined(SHMEMEXT_API_EXTERN)
+/* Imports the API into ShmemExtAPI.  Returns 0, or -1 with ImportError set. */
+static inline int ShmemExt_Import(void)
+{
+    ShmemExt_CAPI *api = (ShmemExt_CAPI *)PyCapsule_Import(SHMEMEXT_CAPSULE_NAME, 0);
+    if (api == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(PyExc_ImportError, "cannot import the shmemext C API (%s): is shmemext installed?",
+                     SHMEMEXT_CAPSULE_NAME);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    if (api->version < SHMEMEXT_CAPI_VERSION || api->size < sizeof(ShmemExt_CAPI)) {
+        PyErr_Format(PyExc_ImportError,
+                     "this extension needs version %d of the shmemext C API, but the installed shmemext "
+                     "provides version %u: upgrade shmemext (pip install -U shmemext)",
+                     (int)SHMEMEXT_CAPI_VERSION, (unsigned)api->version);
+        return -1;
+    }
+    ShmemExtAPI = api;
+    return 0;
+}
+
+#define ShmemExt_IMPORT ShmemExt_Import()
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SHMEMEXT_H */

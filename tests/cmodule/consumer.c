@@ -1,0 +1,153 @@
+/* A consumer extension of the shmemext C API, built by the tests against
+ * shmemext.get_include() alone.  This file imports the API; work.c uses it. */
+#define PY_SSIZE_T_CLEAN
+#define SHMEMEXT_API_DEFINE
+#include <Python.h>
+#include <shmemext.h>
+
+#include "work.h"
+
+static PyObject *raise_api_error(const ShmemExt_Error *err)
+{
+    return PyErr_Format(PyExc_OSError, "shmemext C API error %d: %s", err->code, err->message);
+}
+
+/* default_set(text): sets the default block through the C API. */
+static PyObject *default_set(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_ssize_t len;
+    const char *text = PyUnicode_AsUTF8AndSize(arg, &len);
+    if (text == NULL)
+        return NULL;
+    ShmemExt_Block *b = ShmemExtAPI->default_block();
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->set_utf8(b, text, (size_t)len, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    return PyUnicode_FromString(ShmemExtAPI->name(b));
+}
+
+/* named_get(name, cap) -> (value as str or bytes, version, created): opens, reads, closes. */
+static PyObject *named_get(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    Py_ssize_t cap;
+    if (!PyArg_ParseTuple(args, "sn", &name, &cap))
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    int created, is_text = 0, rc;
+    size_t len = 0;
+    uint64_t version = 0;
+    char *buf = (char *)PyMem_Malloc((size_t)cap + 1);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    if (rc == SHMEMEXT_OK) {
+        rc = ShmemExtAPI->get(b, buf, (size_t)cap, &len, &is_text, &version, &err);
+        ShmemExt_Error ignored;
+        ShmemExtAPI->close(b, &ignored);
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (rc == SHMEMEXT_E_BUFFER)
+        result = Py_BuildValue("(snO)", "too small", (Py_ssize_t)len, Py_None);
+    else if (rc != SHMEMEXT_OK)
+        raise_api_error(&err);
+    else if (is_text)
+        result = Py_BuildValue("(s#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
+    else
+        result = Py_BuildValue("(y#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
+    PyMem_Free(buf);
+    return result;
+}
+
+/* object_set(value_object, data: bytes): sets bytes through a Python Value's block. */
+static PyObject *object_set(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *obj;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Oy*", &obj, &data))
+        return NULL;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    ShmemExt_Error err;
+    int rc = b ? ShmemExtAPI->set_bytes(b, data.buf, (size_t)data.len, &err) : -1;
+    PyBuffer_Release(&data);
+    if (b == NULL)
+        return NULL;
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    return PyLong_FromUnsignedLongLong(ShmemExtAPI->value_version(b));
+}
+
+/* segment_fill(name, size, byte) -> sum of the bytes, through the segment's pointer, under its lock. */
+static PyObject *segment_fill(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    unsigned long long size;
+    int byte;
+    if (!PyArg_ParseTuple(args, "sKi", &name, &size, &byte))
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    int created, died = 0;
+    if (ShmemExtAPI->open(name, SHMEMEXT_SEGMENT, size, 0, 0600, &b, &created, &err) != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    size_t n;
+    unsigned char *p = (unsigned char *)ShmemExtAPI->data(b, &n);
+    unsigned long long sum = 0;
+    if (ShmemExtAPI->lock(b, -1, &died, &err) != SHMEMEXT_OK) {
+        ShmemExtAPI->close(b, &err);
+        return raise_api_error(&err);
+    }
+    memset(p, byte, n);
+    for (size_t i = 0; i < n; i++)
+        sum += p[i];
+    ShmemExtAPI->unlock(b, &err);
+    ShmemExtAPI->close(b, &err);
+    return Py_BuildValue("(KnO)", sum, (Py_ssize_t)n, created ? Py_True : Py_False);
+}
+
+/* close_foreign(value_object): close() must refuse a handle it did not make. */
+static PyObject *close_foreign(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    int rc = ShmemExtAPI->close(b, &err);
+    return Py_BuildValue("(is)", rc, err.message);
+}
+
+static PyMethodDef methods[] = {
+    {"default_set", default_set, METH_O, NULL},
+    {"named_get", named_get, METH_VARARGS, NULL},
+    {"object_set", object_set, METH_VARARGS, NULL},
+    {"segment_fill", segment_fill, METH_VARARGS, NULL},
+    {"close_foreign", close_foreign, METH_O, NULL},
+    {"threaded_copies", consumer_threaded_copies, METH_VARARGS, NULL},
+    {"bench", consumer_bench, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL}};
+
+static int consumer_exec(PyObject *module)
+{
+    (void)module;
+    return ShmemExt_IMPORT;
+}
+
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, consumer_exec}, {0, NULL}};
+
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "consumer", NULL, 0, methods, slots, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit_consumer(void) { return PyModuleDef_Init(&def); }

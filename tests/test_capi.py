@@ -1,0 +1,121 @@
+"""The C API, used by a consumer extension compiled here against get_include() only."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+import shmemext
+from conftest import python, shm_path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CMODULE = os.path.join(HERE, "cmodule")
+WARNINGS = ["-Wall", "-Wextra", "-Werror"]
+
+
+def compiler(cxx=False):
+    cc = shutil.which("g++" if cxx else "cc") or shutil.which("c++" if cxx else "gcc")
+    assert cc, "a C/C++ compiler is needed to build the consumer extension"
+    return cc
+
+
+def includes():
+    # Python's headers and shmemext's: nothing from this source tree.
+    return ["-I" + sysconfig.get_paths()["include"], "-I" + shmemext.get_include()]
+
+
+def build_consumer(out_dir, *defines):
+    target = os.path.join(out_dir, "consumer" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [compiler(), "-shared", "-fPIC", "-O2", "-std=c11", "-D_GNU_SOURCE", *WARNINGS, *includes(), *defines,
+           os.path.join(CMODULE, "consumer.c"), os.path.join(CMODULE, "work.c"), "-o", target, "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location("consumer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def consumer(tmp_path_factory):
+    return load(build_consumer(str(tmp_path_factory.mktemp("consumer"))))
+
+
+def test_get_include_holds_only_the_public_header():
+    assert os.listdir(shmemext.get_include()) == ["shmemext.h"]
+
+
+def test_the_consumer_sets_the_default_block_a_separate_process_reads_it(consumer):
+    name = consumer.default_set("caf\xe9 \u20ac \U0001f600 from C")
+    assert name == shmemext.default.name
+    assert shmemext.get() == "caf\xe9 \u20ac \U0001f600 from C"
+    assert python("import shmemext; print(shmemext.get())").stdout == "caf\xe9 \u20ac \U0001f600 from C\n"
+
+
+def test_the_consumer_reads_what_python_set(consumer, name):
+    with shmemext.Value(name, 64) as v:
+        for value in ("ascii", "caf\xe9", "\u20ac\u20ac", "\U0001f600", "", b"\x00raw\xff"):
+            v.set(value)
+            got, version, created = consumer.named_get(name, 64)
+            assert got == value and type(got) is type(value) and version == v.version and not created
+        v.set("\U0001f600" * 4)
+        assert consumer.named_get(name, 15) == ("too small", 16, None), "the UTF-8 length needed"
+
+
+def test_python_objects_and_the_c_api_share_one_block(consumer, name):
+    with shmemext.Value(name) as v:
+        assert consumer.object_set(v, b"through the object") == 1
+        assert v.get() == b"through the object"
+        code, message = consumer.close_foreign(v)
+        assert code == 13 and "is closed" in message, "close() refuses handles it did not make"
+        assert not v.closed and v.get() == b"through the object"
+        with pytest.raises(TypeError, match="expected a shmemext.Value or shmemext.Segment"):
+            consumer.object_set(42, b"x")
+    with pytest.raises(ValueError, match="closed"):
+        consumer.object_set(v, b"x")
+
+
+def test_the_consumer_uses_a_raw_segment_pointer(consumer, name):
+    with shmemext.Segment(name, 1000) as seg:
+        total, size, created = consumer.segment_fill(name, 1000, 7)
+        assert (total, size, created) == (7000, 1000, False)
+        assert seg.read() == b"\x07" * 1000
+
+
+def test_copies_without_the_gil_from_several_threads(consumer, name):
+    with shmemext.Value(name) as v:
+        bad, failed = consumer.threaded_copies(name, 4, 20000, 4096)
+        assert (bad, failed) == (0, 0)
+        assert v.version == 4 * 20000
+
+
+def test_errors_come_back_as_codes_with_messages(consumer, name):
+    with pytest.raises(OSError, match=r"error 2: block '\.\./x': it starts with"):
+        consumer.named_get("../x", 10)
+    with shmemext.Segment(name, 10):
+        with pytest.raises(OSError, match=r"error 7: .* is a raw segment, not a value cell"):
+            consumer.named_get(name, 10)
+
+
+def test_a_consumer_built_for_a_newer_api_fails_to_import_clearly(tmp_path):
+    path = build_consumer(str(tmp_path), "-DSHMEMEXT_CAPI_VERSION=99")
+    with pytest.raises(ImportError, match=r"needs version 99 of the shmemext C API, but the installed "
+                                          r"shmemext provides version 1: upgrade shmemext"):
+        load(path)
+
+
+@pytest.mark.parametrize("lang", ["c", "c++"])
+def test_the_header_compiles_cleanly(tmp_path, lang):
+    std = "-std=c11" if lang == "c" else "-std=c++17"
+    cmd = [compiler(lang == "c++"), "-x", lang, std, *WARNINGS, *includes(), "-c",
+           os.path.join(CMODULE, "header_check.c"), "-o", str(tmp_path / "check.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
