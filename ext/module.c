@@ -561,6 +561,16 @@ static int index_arg(PyObject *arg, const char *what, Py_ssize_t *out)
     return 0;
 }
 
+static int check_offset(BlockObject *self, Py_ssize_t offset)
+{
+    if (offset < 0 || (uint64_t)offset > self->block.capacity) {
+        PyErr_Format(PyExc_ValueError, "Segment '%s': offset %zd is out of range: it must be between 0 and %llu",
+                     self->block.name, offset, (unsigned long long)self->block.capacity);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *range_error(BlockObject *self, const char *what, unsigned long long end)
 {
     return PyErr_Format(PyExc_ValueError, "Segment '%s': %s ends at byte %llu, beyond its size of %llu bytes",
@@ -593,9 +603,8 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     if ((vals[0] && index_arg(vals[0], "n", &n) < 0) || (vals[1] && index_arg(vals[1], "offset", &offset) < 0))
         return NULL;
     uint64_t size = self->block.capacity;
-    if (offset < 0 || (uint64_t)offset > size)
-        return PyErr_Format(PyExc_ValueError, "Segment '%s': offset %zd is out of range: it must be between 0 and %llu",
-                            self->block.name, offset, (unsigned long long)size);
+    if (check_offset(self, offset) < 0)
+        return NULL;
     if (n < -1)
         return PyErr_Format(PyExc_ValueError, "read(): n must be -1 (to the end) or at least 0, not %zd", n);
     if (n == -1)
@@ -647,9 +656,8 @@ static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssiz
     if (offset_obj && index_arg(offset_obj, "offset", &offset) < 0)
         return NULL;
     uint64_t size = self->block.capacity;
-    if (offset < 0 || (uint64_t)offset > size)
-        return PyErr_Format(PyExc_ValueError, "Segment '%s': offset %zd is out of range: it must be between 0 and %llu",
-                            self->block.name, offset, (unsigned long long)size);
+    if (check_offset(self, offset) < 0)
+        return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
         PyErr_Clear();
