@@ -6,18 +6,26 @@ maps its shared section when a process loads it.  ``set``/``get`` copy a
 value in and out of it; ``Value`` opens any number of other named cells.
 """
 
+from types import ModuleType
+
 from ._version import __version__
 
-try:
-    from . import _shmemext
-except ImportError as exc:  # pragma: no cover - depends on how it was installed
-    import os as _os
 
-    raise ImportError(
-        f"shmemext's compiled module is missing from {_os.path.dirname(__file__)}: this looks like "
-        f"an unbuilt source tree. Install the package (pip install .) and run from another "
-        f"directory, or build it in place (python setup.py build_ext --inplace)"
-    ) from exc
+def _load_extension() -> ModuleType:
+    try:
+        from . import _shmemext
+    except ImportError as missing:
+        import os
+
+        raise ImportError(
+            f"shmemext's compiled module is missing from {os.path.dirname(__file__)}: this looks like "
+            f"an unbuilt source tree. Install the package (pip install .) and run from another "
+            f"directory, or build it in place (python setup.py build_ext --inplace)"
+        ) from missing
+    return _shmemext
+
+
+_shmemext = _load_extension()
 
 if _shmemext.__version__ != __version__:
     raise ImportError(

@@ -1,13 +1,15 @@
 from types import TracebackType
-from typing import Final
+from typing import Final, final
 
 from typing_extensions import Buffer, Self
 
 __version__: Final[str]
+_C_API: Final[object]  # a PyCapsule holding the C API table (shmemext.h)
 DEFAULT_CAPACITY: Final[int]
 MAX_CAPACITY: Final[int]
 NAME_MAX: Final[int]
 
+@final
 class Value:
     """A named value cell shared between processes."""
 
@@ -39,6 +41,7 @@ class Value:
         /,
     ) -> None: ...
 
+@final
 class Segment:
     """A named block of raw shared memory with the buffer protocol."""
 
@@ -75,6 +78,7 @@ class Segment:
         /,
     ) -> None: ...
 
+@final
 class SegmentLock:
     """A Segment's cross-process lock; made by Segment.lock()."""
 
