@@ -6,12 +6,12 @@ maps its shared section when a process loads it.  ``set``/``get`` copy a
 value in and out of it; ``Value`` opens any number of other named cells.
 """
 
-from types import ModuleType
+from types import ModuleType as _ModuleType
 
 from ._version import __version__
 
 
-def _load_extension() -> ModuleType:
+def _load_extension() -> _ModuleType:
     try:
         from . import _shmemext
     except ImportError as missing:
