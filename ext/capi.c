@@ -140,6 +140,14 @@ static int capi_unlock(ShmemExt_Block *handle, ShmemExt_Error *perr)
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
+static int capi_wait(ShmemExt_Block *handle, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *perr)
+{
+    shx_error err;
+    uint64_t ignored;
+    int rc = shx_value_wait(block_of(handle), seen, timeout_ns, now ? now : &ignored, &err);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
 static const char *capi_name(ShmemExt_Block *handle) { return block_of(handle)->name; }
 
 static int capi_created(ShmemExt_Block *handle) { return block_of(handle)->created; }
@@ -160,6 +168,7 @@ static ShmemExt_CAPI table = {
     capi_unlock,
     capi_name,
     capi_created,
+    capi_wait,
 };
 
 PyObject *shmemext_capi_capsule(void) { return PyCapsule_New(&table, SHMEMEXT_CAPSULE_NAME, NULL); }

@@ -491,11 +491,90 @@ static PyObject *value_get_version(BlockObject *self, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(shx_value_version(&self->block));
 }
 
+/* Waits until the version differs from `seen` (or `timeout` seconds, < 0:
+ * forever) with the GIL released, in slices so that Ctrl-C is handled. */
+static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"version", "timeout"};
+    PyObject *vals[2] = {NULL, NULL};
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "wait() takes at most 2 arguments (%zd given)", nargs + nkw);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        vals[i] = args[i];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
+        if (slot < 0 || vals[slot] != NULL) {
+            PyErr_Format(PyExc_TypeError, "wait() got an unexpected or repeated keyword argument '%s'", key);
+            return NULL;
+        }
+        vals[slot] = args[nargs + i];
+    }
+    if (block_check_open(self) < 0)
+        return NULL;
+    uint64_t seen;
+    if (vals[0] == NULL || vals[0] == Py_None) {
+        seen = shx_value_version(&self->block);
+    } else {
+        seen = PyLong_AsUnsignedLongLong(vals[0]);
+        if (seen == (uint64_t)-1 && PyErr_Occurred()) {
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "version %R is out of range: versions are 0 to 2**64-1", vals[0]);
+            }
+            return NULL;
+        }
+    }
+    double timeout = -1;
+    if (vals[1] != NULL && timeout_arg("wait", &vals[1], 1, NULL, &timeout) < 0)
+        return NULL;
+    const int64_t slice_ns = 50 * 1000 * 1000;
+    uint64_t start = shx_os_monotonic_ns(), now = seen;
+    shx_error err;
+    for (;;) {
+        int64_t wait = slice_ns;
+        if (timeout >= 0) {
+            int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
+            wait = left < 0 ? 0 : left < slice_ns ? left : slice_ns;
+        }
+        int rc;
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = shx_value_wait(&self->block, seen, wait, &now, &err);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+        if (rc == SHX_OK)
+            return PyLong_FromUnsignedLongLong(now);
+        if (rc != SHX_E_TIMEOUT)
+            return raise_block_error(&err, self->block.name);
+        if (timeout >= 0 && (int64_t)(shx_os_monotonic_ns() - start) >= (int64_t)(timeout * 1e9)) {
+            char secs[32];
+            snprintf(secs, sizeof secs, "%g", timeout);
+            return PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for a new value in Value '%s' "
+                                "(still version %llu)", secs, self->block.name, (unsigned long long)now);
+        }
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return value_wait_impl(self, args, nargs, kwnames);
+}
+
 static PyMethodDef value_methods[] = {
     {"get", (PyCFunction)value_get, METH_NOARGS,
      "get($self, /)\n--\n\nReturn the committed value: str or bytes, as it was set. A never-written block gives ''."},
     {"set", (PyCFunction)value_set, METH_O,
      "set($self, value, /)\n--\n\nCommit value (str or a contiguous bytes-like object) for every process to see."},
+    {"wait", (PyCFunction)(void (*)(void))value_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait($self, /, version=None, timeout=None)\n--\n\nBlock until the committed version differs from `version`\n"
+     "(default: the version now) and return the new version. TimeoutError after `timeout` seconds.\n"
+     "The OS wakes every waiter in every process at the next set(); nothing spins."},
     BLOCK_METHODS,
     {NULL, NULL, 0, NULL}};
 
@@ -960,6 +1039,12 @@ static PyObject *mod_set(PyObject *module, PyObject *value)
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    BlockObject *v = default_value(module);
+    return v ? value_wait_impl(v, args, nargs, kwnames) : NULL;
+}
+
 static PyObject *mod_unlink(PyObject *Py_UNUSED(module), PyObject *arg)
 {
     const char *name = name_arg(arg, "name");
@@ -974,6 +1059,9 @@ static PyObject *mod_unlink(PyObject *Py_UNUSED(module), PyObject *arg)
 static PyMethodDef module_methods[] = {
     {"get", mod_get, METH_NOARGS, "get()\n--\n\nReturn the default block's committed value (str or bytes)."},
     {"set", mod_set, METH_O, "set(value, /)\n--\n\nCommit value (str or bytes-like) to the default block."},
+    {"wait", (PyCFunction)(void (*)(void))mod_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait(version=None, timeout=None)\n--\n\nBlock until the default block's version differs from `version`\n"
+     "(default: the version now); return the new version. TimeoutError after `timeout` seconds."},
     {"unlink", mod_unlink, METH_O,
      "unlink(name, /)\n--\n\nRemove the name of a block (a persistent one, typically). Processes\n"
      "that have it open keep it; the next open of the name creates a new block."},

@@ -20,6 +20,11 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 #ifndef F_OFD_SETLK
 #error "this backend needs open file description locks (F_OFD_SETLK, Linux 3.15+)"
@@ -512,3 +517,40 @@ uint64_t shx_os_monotonic_ns(void)
     (void)clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+
+/* ---- change notification ------------------------------------------------- */
+
+#ifdef __linux__
+/* A futex on the word inside the shared mapping: FUTEX_WAIT/FUTEX_WAKE without
+ * FUTEX_PRIVATE_FLAG, so the kernel keys it by the page, not the process. */
+int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000);
+    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (rc != 0 && errno == ETIMEDOUT)
+        return SHX_E_TIMEOUT;
+    return SHX_OK;   /* woken, EAGAIN (already changed) or EINTR: the caller looks again */
+}
+
+void shx_os_wake_word(void *addr)
+{
+    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+#else
+/* No cross-process futex here: poll the word every millisecond. */
+int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+{
+    const int64_t step = 1000000;
+    for (int64_t slept = 0; slept < timeout_ns; slept += step) {
+        if (__atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected)
+            return SHX_OK;
+        struct timespec ts = {0, (long)(timeout_ns - slept < step ? timeout_ns - slept : step)};
+        nanosleep(&ts, NULL);
+    }
+    return __atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected ? SHX_OK : SHX_E_TIMEOUT;
+}
+
+void shx_os_wake_word(void *addr) { (void)addr; }
+#endif

@@ -7,6 +7,7 @@
 _Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the second cache line");
 _Static_assert(offsetof(shx_header, version) == 192, "version has its own cache line");
 _Static_assert(offsetof(shx_header, slot) == 256, "slots start on their own cache lines");
+_Static_assert(offsetof(shx_header, wake_seq) % 4 == 0, "the futex word is 4-byte aligned");
 _Static_assert(sizeof(shx_slot) == 64, "one slot header per cache line");
 _Static_assert(sizeof(shx_header) <= SHX_HEADER_SIZE, "header fits its page");
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free to work across processes");
@@ -312,6 +313,12 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
     copy_bytes(b->data + index * b->slot_stride, data, nbytes, hooks);
     atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
     atomic_store_explicit(&h->version, next, memory_order_release);
+    /* Sequentially consistent with the waiters' registration (see
+     * shx_value_wait): either we see a waiter and wake it, or it sees the
+     * new wake_seq and does not sleep.  No system call when nobody waits. */
+    atomic_fetch_add_explicit(&h->wake_seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) != 0)
+        shx_os_wake_word(&h->wake_seq);
 
     return shx_block_unlock(b, err);
 }
@@ -389,6 +396,31 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
             *version_out = version;
     }
     return rc;
+}
+
+int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
+{
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    if (b->kind != SHX_KIND_VALUE)
+        return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
+    shx_header *h = b->hdr;
+    uint64_t start = shx_os_monotonic_ns();
+    for (;;) {
+        /* wake_seq first: a set after this load changes it, so the sleep below cannot miss it. */
+        uint32_t word = atomic_load_explicit(&h->wake_seq, memory_order_seq_cst);
+        uint64_t version = atomic_load_explicit(&h->version, memory_order_acquire);
+        *now = version;
+        if (version != seen)
+            return SHX_OK;
+        int64_t left = timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+        if (left <= 0)
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+        atomic_fetch_add_explicit(&h->waiters, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&h->wake_seq, memory_order_seq_cst) == word)
+            (void)shx_os_wait_word(&h->wake_seq, word, left);
+        atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_seq_cst);
+    }
 }
 
 /* OR of all bytes: bit 7 tells whether any is >= 0x80. */
@@ -510,7 +542,7 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         snprintf(buf, size, "value of %llu bytes does not fit the capacity of %llu bytes", a, b);
         break;
     case SHX_E_TIMEOUT:
-        snprintf(buf, size, "timed out waiting for the lock");
+        snprintf(buf, size, "timed out");
         break;
     case SHX_E_NOTOWNER:
         snprintf(buf, size, "is a private block owned by another user (uid %llu, you are %llu); "

@@ -64,7 +64,9 @@ typedef struct shx_header {
     unsigned char pad0[16];
     unsigned char lock_area[SHX_LOCK_AREA];   /* 64: the writer lock */
     _Atomic uint64_t version;                 /* 192: committed sets; slot = version & 1 */
-    unsigned char pad1[56];
+    _Atomic uint32_t wake_seq;                /* 200: bumped by every set; waiters sleep on it */
+    _Atomic uint32_t waiters;                 /* 204: processes sleeping in shx_value_wait */
+    unsigned char pad1[48];
     shx_slot slot[2];                         /* 256, 320 */
 } shx_header;
 
@@ -137,6 +139,12 @@ int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is
 
 /* Whether `nbytes` of `type` are well formed (a str CPython would build). */
 int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err);
+
+/* Waits until the committed version differs from `seen`, at most timeout_ns
+ * (< 0: forever), sleeping in the kernel.  *now is the version then.
+ * SHX_E_TIMEOUT when the time ran out.  Wakes early on signals: callers that
+ * handle signals call it in slices. */
+int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
 
 /* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
 int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,

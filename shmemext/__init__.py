@@ -45,6 +45,7 @@ from ._shmemext import (  # noqa: E402
     get,
     set,
     unlink,
+    wait,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "get",
     "set",
     "unlink",
+    "wait",
 ]
 
 

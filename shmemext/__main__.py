@@ -1,4 +1,4 @@
-"""Command line: python -m shmemext {demo,get,set,info,hold,unlink}."""
+"""Command line: python -m shmemext {demo,get,set,info,hold,watch,unlink}."""
 
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ def cmd_hold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    block = _open(args)
+    seen = block.version
+    print(f"watching block '{block.name}' from version {seen}; press Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        while True:
+            seen = block.wait(seen)
+            value = block.get()   # the newest: sets made while printing are folded into it
+            if isinstance(value, bytes):
+                print(repr(value), flush=True)
+            else:
+                print(value, flush=True)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_unlink(args: argparse.Namespace) -> int:
     shmemext.unlink(args.block)
     return 0
@@ -119,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_set)
     sub.add_parser("info", parents=[common, persist], help="print name, capacity, version, created, persist").set_defaults(func=cmd_info)
     sub.add_parser("hold", parents=[common, persist], help="keep a block alive until interrupted").set_defaults(func=cmd_hold)
+    sub.add_parser("watch", parents=[common], help="print each new value as it is committed, until Ctrl-C").set_defaults(func=cmd_watch)
     p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
     p.add_argument("block", metavar="NAME")
     p.set_defaults(func=cmd_unlink)

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 
 import pytest
 
@@ -119,3 +121,12 @@ def test_the_header_compiles_cleanly(tmp_path, lang):
            os.path.join(CMODULE, "header_check.c"), "-o", str(tmp_path / "check.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_c_api_waits_without_the_gil(consumer, name):
+    with shmemext.Value(name) as v:
+        assert consumer.wait_change(name, 0, 50) is None, "a timeout"
+        threading.Timer(0.2, lambda: v.set("now")).start()
+        t0 = time.monotonic()
+        assert consumer.wait_change(name, 0, 10_000) == 1
+        assert time.monotonic() - t0 < 5

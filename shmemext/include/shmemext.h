@@ -124,6 +124,11 @@ typedef struct ShmemExt_CAPI {
     /* [no GIL] The block's name and whether this process created it. */
     const char *(*name)(ShmemExt_Block *block);
     int (*created)(ShmemExt_Block *block);
+    /* [no GIL] Sleeps until the value cell's version differs from `seen`, at
+     * most timeout_ns (< 0: forever); *now (may be NULL) is the version then.
+     * SHMEMEXT_E_TIMEOUT when the time ran out.  Signals do not end the wait:
+     * to stay interruptible, wait in slices and check in between. */
+    int (*wait)(ShmemExt_Block *block, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *err);
 } ShmemExt_CAPI;
 
 #if defined(SHMEMEXT_API_EXTERN)

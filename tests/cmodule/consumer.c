@@ -130,7 +130,36 @@ static PyObject *close_foreign(PyObject *self, PyObject *obj)
     return Py_BuildValue("(is)", rc, err.message);
 }
 
+/* wait_change(name, seen, timeout_ms) -> new version, or None on timeout; without the GIL. */
+static PyObject *wait_change(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    unsigned long long seen;
+    long long timeout_ms;
+    if (!PyArg_ParseTuple(args, "sKL", &name, &seen, &timeout_ms))
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    int created, rc;
+    uint64_t now = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    if (rc == SHMEMEXT_OK) {
+        rc = ShmemExtAPI->wait(b, seen, timeout_ms * 1000000, &now, &err);
+        ShmemExt_Error ignored;
+        ShmemExtAPI->close(b, &ignored);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc == SHMEMEXT_E_TIMEOUT)
+        Py_RETURN_NONE;
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    return PyLong_FromUnsignedLongLong(now);
+}
+
 static PyMethodDef methods[] = {
+    {"wait_change", wait_change, METH_VARARGS, NULL},
     {"default_set", default_set, METH_O, NULL},
     {"named_get", named_get, METH_VARARGS, NULL},
     {"object_set", object_set, METH_VARARGS, NULL},

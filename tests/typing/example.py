@@ -13,6 +13,11 @@ def roundtrip(name: str) -> str | bytes:
         version: int = cell.version
         created: bool = cell.created
         assert version >= 0 and created in (True, False)
+        try:
+            new: int = cell.wait(version, timeout=0.0)
+        except TimeoutError:
+            new = version
+        assert new >= version
         return cell.get()
 
 
