@@ -317,10 +317,13 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
      * shx_value_wait): either we see a waiter and wake it, or it sees the
      * new wake_seq and does not sleep.  No system call when nobody waits. */
     atomic_fetch_add_explicit(&h->wake_seq, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) != 0)
+    int wake = atomic_load_explicit(&h->waiters, memory_order_seq_cst) != 0;
+    rc = shx_block_unlock(b, err);
+    /* After unlocking: a woken process that answers with a set() at once
+     * must not find the lock still held and sleep a second time. */
+    if (wake)
         shx_os_wake_word(&h->wake_seq);
-
-    return shx_block_unlock(b, err);
+    return rc;
 }
 
 static int valid_type(uint32_t type) { return type <= SHX_TYPE_UCS4; }
