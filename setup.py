@@ -26,8 +26,6 @@ def extension():
     sources = ["ext/module.c", "ext/capi.c", "ext/segment.c", "ext/text.c"]
     libraries = []
     if sys.platform == "win32":
-        if not os.path.exists(os.path.join(HERE, "ext", "platform_win32.c")):
-            sys.exit("shmemext does not support Windows yet: it has no Win32 backend")
         sources.append("ext/platform_win32.c")
         compile_args = ["/W4", "/std:c11", "/experimental:c11atomics"]
         if os.environ.get("SHMEMEXT_WERROR") == "1":

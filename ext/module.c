@@ -85,6 +85,15 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
     case SHX_E_OS:
         if (err->op == NULL)
             return PyErr_NoMemory();
+#ifdef _WIN32
+        if (err->win32) {
+            /* OSError with winerror set, and the errno Python maps it to. */
+            PyObject *filename = PyUnicode_FromString(name);
+            PyErr_SetExcFromWindowsErrWithFilenameObject(PyExc_OSError, err->os_error, filename);
+            Py_XDECREF(filename);
+            return NULL;
+        }
+#endif
         return raise_os_error(PyExc_OSError, err->os_error, msg, name);
     case SHX_E_NOTOWNER:
         return raise_os_error(PyExc_PermissionError, EACCES, msg, name);

@@ -38,6 +38,7 @@ typedef struct shx_error {
     int os_error;        /* errno, or GetLastError() on Windows */
     const char *op;      /* the failing system call, for SHX_E_OS */
     const char *detail;  /* a static phrase for NAME/CORRUPT/BADVALUE */
+    int win32;           /* os_error is a GetLastError() code, not an errno */
     uint64_t a, b;       /* numbers the message needs */
 } shx_error;
 
@@ -53,6 +54,7 @@ typedef struct shx_os_map {
 #ifdef _WIN32
     void *mapping;      /* file-mapping HANDLE */
     void *mutex;        /* writer-lock mutex HANDLE */
+    unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
     int fork_fd;        /* during fork(): the descriptor the child will own */

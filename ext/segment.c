@@ -22,6 +22,7 @@ int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *det
 {
     err->status = status;
     err->os_error = 0;
+    err->win32 = 0;
     err->op = NULL;
     err->detail = detail;
     err->a = a;
@@ -514,7 +515,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         snprintf(buf, size, "no error");
         break;
     case SHX_E_OS:
-        if (err->op != NULL)
+        if (err->op != NULL && err->win32)
+            snprintf(buf, size, "%s failed: Windows error %d", err->op, err->os_error);
+        else if (err->op != NULL)
             snprintf(buf, size, "%s failed: %s", err->op, strerror(err->os_error));
         else
             snprintf(buf, size, "%s", err->detail ? err->detail : "system error");

@@ -1,0 +1,268 @@
+/* Win32 backend: a paging-file-backed named file mapping, as in the classic
+ * "shared memory in a DLL" pattern, and a named mutex as the writer lock.
+ *
+ * Lifetime needs no bookkeeping here: the kernel keeps a named mapping while
+ * any handle to it is open and drops it with the last one, also when a
+ * process dies.  Attachers serialize on the mutex, so nobody reads a header
+ * its creator has not finished.
+ */
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#include <sddl.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "platform.h"
+
+#ifndef EDEADLK
+#define EDEADLK 36
+#endif
+
+int shx_fail_os(shx_error *err, const char *op)
+{
+    DWORD code = GetLastError();
+    shx_fail(err, SHX_E_OS, 0, 0, NULL);
+    err->os_error = (int)code;
+    err->win32 = 1;
+    err->op = op;
+    return SHX_E_OS;
+}
+
+/* An error in errno terms (EDEADLK, EPERM) that the callers test for. */
+static int fail_errno(shx_error *err, int code, const char *op)
+{
+    shx_fail(err, SHX_E_OS, 0, 0, NULL);
+    err->os_error = code;
+    err->op = op;
+    return SHX_E_OS;
+}
+
+uint32_t shx_os_pid(void) { return (uint32_t)GetCurrentProcessId(); }
+
+/* "Local\<name><suffix>" as UTF-16; names are ASCII (checked by the core). */
+static void object_name(wchar_t *out, size_t cap, const char *name, const char *suffix)
+{
+    static const wchar_t prefix[] = L"Local\\";
+    size_t n = 0;
+    for (const wchar_t *p = prefix; *p && n + 1 < cap; p++)
+        out[n++] = *p;
+    for (const char *p = name; *p && n + 1 < cap; p++)
+        out[n++] = (wchar_t)(unsigned char)*p;
+    for (const char *p = suffix; *p && n + 1 < cap; p++)
+        out[n++] = (wchar_t)(unsigned char)*p;
+    out[n] = 0;
+}
+
+/* Security for a private block: a DACL granting only the current user.
+ * Returns NULL (the default DACL) when the mode shares the block. */
+static SECURITY_ATTRIBUTES *private_security(SECURITY_ATTRIBUTES *sa, unsigned mode, shx_error *err, int *rc)
+{
+    *rc = SHX_OK;
+    if ((mode & 077) != 0)
+        return NULL;
+    HANDLE token;
+    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
+        *rc = shx_fail_os(err, "OpenProcessToken");
+        return NULL;
+    }
+    char buf[256];
+    DWORD len = 0;
+    BOOL ok = GetTokenInformation(token, TokenUser, buf, sizeof buf, &len);
+    CloseHandle(token);
+    if (!ok) {
+        *rc = shx_fail_os(err, "GetTokenInformation");
+        return NULL;
+    }
+    wchar_t *sid = NULL;
+    if (!ConvertSidToStringSidW(((TOKEN_USER *)buf)->User.Sid, &sid)) {
+        *rc = shx_fail_os(err, "ConvertSidToStringSidW");
+        return NULL;
+    }
+    /* Protected DACL, generic-all for the user alone: "D:P(A;;GA;;;<sid>)". */
+    wchar_t sddl[256];
+    size_t n = 0;
+    for (const wchar_t *parts[] = {L"D:P(A;;GA;;;", sid, L")"}, **p = parts; p < parts + 3; p++)
+        for (const wchar_t *c = *p; *c && n + 1 < sizeof sddl / sizeof sddl[0]; c++)
+            sddl[n++] = *c;
+    sddl[n] = 0;
+    LocalFree(sid);
+    PSECURITY_DESCRIPTOR sd = NULL;
+    if (!ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, SDDL_REVISION_1, &sd, NULL)) {
+        *rc = shx_fail_os(err, "ConvertStringSecurityDescriptorToSecurityDescriptorW");
+        return NULL;
+    }
+    sa->nLength = sizeof *sa;
+    sa->lpSecurityDescriptor = sd;
+    sa->bInheritHandle = FALSE;
+    return sa;
+}
+
+static void close_all(shx_os_map *m)
+{
+    if (m->base != NULL)
+        UnmapViewOfFile(m->base);
+    if (m->mapping != NULL)
+        CloseHandle((HANDLE)m->mapping);
+    if (m->mutex != NULL)
+        CloseHandle((HANDLE)m->mutex);
+    m->base = NULL;
+    m->mapping = NULL;
+    m->mutex = NULL;
+    m->size = 0;
+}
+
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
+                  shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+{
+    (void)flags;   /* ownership is enforced by the DACL */
+    size_t n = strlen(name);
+    memset(m, 0, sizeof *m);
+    *created = 0;
+    if (n + 1 > sizeof m->os_name)
+        return shx_fail(err, SHX_E_NAME, n, sizeof m->os_name - 1, "name too long");
+    memcpy(m->os_name, name, n + 1);
+
+    wchar_t map_name[300], lock_name[300];
+    object_name(map_name, 300, name, "");
+    object_name(lock_name, 300, name, ".lock");
+    SECURITY_ATTRIBUTES sa_storage;
+    int rc;
+    SECURITY_ATTRIBUTES *sa = private_security(&sa_storage, mode, err, &rc);
+    if (rc != SHX_OK)
+        return rc;
+
+    m->mutex = CreateMutexW(sa, FALSE, lock_name);
+    if (m->mutex == NULL) {
+        rc = shx_fail_os(err, "CreateMutexW");
+        goto done;
+    }
+    DWORD w = WaitForSingleObject((HANDLE)m->mutex, INFINITE);
+    if (w != WAIT_OBJECT_0 && w != WAIT_ABANDONED) {
+        rc = shx_fail_os(err, "WaitForSingleObject");
+        goto done;
+    }
+    m->mapping = CreateFileMappingW(INVALID_HANDLE_VALUE, sa, PAGE_READWRITE | SEC_COMMIT,
+                                    (DWORD)((uint64_t)size >> 32), (DWORD)(size & 0xFFFFFFFFu), map_name);
+    DWORD created_error = GetLastError();
+    if (m->mapping == NULL) {
+        rc = shx_fail_os(err, "CreateFileMappingW");
+    } else {
+        int existed = created_error == ERROR_ALREADY_EXISTS;
+        m->base = MapViewOfFile((HANDLE)m->mapping, FILE_MAP_ALL_ACCESS, 0, 0, 0);
+        MEMORY_BASIC_INFORMATION info;
+        if (m->base == NULL) {
+            rc = shx_fail_os(err, "MapViewOfFile");
+        } else if (VirtualQuery(m->base, &info, sizeof info) == 0) {
+            rc = shx_fail_os(err, "VirtualQuery");
+        } else {
+            /* An existing mapping's size is only known rounded to pages. */
+            m->size = existed ? info.RegionSize : size;
+            rc = prepare(ctx, m, existed ? SHX_ATTACH_SHARED : SHX_ATTACH_FRESH, err);
+            *created = rc == SHX_OK && !existed;
+        }
+    }
+    ReleaseMutex((HANDLE)m->mutex);
+done:
+    if (sa != NULL)
+        LocalFree(sa->lpSecurityDescriptor);
+    if (rc != SHX_OK) {
+        close_all(m);
+        *created = 0;
+    }
+    return rc;
+}
+
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err)
+{
+    (void)keep_name;   /* no kernel persistence: `hold` keeps a handle open instead */
+    (void)err;
+    if (at_exit)
+        return SHX_OK;   /* process exit closes every handle */
+    close_all(m);
+    return SHX_OK;
+}
+
+void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name) { (void)keep_name; }
+
+int shx_os_unlink(const char *name, shx_error *err)
+{
+    (void)name;
+    SetLastError(ERROR_NOT_SUPPORTED);
+    return shx_fail_os(err, "unlink (a Windows block lives exactly while a handle is open)");
+}
+
+int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
+{
+    (void)m;
+    (void)err;
+    *alone = 0;   /* Windows does not tell other processes' handle counts */
+    return SHX_OK;
+}
+
+/* ---- the writer lock: a named mutex ------------------------------------- */
+
+int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)m;
+    (void)area;
+    (void)err;
+    return SHX_OK;   /* created with the block, in shx_os_attach */
+}
+
+int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
+{
+    (void)area;
+    *owner_died = 0;
+    /* Windows mutexes are recursive; ours is not, as on POSIX. */
+    if (m->owner_thread == GetCurrentThreadId())
+        return fail_errno(err, EDEADLK, "WaitForSingleObject");
+    DWORD ms = timeout_ns < 0 ? INFINITE : (DWORD)((timeout_ns + 999999) / 1000000);
+    DWORD w = WaitForSingleObject((HANDLE)m->mutex, ms);
+    if (w == WAIT_TIMEOUT)
+        return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+    if (w == WAIT_ABANDONED)
+        *owner_died = 1;
+    else if (w != WAIT_OBJECT_0)
+        return shx_fail_os(err, "WaitForSingleObject");
+    m->owner_thread = GetCurrentThreadId();
+    return SHX_OK;
+}
+
+int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)area;
+    if (m->owner_thread != GetCurrentThreadId())
+        return fail_errno(err, EPERM, "ReleaseMutex");
+    m->owner_thread = 0;
+    if (!ReleaseMutex((HANDLE)m->mutex))
+        return shx_fail_os(err, "ReleaseMutex");
+    return SHX_OK;
+}
+
+/* ---- change notification: polled, until a named-event wake-up exists --- */
+
+int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+{
+    const int64_t step = 1000000;
+    volatile uint32_t *word = (volatile uint32_t *)addr;
+    for (int64_t slept = 0; slept < timeout_ns; slept += step) {
+        if (*word != expected)
+            return SHX_OK;
+        Sleep(1);
+    }
+    return *word != expected ? SHX_OK : SHX_E_TIMEOUT;
+}
+
+void shx_os_wake_word(void *addr) { (void)addr; }
+
+uint64_t shx_os_monotonic_ns(void)
+{
+    static LARGE_INTEGER freq;
+    LARGE_INTEGER now;
+    if (freq.QuadPart == 0)
+        QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&now);
+    return (uint64_t)((double)now.QuadPart * 1e9 / (double)freq.QuadPart);
+}

@@ -1,0 +1,252 @@
+/* Drives the block core over the Win32 backend, with real processes: this
+ * program starts copies of itself (CreateProcess) for the other side.
+ * Cross-compiled with MinGW-w64 and run under Wine in CI (make -C tests/c wine).
+ * Prints one line per check and "N passed, N failed".
+ */
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "segment.h"
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                    \
+    do {                                                    \
+        if (cond) {                                         \
+            passed++;                                       \
+            printf("ok - ");                                \
+        } else {                                            \
+            failed++;                                       \
+            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);  \
+        }                                                   \
+        printf(__VA_ARGS__);                                \
+        printf("\n");                                       \
+        fflush(stdout);                                     \
+    } while (0)
+
+static char self_path[MAX_PATH];
+
+static void *to_buffer(void *ctx, uint32_t type, size_t nbytes)
+{
+    (void)type;
+    return nbytes < 256 ? ctx : NULL;
+}
+
+/* The committed value as a NUL-terminated string, or "" on error. */
+static const char *text_of(shx_block *b)
+{
+    static char buf[256];
+    uint32_t type;
+    size_t n;
+    shx_error err;
+    if (shx_value_get(b, to_buffer, buf, NULL, &type, &n, NULL, &err) != SHX_OK)
+        return "<error>";
+    buf[n] = '\0';
+    return buf;
+}
+
+static int set_text(shx_block *b, const char *text)
+{
+    shx_error err;
+    return shx_value_set(b, SHX_TYPE_ASCII, text, strlen(text), NULL, &err);
+}
+
+static HANDLE event(const char *block, const char *what)
+{
+    char name[300];
+    snprintf(name, sizeof name, "Local\\%s.%s", block, what);
+    return CreateEventA(NULL, TRUE, FALSE, name);
+}
+
+/* Starts this program as `child <role> <block>`. */
+static HANDLE start_child(const char *role, const char *block)
+{
+    char cmd[MAX_PATH + 400];
+    snprintf(cmd, sizeof cmd, "\"%s\" child %s %s", self_path, role, block);
+    STARTUPINFOA si;
+    PROCESS_INFORMATION pi;
+    memset(&si, 0, sizeof si);
+    si.cb = sizeof si;
+    if (!CreateProcessA(NULL, cmd, NULL, NULL, FALSE, 0, NULL, NULL, &si, &pi))
+        return NULL;
+    CloseHandle(pi.hThread);
+    return pi.hProcess;
+}
+
+static DWORD wait_exit(HANDLE process)
+{
+    DWORD code = 999;
+    WaitForSingleObject(process, 30000);
+    GetExitCodeProcess(process, &code);
+    CloseHandle(process);
+    return code;
+}
+
+/* ---- child roles ------------------------------------------------------ */
+
+static int child(const char *role, const char *name)
+{
+    shx_block b = {0};
+    shx_error err;
+    if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
+        return 2;
+    if (strcmp(role, "read") == 0) {
+        if (b.created || strcmp(text_of(&b), "from parent") != 0)
+            return 3;
+        set_text(&b, "from child");
+        shx_block_close(&b, 0, &err);
+        return 0;
+    }
+    if (strcmp(role, "hold") == 0) {
+        set_text(&b, "held by the child");
+        SetEvent(event(name, "ready"));
+        WaitForSingleObject(event(name, "go"), 30000);
+        shx_block_close(&b, 0, &err);
+        return 0;
+    }
+    if (strcmp(role, "lockdie") == 0) {
+        int died;
+        shx_block_lock(&b, -1, &died, NULL, &err);
+        /* Scribble over the slot the next writer fills, as a dying writer would. */
+        shx_slot *s = &b.hdr->slot[(shx_value_version(&b) + 1) & 1];
+        atomic_store(&s->seq, atomic_load(&s->seq) | 1);
+        memset(b.data + ((shx_value_version(&b) + 1) & 1) * b.slot_stride, 'X', 64);
+        SetEvent(event(name, "locked"));
+        Sleep(30000);
+        return 4;
+    }
+    return 9;
+}
+
+/* ---- the cases ---------------------------------------------------------- */
+
+static void test_create_open(const char *name)
+{
+    shx_block a = {0}, b = {0};
+    shx_error err;
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created,
+          "CreateFileMapping creates the block: created");
+    CHECK(a.capacity == SHX_DEFAULT_CAPACITY && strcmp(text_of(&a), "") == 0, "zero-filled: reads empty");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created,
+          "ERROR_ALREADY_EXISTS: the second open is not the creator");
+    CHECK(set_text(&a, "shared") == SHX_OK && strcmp(text_of(&b), "shared") == 0, "both views share the value");
+    shx_block c = {0};
+    CHECK(shx_block_open(&c, name, SHX_KIND_VALUE, 1 << 20, 0, 0600, &err) == SHX_E_CAPACITY,
+          "asking more than the existing capacity is refused");
+    shx_block_close(&a, 0, &err);
+    shx_block_close(&b, 0, &err);
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              strcmp(text_of(&a), "") == 0, "after the last handle closed, the next open creates it afresh");
+    shx_block_close(&a, 0, &err);
+}
+
+static void test_two_processes(const char *name)
+{
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err);
+    set_text(&a, "from parent");
+    DWORD code = wait_exit(start_child("read", name));
+    CHECK(code == 0, "a child process reads the parent's value (exit %lu)", (unsigned long)code);
+    CHECK(strcmp(text_of(&a), "from child") == 0 && shx_value_version(&a) == 2,
+          "the parent reads the child's value, version 2");
+    shx_block_close(&a, 0, &err);
+}
+
+static void test_lifetime_follows_handles(const char *name)
+{
+    shx_error err;
+    HANDLE ready = event(name, "ready"), go = event(name, "go");
+    HANDLE proc = start_child("hold", name);
+    CHECK(WaitForSingleObject(ready, 30000) == WAIT_OBJECT_0, "the child holds the block");
+    shx_block a = {0};
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !a.created &&
+              strcmp(text_of(&a), "held by the child") == 0, "a second process finds it and its value");
+    shx_block_close(&a, 0, &err);
+    SetEvent(go);
+    CHECK(wait_exit(proc) == 0, "the child detaches and exits");
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              strcmp(text_of(&a), "") == 0, "with every handle closed the block is gone: created afresh");
+    shx_block_close(&a, 0, &err);
+    CloseHandle(ready);
+    CloseHandle(go);
+}
+
+static void test_lock_owner_death(const char *name)
+{
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err);
+    set_text(&a, "committed");
+    HANDLE locked = event(name, "locked");
+    HANDLE proc = start_child("lockdie", name);
+    CHECK(WaitForSingleObject(locked, 30000) == WAIT_OBJECT_0, "the child holds the lock");
+    int died = 0;
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_TIMEOUT, "so the parent cannot take it");
+    CHECK(strcmp(text_of(&a), "committed") == 0, "readers get the committed value while a writer is mid-write");
+    TerminateProcess(proc, 1);
+    wait_exit(proc);
+    CHECK(shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
+          "WAIT_ABANDONED: the next locker gets the lock and learns the owner died");
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_OS && err.os_error == EDEADLK,
+          "relocking by the holder is an error, as on POSIX (Windows mutexes would recurse)");
+    CHECK(shx_block_unlock(&a, &err) == SHX_OK, "and it releases it");
+    CHECK(shx_block_unlock(&a, &err) == SHX_E_OS && err.os_error == EPERM, "releasing a lock not held is an error");
+    CHECK(set_text(&a, "after") == SHX_OK && strcmp(text_of(&a), "after") == 0 && set_text(&a, "again") == SHX_OK &&
+              strcmp(text_of(&a), "again") == 0, "writing works again through both slots");
+    shx_block_close(&a, 0, &err);
+    CloseHandle(locked);
+}
+
+static void test_value_protocol(const char *name)
+{
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, name, SHX_KIND_VALUE, 64, 0, 0600, &err);
+    char big[65];
+    memset(big, 'a', sizeof big);
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, big, 65, NULL, &err) == SHX_E_TOOBIG && err.a == 65 && err.b == 64,
+          "a value over the capacity is refused");
+    CHECK(shx_value_set_utf8(&a, "caf\xc3\xa9", 5, NULL, &err) == SHX_OK, "UTF-8 text is stored");
+    char out[16];
+    size_t len;
+    int is_text;
+    CHECK(shx_value_get_utf8(&a, out, sizeof out, &len, &is_text, NULL, NULL, &err) == SHX_OK && is_text &&
+              len == 5 && memcmp(out, "caf\xc3\xa9", 5) == 0, "and read back as UTF-8");
+    uint64_t now;
+    CHECK(shx_value_wait(&a, shx_value_version(&a), 20000000, &now, &err) == SHX_E_TIMEOUT, "wait times out");
+    shx_block_close(&a, 0, &err);
+
+    shx_block s = {0};
+    char seg_name[80];
+    snprintf(seg_name, sizeof seg_name, "%s-segment", name);
+    CHECK(shx_block_open(&s, seg_name, SHX_KIND_SEGMENT, 1000, 0, 0600, &err) == SHX_OK && s.capacity == 1000,
+          "a raw segment of exactly the size asked");
+    CHECK(shx_segment_write(&s, 990, "0123456789", 10, NULL, &err) == SHX_OK &&
+              shx_segment_write(&s, 991, "0123456789", 10, NULL, &err) == SHX_E_RANGE,
+          "segment bounds are checked");
+    shx_block_close(&s, 0, &err);
+    CHECK(shx_unlink(name, &err) == SHX_E_OS, "unlink is refused: a Windows block lives while a handle is open");
+}
+
+int main(int argc, char **argv)
+{
+    GetModuleFileNameA(NULL, self_path, sizeof self_path);
+    if (argc == 4 && strcmp(argv[1], "child") == 0)
+        return child(argv[2], argv[3]);
+    char names[5][64];
+    for (int i = 0; i < 5; i++)
+        snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
+    test_create_open(names[0]);
+    test_two_processes(names[1]);
+    test_lifetime_follows_handles(names[2]);
+    test_lock_owner_death(names[3]);
+    test_value_protocol(names[4]);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
