@@ -205,6 +205,32 @@ static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t narg
     return 0;
 }
 
+/* Collects up to two optional arguments, by position or by the keywords in
+ * names[], into vals[] (left NULL when absent). */
+static int two_optional_args(const char *fname, const char *const names[2], PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, PyObject *vals[2])
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    vals[0] = vals[1] = NULL;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most 2 arguments (%zd given)", fname, nargs + nkw);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        vals[i] = args[i];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
+        if (slot < 0 || vals[slot] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated keyword argument '%s'", fname,
+                         key ? key : "?");
+            return -1;
+        }
+        vals[slot] = args[nargs + i];
+    }
+    return 0;
+}
+
 /* ---- what Value and Segment share ------------------------------------------ */
 
 static const char *type_label(BlockObject *self) { return self->block.kind == SHX_KIND_SEGMENT ? "Segment" : "Value"; }
@@ -505,23 +531,9 @@ static PyObject *value_get_version(BlockObject *self, void *Py_UNUSED(c))
 static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static const char *const names[] = {"version", "timeout"};
-    PyObject *vals[2] = {NULL, NULL};
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "wait() takes at most 2 arguments (%zd given)", nargs + nkw);
+    PyObject *vals[2];
+    if (two_optional_args("wait", names, args, nargs, kwnames, vals) < 0)
         return NULL;
-    }
-    for (Py_ssize_t i = 0; i < nargs; i++)
-        vals[i] = args[i];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
-        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
-        if (slot < 0 || vals[slot] != NULL) {
-            PyErr_Format(PyExc_TypeError, "wait() got an unexpected or repeated keyword argument '%s'", key);
-            return NULL;
-        }
-        vals[slot] = args[nargs + i];
-    }
     if (block_check_open(self) < 0)
         return NULL;
     uint64_t seen;
@@ -668,23 +680,9 @@ static PyObject *range_error(BlockObject *self, const char *what, unsigned long 
 static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static const char *const names[] = {"n", "offset"};
-    PyObject *vals[2] = {NULL, NULL};
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "read() takes at most 2 arguments (%zd given)", nargs + nkw);
+    PyObject *vals[2];
+    if (two_optional_args("read", names, args, nargs, kwnames, vals) < 0)
         return NULL;
-    }
-    for (Py_ssize_t i = 0; i < nargs; i++)
-        vals[i] = args[i];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
-        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
-        if (slot < 0 || vals[slot] != NULL) {
-            PyErr_Format(PyExc_TypeError, "read() got an unexpected or repeated keyword argument '%s'", key);
-            return NULL;
-        }
-        vals[slot] = args[nargs + i];
-    }
     if (block_check_open(self) < 0)
         return NULL;
     Py_ssize_t n = -1, offset = 0;

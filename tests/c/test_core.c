@@ -15,24 +15,10 @@
 #include <unistd.h>
 #include <fcntl.h>
 
+#include "check.h"
 #include "segment.h"
 
-static int passed, failed;
 static char prefix[64];
-
-#define CHECK(cond, ...)                                    \
-    do {                                                    \
-        if (cond) {                                         \
-            passed++;                                       \
-            printf("ok - ");                                \
-        } else {                                            \
-            failed++;                                       \
-            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);  \
-        }                                                   \
-        printf(__VA_ARGS__);                                \
-        printf("\n");                                       \
-        fflush(stdout);                                     \
-    } while (0)
 
 static const char *block_name(const char *what)
 {

@@ -11,23 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "segment.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                    \
-    do {                                                    \
-        if (cond) {                                         \
-            passed++;                                       \
-            printf("ok - ");                                \
-        } else {                                            \
-            failed++;                                       \
-            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);  \
-        }                                                   \
-        printf(__VA_ARGS__);                                \
-        printf("\n");                                       \
-        fflush(stdout);                                     \
-    } while (0)
 
 static char self_path[MAX_PATH];
 
