@@ -201,8 +201,21 @@ static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t narg
         PyErr_Format(PyExc_ValueError, "timeout must be None or a number of seconds >= 0, not %R", obj);
         return -1;
     }
-    *timeout = t;
+    /* Beyond ~31 years (infinity included) is no deadline: it would overflow nanoseconds. */
+    *timeout = t > 1e9 ? -1 : t;
     return 0;
+}
+
+/* Waits run in slices so that signals (Ctrl-C) are handled in between.
+ * Returns the next slice in ns toward a deadline `timeout` seconds (< 0:
+ * none) after `start`, or 0 once the deadline has passed. */
+static int64_t next_slice(double timeout, uint64_t start)
+{
+    const int64_t slice_ns = 50 * 1000 * 1000;
+    if (timeout < 0)
+        return slice_ns;
+    int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
+    return left <= 0 ? 0 : left < slice_ns ? left : slice_ns;
 }
 
 /* Collects up to two optional arguments, by position or by the keywords in
@@ -552,15 +565,11 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
     double timeout = -1;
     if (vals[1] != NULL && timeout_arg("wait", &vals[1], 1, NULL, &timeout) < 0)
         return NULL;
-    const int64_t slice_ns = 50 * 1000 * 1000;
     uint64_t start = shx_os_monotonic_ns(), now = seen;
     shx_error err;
     for (;;) {
-        int64_t wait = slice_ns;
-        if (timeout >= 0) {
-            int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
-            wait = left < 0 ? 0 : left < slice_ns ? left : slice_ns;
-        }
+        /* A passed deadline still looks once (a wait of 0), so timeout=0 is a poll. */
+        int64_t wait = next_slice(timeout, start);
         int rc;
         self->busy++;
         Py_BEGIN_ALLOW_THREADS
@@ -571,7 +580,7 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
             return PyLong_FromUnsignedLongLong(now);
         if (rc != SHX_E_TIMEOUT)
             return raise_block_error(&err, self->block.name);
-        if (timeout >= 0 && (int64_t)(shx_os_monotonic_ns() - start) >= (int64_t)(timeout * 1e9)) {
+        if (next_slice(timeout, start) == 0) {
             char secs[32];
             snprintf(secs, sizeof secs, "%g", timeout);
             return PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for a new value in Value '%s' "
@@ -785,22 +794,17 @@ static void segment_releasebuffer(BlockObject *self, Py_buffer *Py_UNUSED(view))
  * with the GIL released, in short slices so that signals (Ctrl-C) are handled. */
 static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died)
 {
-    const int64_t slice_ns = 50 * 1000 * 1000;
     shx_error err;
     int rc = shx_block_lock(&self->block, 0, owner_died, NULL, &err);
     uint64_t start = rc == SHX_E_TIMEOUT ? shx_os_monotonic_ns() : 0;
     while (rc == SHX_E_TIMEOUT) {
-        int64_t wait = slice_ns;
-        if (timeout >= 0) {
-            int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
-            if (left <= 0) {
-                char secs[32];
-                snprintf(secs, sizeof secs, "%g", timeout);
-                PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for the lock of Segment '%s'", secs,
-                             self->block.name);
-                return -1;
-            }
-            wait = left < slice_ns ? left : slice_ns;
+        int64_t wait = next_slice(timeout, start);
+        if (wait == 0) {
+            char secs[32];
+            snprintf(secs, sizeof secs, "%g", timeout);
+            PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for the lock of Segment '%s'", secs,
+                         self->block.name);
+            return -1;
         }
         self->busy++;
         Py_BEGIN_ALLOW_THREADS

@@ -318,6 +318,20 @@ def test_lock_dropped_while_held_is_released(name):
             assert not lock.owner_died
 
 
+def test_an_infinite_lock_timeout_waits(name):
+    with shmemext.Segment(name, 64) as seg:
+        held = seg.lock()
+        held.acquire()
+        got = []
+        t = threading.Thread(target=lambda: got.append(seg.lock(timeout=float("inf")).acquire()))
+        t.start()
+        time.sleep(0.2)
+        assert got == [], "still waiting"
+        held.release()
+        t.join(timeout=10)
+        assert got == [True]
+
+
 def test_bad_lock_timeouts(name):
     with shmemext.Segment(name, 64) as seg:
         for bad in (-1, float("nan")):

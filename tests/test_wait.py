@@ -93,6 +93,14 @@ def test_wake_counter_wrap_around(name):
             assert int.from_bytes(f.read(4), "little") == 0
 
 
+def test_an_infinite_timeout_waits_forever(name):
+    with shmemext.Value(name) as v:
+        threading.Timer(0.2, lambda: v.set("x")).start()
+        assert v.wait(timeout=float("inf")) == 1
+        threading.Timer(0.2, lambda: v.set("y")).start()
+        assert v.wait(timeout=1e300) == 2
+
+
 def test_the_gil_is_released_while_waiting(name):
     with shmemext.Value(name) as v:
         ticks = []
