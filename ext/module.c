@@ -433,11 +433,6 @@ static PyObject *value_get_impl(BlockObject *self)
     self->busy++;
     int rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
     self->busy--;
-    if (rc == SHX_OK && type != SHX_TYPE_BYTES) {
-        const void *data = PyBytes_Check(dst.obj) ? (const void *)PyBytes_AS_STRING(dst.obj)
-                                                  : PyUnicode_DATA(dst.obj);
-        rc = shx_value_check(type, data, nbytes, &err);
-    }
     if (rc != SHX_OK) {
         Py_XDECREF(dst.obj);
         if (PyErr_Occurred())

@@ -284,6 +284,149 @@ int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, 
     return rc;
 }
 
+/* ---- well-formed values ---------------------------------------------------- */
+
+/* Every PEP 393 invariant we check is a property of the OR of the value's
+ * 64-bit words: ASCII has no bit 7 in any byte, Latin-1 has one, UCS-2 has a
+ * unit above 0xFF (a high-byte bit), UCS-4 a unit above 0xFFFF (a bit >= 16)
+ * and none above 0x10FFFF (exact only when the OR is below 0x110000; else a
+ * second, exact pass decides).  Words start at the value's first byte, so
+ * each lane of a word is one unit. */
+#define HIGH_BIT_OF_BYTES UINT64_C(0x8080808080808080)
+#define HIGH_BYTE_OF_UCS2 UINT64_C(0xFF00FF00FF00FF00)
+#define ABOVE_UNICODE_UCS4 UINT64_C(0xFFE00000FFE00000)   /* bits that no code point has */
+
+static uint64_t or_words(const unsigned char *p, size_t n)
+{
+    uint64_t acc = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        acc |= w;
+    }
+    if (i < n) {
+        uint64_t w = 0;
+        memcpy(&w, p + i, n - i);
+        acc |= w;
+    }
+    return acc;
+}
+
+/* Once any of these bits is set the verdict is known: the rest need not be scanned. */
+static uint64_t decisive_bits(uint32_t type)
+{
+    switch (type) {
+    case SHX_TYPE_ASCII:
+    case SHX_TYPE_LATIN1: return HIGH_BIT_OF_BYTES;
+    case SHX_TYPE_UCS2:   return HIGH_BYTE_OF_UCS2;
+    case SHX_TYPE_UCS4:   return ABOVE_UNICODE_UCS4;
+    default:              return 0;
+    }
+}
+
+static uint32_t max_ucs4(const unsigned char *p, size_t units)
+{
+    uint32_t m = 0;
+    for (size_t i = 0; i < units; i++) {
+        uint32_t u;
+        memcpy(&u, p + 4 * i, 4);
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+static int well_formed(uint32_t type, const unsigned char *p, size_t nbytes, uint64_t acc)
+{
+    switch (type) {
+    case SHX_TYPE_EMPTY:  return nbytes == 0;
+    case SHX_TYPE_BYTES:  return 1;
+    case SHX_TYPE_ASCII:  return (acc & HIGH_BIT_OF_BYTES) == 0;
+    case SHX_TYPE_LATIN1: return (acc & HIGH_BIT_OF_BYTES) != 0;
+    case SHX_TYPE_UCS2:   return nbytes % 2 == 0 && (acc & HIGH_BYTE_OF_UCS2) != 0;
+    case SHX_TYPE_UCS4: {
+        uint32_t lanes = (uint32_t)(acc | (acc >> 32));
+        if (nbytes % 4 != 0 || lanes <= 0xFFFF)
+            return 0;
+        return lanes < 0x110000 || max_ucs4(p, nbytes / 4) <= 0x10FFFF;
+    }
+    default:
+        return 0;
+    }
+}
+
+int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    if (!well_formed(type, p, nbytes, or_words(p, nbytes)))
+        return shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
+    return SHX_OK;
+}
+
+/* Copies n bytes and returns the OR of the words copied.  Each word is
+ * checked in the register it is copied through, so the check sees exactly the
+ * copy (never the shared original, which may change under us), and in one pass
+ * it costs about nothing beyond the copy: eight independent lanes keep the
+ * loop as wide as the vector unit, which the compiler uses. */
+static uint64_t copy_or(unsigned char *dst, const unsigned char *src, size_t n)
+{
+    uint64_t lane[8] = {0};
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        for (int k = 0; k < 8; k++) {
+            uint64_t w;
+            memcpy(&w, src + i + 8 * k, 8);
+            memcpy(dst + i + 8 * k, &w, 8);
+            lane[k] |= w;
+        }
+    }
+    uint64_t acc = lane[0] | lane[1] | lane[2] | lane[3] | lane[4] | lane[5] | lane[6] | lane[7];
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, src + i, 8);
+        memcpy(dst + i, &w, 8);
+        acc |= w;
+    }
+    if (i < n) {
+        uint64_t w = 0;
+        memcpy(&w, src + i, n - i);
+        memcpy(dst + i, &w, n - i);
+        acc |= w;
+    }
+    return acc;
+}
+
+/* Once the verdict is known the rest is copied without looking. */
+#define CHECK_CHUNK 16384
+
+/* Copies a value out of the block and tells whether the copy is well formed. */
+static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, uint32_t type,
+                        const shx_hooks *hooks)
+{
+    int blocking = hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy;
+    if (blocking)
+        hooks->blocking_begin(hooks->ctx);
+    uint64_t acc = 0, decisive = decisive_bits(type);
+    size_t done = 0;
+    if (decisive == 0) {
+        memcpy(dst, src, n);
+        done = n;
+    }
+    while (done < n) {
+        if (acc & decisive) {
+            memcpy(dst + done, src + done, n - done);
+            break;
+        }
+        size_t k = n - done < CHECK_CHUNK ? n - done : CHECK_CHUNK;
+        acc |= copy_or(dst + done, src + done, k);
+        done += k;
+    }
+    int ok = well_formed(type, dst, n, acc);
+    if (blocking)
+        hooks->blocking_end(hooks->ctx);
+    return ok;
+}
+
 /* ---- the value protocol --------------------------------------------------- */
 
 int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
@@ -349,12 +492,12 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         uint64_t nbytes = s->nbytes;
         uint32_t type = s->type;
         int sane = nbytes <= b->capacity && valid_type(type);
-        void *dst = NULL;
+        int good = 0;
         if (sane) {
-            dst = prepare(ctx, type, (size_t)nbytes);
+            void *dst = prepare(ctx, type, (size_t)nbytes);
             if (dst == NULL)
                 return shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
-            copy_bytes(dst, b->data + index * b->slot_stride, (size_t)nbytes, hooks);
+            good = copy_checked(dst, b->data + index * b->slot_stride, (size_t)nbytes, type, hooks);
         }
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&s->seq, memory_order_relaxed) != seq)
@@ -365,6 +508,8 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
          * publishing) holds a value that was never committed. */
         if (slot_version > atomic_load_explicit(&h->version, memory_order_relaxed))
             continue;
+        if (!good)
+            return shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
         *type_out = type;
         *nbytes_out = (size_t)nbytes;
         if (version_out != NULL)
@@ -388,8 +533,8 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         void *dst = prepare(ctx, type, (size_t)nbytes);
         if (dst == NULL)
             rc = shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
-        else
-            copy_bytes(dst, b->data + index * b->slot_stride, (size_t)nbytes, hooks);
+        else if (!copy_checked(dst, b->data + index * b->slot_stride, (size_t)nbytes, type, hooks))
+            rc = shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
     }
     shx_error unlock_err;
     (void)shx_block_unlock(b, &unlock_err);   /* we hold it: cannot fail */
@@ -425,79 +570,6 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
             (void)shx_os_wait_word(&h->wake_seq, word, left);
         atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_seq_cst);
     }
-}
-
-/* OR of all bytes: bit 7 tells whether any is >= 0x80. */
-static unsigned or_bytes(const unsigned char *p, size_t n)
-{
-    uint64_t acc = 0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, p + i, 8);
-        acc |= w;
-    }
-    for (; i < n; i++)
-        acc |= p[i];
-    acc |= acc >> 32;
-    acc |= acc >> 16;
-    acc |= acc >> 8;
-    return (unsigned)(acc & 0xFF);
-}
-
-static uint32_t max_ucs2(const unsigned char *p, size_t units)
-{
-    uint16_t m = 0;
-    for (size_t i = 0; i < units; i++) {
-        uint16_t u;
-        memcpy(&u, p + 2 * i, 2);
-        m = u > m ? u : m;
-    }
-    return m;
-}
-
-static uint32_t max_ucs4(const unsigned char *p, size_t units)
-{
-    uint32_t m = 0;
-    for (size_t i = 0; i < units; i++) {
-        uint32_t u;
-        memcpy(&u, p + 4 * i, 4);
-        m = u > m ? u : m;
-    }
-    return m;
-}
-
-int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *err)
-{
-    const unsigned char *p = (const unsigned char *)data;
-    int ok;
-    switch (type) {
-    case SHX_TYPE_EMPTY:
-        ok = nbytes == 0;
-        break;
-    case SHX_TYPE_BYTES:
-        ok = 1;
-        break;
-    case SHX_TYPE_ASCII:
-        ok = (or_bytes(p, nbytes) & 0x80) == 0;
-        break;
-    case SHX_TYPE_LATIN1:
-        ok = (or_bytes(p, nbytes) & 0x80) != 0;
-        break;
-    case SHX_TYPE_UCS2:
-        ok = nbytes % 2 == 0 && max_ucs2(p, nbytes / 2) > 0xFF;
-        break;
-    case SHX_TYPE_UCS4: {
-        uint32_t m = nbytes % 4 == 0 ? max_ucs4(p, nbytes / 4) : 0;
-        ok = m > 0xFFFF && m <= 0x10FFFF;
-        break;
-    }
-    default:
-        ok = 0;
-    }
-    if (!ok)
-        return shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
-    return SHX_OK;
 }
 
 /* ---- messages -------------------------------------------------------------- */

@@ -127,7 +127,9 @@ static inline uint64_t shx_value_version(const shx_block *b)
 int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
                   const shx_hooks *hooks, shx_error *err);
 /* Copies one committed value into prepare()'s destination.  *type_out and
- * *nbytes_out describe it; *version_out (may be NULL) is its version. */
+ * *nbytes_out describe it; *version_out (may be NULL) is its version.  A value
+ * that is not well formed (shx_value_check) is SHX_E_BADVALUE: whatever another
+ * process wrote, text copied out is always a str CPython could have built. */
 int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
                   uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err);
 /* Text as UTF-8, for callers without Python (text.c).  set stores strict

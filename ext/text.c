@@ -161,9 +161,8 @@ int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is
         *is_text = type != SHX_TYPE_BYTES;
     if (d.scratch == NULL) {   /* bytes or ASCII: already in buf */
         *len = nbytes;
-        return type == SHX_TYPE_ASCII ? shx_value_check(type, buf, nbytes, err) : SHX_OK;
+        return SHX_OK;
     }
-    rc = shx_value_check(type, d.scratch, nbytes, err);
     size_t width = type == SHX_TYPE_LATIN1 ? 1 : type == SHX_TYPE_UCS2 ? 2 : 4;
     size_t units = nbytes / width, needed = 0;
     for (size_t u = 0; rc == SHX_OK && u < units; u++) {

@@ -332,6 +332,58 @@ static void test_value_protocol(void)
     shx_block_close(&a, 0, &err);
 }
 
+/* get() checks the copy as it makes it, in chunks: the one unit that decides
+ * may sit anywhere, in the first chunk, a later one, or the ragged tail. */
+static int get_verdict(shx_block *b, uint32_t type, const void *data, size_t nbytes)
+{
+    static fixed_dst dst;
+    shx_error err;
+    uint32_t t;
+    size_t n;
+    if (shx_value_set(b, type, data, nbytes, NULL, &err) != SHX_OK)
+        return -1;
+    return shx_value_get(b, to_fixed, &dst, NULL, &t, &n, NULL, &err);
+}
+
+static void test_checked_copy(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    static unsigned char bytes[60000];
+    static uint16_t ucs2[30000];
+    static uint32_t ucs4[15000];
+    shx_block_open(&a, block_name("checked"), SHX_KIND_VALUE, sizeof bytes, 0, 0600, &err);
+    const size_t places[] = {0, 8191, 16384, 40001, sizeof bytes - 1};
+    for (size_t i = 0; i < sizeof places / sizeof places[0]; i++) {
+        size_t at = places[i];
+        memset(bytes, 'a', sizeof bytes);
+        bytes[at] = 0xE9;
+        CHECK(get_verdict(&a, SHX_TYPE_ASCII, bytes, sizeof bytes - 3) == (at < sizeof bytes - 3 ? SHX_E_BADVALUE : SHX_OK),
+              "ASCII with one high byte at %zu of %zu", at, sizeof bytes - 3);
+        CHECK(get_verdict(&a, SHX_TYPE_LATIN1, bytes, sizeof bytes) == SHX_OK, "Latin-1 whose only high byte is at %zu", at);
+        for (size_t u = 0; u < 30000; u++)
+            ucs2[u] = 0x41;
+        ucs2[at / 2] = 0x20AC;
+        CHECK(get_verdict(&a, SHX_TYPE_UCS2, ucs2, sizeof ucs2) == SHX_OK, "UCS-2 whose only wide unit is at %zu", at / 2);
+        for (size_t u = 0; u < 15000; u++)
+            ucs4[u] = 0x1F600;
+        ucs4[at / 4] = 0x110000;
+        CHECK(get_verdict(&a, SHX_TYPE_UCS4, ucs4, sizeof ucs4) == SHX_E_BADVALUE,
+              "UCS-4 with U+110000 at unit %zu refused", at / 4);
+        ucs4[at / 4] = 0xFFFFFFFF;
+        CHECK(get_verdict(&a, SHX_TYPE_UCS4, ucs4, sizeof ucs4) == SHX_E_BADVALUE,
+              "UCS-4 with 0xFFFFFFFF at unit %zu refused", at / 4);
+        for (size_t u = 0; u < 15000; u++)
+            ucs4[u] = 0x100000;
+        ucs4[at / 4] = 0x10FFFF;
+        CHECK(get_verdict(&a, SHX_TYPE_UCS4, ucs4, sizeof ucs4) == SHX_OK, "UCS-4 up to U+10FFFF accepted");
+    }
+    memset(bytes, 'a', sizeof bytes);
+    CHECK(get_verdict(&a, SHX_TYPE_LATIN1, bytes, sizeof bytes) == SHX_E_BADVALUE, "Latin-1 with no high byte refused");
+    CHECK(get_verdict(&a, SHX_TYPE_ASCII, bytes, 7) == SHX_OK, "a short ASCII value accepted");
+    shx_block_close(&a, 0, &err);
+}
+
 static void test_segment(void)
 {
     shx_block a = {0}, b = {0};
@@ -432,6 +484,7 @@ int main(void)
     test_crash_release();
     test_lock_owner_death();
     test_value_protocol();
+    test_checked_copy();
     test_segment();
     test_foreign_header();
     test_many_attachers();
