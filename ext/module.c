@@ -591,6 +591,12 @@ static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     return value_wait_impl(self, args, nargs, kwnames);
 }
 
+static PyObject *value_read_stats(BlockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&self->block.read_retries),
+                         (unsigned long long)atomic_load(&self->block.locked_reads));
+}
+
 static PyMethodDef value_methods[] = {
     {"get", (PyCFunction)value_get, METH_NOARGS,
      "get($self, /)\n--\n\nReturn the committed value: str or bytes, as it was set. A never-written block gives ''."},
@@ -600,6 +606,9 @@ static PyMethodDef value_methods[] = {
      "wait($self, /, version=None, timeout=None)\n--\n\nBlock until the committed version differs from `version`\n"
      "(default: the version now) and return the new version. TimeoutError after `timeout` seconds.\n"
      "The OS wakes every waiter in every process at the next set(); nothing spins."},
+    {"_read_stats", (PyCFunction)value_read_stats, METH_NOARGS,
+     "_read_stats($self, /)\n--\n\n(retries, locked_reads) of this handle's gets so far: copies repeated because\n"
+     "a writer overtook them, and gets that fell back to the writer lock."},
     BLOCK_METHODS,
     {NULL, NULL, 0, NULL}};
 

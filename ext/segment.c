@@ -470,6 +470,12 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
     return rc;
 }
 
+/* A statistic: no read-modify-write, so no bus lock; racing threads may lose a count. */
+static void count(_Atomic uint64_t *counter)
+{
+    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + 1, memory_order_relaxed);
+}
+
 static int valid_type(uint32_t type) { return type <= SHX_TYPE_UCS4; }
 
 int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
@@ -482,6 +488,8 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
     shx_header *h = b->hdr;
 
     for (int tries = 0; tries < READ_TRIES; tries++) {
+        if (tries > 0)
+            count(&b->read_retries);
         uint64_t version = atomic_load_explicit(&h->version, memory_order_acquire);
         unsigned index = (unsigned)(version & 1);
         shx_slot *s = &h->slot[index];
@@ -518,6 +526,7 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
     }
 
     /* Writers keep outrunning our copy: hold them off with the lock. */
+    count(&b->locked_reads);
     int owner_died, rc;
     if ((rc = shx_block_lock(b, -1, &owner_died, hooks, err)) != SHX_OK)
         return rc;

@@ -83,6 +83,12 @@ typedef struct shx_block {
     int attached;
     int heap_owned;           /* allocated by the C API's open(), freed by its close() */
     char name[SHX_NAME_MAX + 1];
+    /* How often this handle's gets had to copy again because a writer
+     * overtook them, and how often they fell back to the lock.  Counted on the
+     * slow paths only, so a plain get costs nothing more; approximate when
+     * threads share the handle. */
+    _Atomic uint64_t read_retries;
+    _Atomic uint64_t locked_reads;
 } shx_block;
 
 /* Called around work that may take long (lock waits, large copies), so a

@@ -1,4 +1,4 @@
-"""Command line: python -m shmemext {demo,get,set,info,hold,watch,unlink}."""
+"""Command line: python -m shmemext {demo,get,set,info,hold,watch,unlink,bench}."""
 
 from __future__ import annotations
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[common, persist], help="print name, capacity, version, created, persist").set_defaults(func=cmd_info)
     sub.add_parser("hold", parents=[common, persist], help="keep a block alive until interrupted").set_defaults(func=cmd_hold)
     sub.add_parser("watch", parents=[common], help="print each new value as it is committed, until Ctrl-C").set_defaults(func=cmd_watch)
+    sub.add_parser("bench", add_help=False,
+                   help="a quick benchmark against the peers (--full for the whole suite, --help for options)")
     p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
     p.add_argument("block", metavar="NAME")
     p.set_defaults(func=cmd_unlink)
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Its own options and its own process (see shmemext._bench.run).
+        from shmemext import _bench
+
+        return _bench.run(argv[1:], quick_default=True)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
