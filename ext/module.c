@@ -101,6 +101,10 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
         return PyErr_Format(PyExc_ValueError, "invalid block name '%s': %s", name, msg);
     case SHX_E_TIMEOUT:
         return PyErr_Format(PyExc_TimeoutError, "block '%s': %s", name, msg);
+    case SHX_E_INTERRUPTED:
+        if (PyErr_Occurred())   /* the signal handler's exception */
+            return NULL;
+        return PyErr_Format(PyExc_InterruptedError, "block '%s': %s", name, msg);
     default:
         return PyErr_Format(PyExc_ValueError, "block '%s': %s", name, msg);
     }
@@ -115,7 +119,11 @@ typedef struct {
 static void gil_begin(void *ctx) { ((gil_release *)ctx)->saved = PyEval_SaveThread(); }
 static void gil_end(void *ctx) { PyEval_RestoreThread(((gil_release *)ctx)->saved); }
 
-#define GIL_HOOKS(release) {gil_begin, gil_end, &(release), LARGE_COPY}
+/* Between lock-wait slices, with the GIL held: a pending KeyboardInterrupt
+ * (or any exception a signal handler raises) ends the wait. */
+static int signal_pending(void *Py_UNUSED(ctx)) { return PyErr_CheckSignals() < 0; }
+
+#define GIL_HOOKS(release) {gil_begin, gil_end, &(release), LARGE_COPY, signal_pending}
 
 /* ---- argument helpers ---------------------------------------------------- */
 

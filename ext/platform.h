@@ -30,7 +30,8 @@ typedef enum shx_status {
     SHX_E_INUSE,     /* the handle is still attached to a block */
     SHX_E_RANGE,     /* offset + length a is beyond the size b */
     SHX_E_BUFFER,    /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
-    SHX_E_ENCODING   /* text that UTF-8 cannot carry: detail */
+    SHX_E_ENCODING,  /* text that UTF-8 cannot carry: detail */
+    SHX_E_INTERRUPTED /* a wait was given up because the caller's interrupted() hook said so */
 } shx_status;
 
 typedef struct shx_error {

@@ -232,12 +232,26 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
     int rc = shx_os_lock(&b->map, b->hdr->lock_area, 0, owner_died, err);
     if (rc != SHX_E_TIMEOUT || timeout_ns == 0)
         return rc;
-    if (hooks != NULL && hooks->blocking_begin != NULL)
-        hooks->blocking_begin(hooks->ctx);
-    rc = shx_os_lock(&b->map, b->hdr->lock_area, timeout_ns, owner_died, err);
-    if (hooks != NULL && hooks->blocking_end != NULL)
-        hooks->blocking_end(hooks->ctx);
-    return rc;
+    int sliced = hooks != NULL && hooks->interrupted != NULL;
+    uint64_t start = shx_os_monotonic_ns();
+    for (;;) {
+        int64_t wait = timeout_ns;
+        if (sliced) {
+            int64_t left = timeout_ns < 0 ? SHX_WAIT_SLICE_NS : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+            if (left <= 0)
+                return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+            wait = left < SHX_WAIT_SLICE_NS ? left : SHX_WAIT_SLICE_NS;
+        }
+        if (hooks != NULL && hooks->blocking_begin != NULL)
+            hooks->blocking_begin(hooks->ctx);
+        rc = shx_os_lock(&b->map, b->hdr->lock_area, wait, owner_died, err);
+        if (hooks != NULL && hooks->blocking_end != NULL)
+            hooks->blocking_end(hooks->ctx);
+        if (rc != SHX_E_TIMEOUT || !sliced)
+            return rc;
+        if (hooks->interrupted(hooks->ctx))
+            return shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
+    }
 }
 
 int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->map, b->hdr->lock_area, err); }
@@ -649,6 +663,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         break;
     case SHX_E_ENCODING:
         snprintf(buf, size, "text %s (at %llu)", err->detail, a);
+        break;
+    case SHX_E_INTERRUPTED:
+        snprintf(buf, size, "wait for the writer lock interrupted");
         break;
     case SHX_E_RANGE:
         snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b);

@@ -98,7 +98,13 @@ typedef struct shx_hooks {
     void (*blocking_end)(void *ctx);
     void *ctx;
     size_t large_copy;        /* copies of at least this many bytes count as long */
+    /* When set, lock waits run in slices of SHX_WAIT_SLICE_NS and ask it in
+     * between (outside blocking_begin/end); nonzero gives up the wait with
+     * SHX_E_INTERRUPTED.  How a caller lets Ctrl-C through, or bounds a wait. */
+    int (*interrupted)(void *ctx);
 } shx_hooks;
+
+#define SHX_WAIT_SLICE_NS 50000000
 
 /* Destination for shx_value_get: returns where `nbytes` of `type` go, or NULL
  * with an error already recorded by the caller (then get fails).  May be

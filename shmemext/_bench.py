@@ -323,16 +323,17 @@ def available_peers(use_redis: bool) -> tuple[list[str], dict[str, str]]:
 def measure_copy(sizes: list[int], kinds: list[str], peers: list[str], rounds: int, sample_s: float,
                  progress: Any) -> list[dict[str, Any]]:
     capacity = max(sizes)
+    utf8_capacity = 2 * capacity   # UTF-8 takes up to twice the bytes of Latin-1 (1.5x of UCS-2)
     tag = f"shmemext-bench-{os.getpid()}"
     value_cell = shmemext.Value(f"{tag}-value", capacity)
     segment = shmemext.Segment(f"{tag}-segment", capacity)
     redis_server = RedisServer() if "redis" in peers else None
     opened: dict[str, Any] = {}
     factories: dict[str, Callable[[], Any]] = {
-        "shared_memory": lambda: SharedMemoryPeer(capacity),
-        "mmap": lambda: MmapPeer(capacity),
-        "posix_ipc": lambda: PosixIpcPeer(capacity),
-        "sysv_ipc": lambda: SysvIpcPeer(capacity),
+        "shared_memory": lambda: SharedMemoryPeer(utf8_capacity),
+        "mmap": lambda: MmapPeer(utf8_capacity),
+        "posix_ipc": lambda: PosixIpcPeer(utf8_capacity),
+        "sysv_ipc": lambda: SysvIpcPeer(utf8_capacity),
         "redis": lambda: RedisPeer(redis_server),  # type: ignore[arg-type]
     }
     rows = []

@@ -62,6 +62,7 @@ extern "C" {
 #define SHMEMEXT_E_RANGE 15     /* an offset or length beyond a segment's size */
 #define SHMEMEXT_E_BUFFER 16    /* the caller's buffer is too small: *len says how much is needed */
 #define SHMEMEXT_E_ENCODING 17  /* text that is not valid UTF-8 */
+#define SHMEMEXT_E_INTERRUPTED 18 /* reserved: a lock wait given up (never returned by this table's calls) */
 
 /* Block kinds for open(). */
 #define SHMEMEXT_VALUE 1
