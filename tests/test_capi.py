@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import threading
 import time
 
@@ -130,3 +131,38 @@ def test_the_c_api_waits_without_the_gil(consumer, name):
         t0 = time.monotonic()
         assert consumer.wait_change(name, 0, 10_000) == 1
         assert time.monotonic() - t0 < 5
+
+
+def test_ctrl_c_interrupts_a_set_waiting_for_the_writer_lock(consumer, name):
+    """A set() that waits for a writer lock another process holds (here through
+    the C API) gives way to Ctrl-C promptly, and the value is untouched."""
+    import signal
+
+    with shmemext.Value(name, 64) as v:
+        v.set("before")
+        holder = threading.Thread(target=consumer.lock_for, args=(v, 4.0))
+        holder.start()
+        time.sleep(0.2)
+        script = """
+        import sys, time, shmemext
+        v = shmemext.Value(sys.argv[1])
+        print("ready", flush=True)
+        t0 = time.monotonic()
+        try:
+            v.set("never")
+            print("set returned")
+        except KeyboardInterrupt:
+            print(f"interrupted after {time.monotonic() - t0:.2f}s", flush=True)
+        """
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), name], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
+        holder.join()
+        assert out.startswith("interrupted after"), out
+        assert float(out.split()[-1].rstrip("s")) < 2.0, "well before the lock was let go (4 s)"
+        assert v.get() == "before" and v.version == 1
+        v.set("after")   # the lock is free and whole
+        assert v.get() == "after"

@@ -5,6 +5,9 @@
 #include <Python.h>
 #include <shmemext.h>
 
+#include <errno.h>
+#include <time.h>
+
 #include "work.h"
 
 static PyObject *raise_api_error(const ShmemExt_Error *err)
@@ -130,6 +133,33 @@ static PyObject *close_foreign(PyObject *self, PyObject *obj)
     return Py_BuildValue("(is)", rc, err.message);
 }
 
+/* lock_for(value_object, seconds): holds the block's writer lock that long, without the GIL. */
+static PyObject *lock_for(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *obj;
+    double seconds;
+    if (!PyArg_ParseTuple(args, "Od", &obj, &seconds))
+        return NULL;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->lock(b, -1, NULL, &err);
+    if (rc == SHMEMEXT_OK) {
+        struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+        rc = ShmemExtAPI->unlock(b, &err);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    Py_RETURN_NONE;
+}
+
 /* wait_change(name, seen, timeout_ms) -> new version, or None on timeout; without the GIL. */
 static PyObject *wait_change(PyObject *self, PyObject *args)
 {
@@ -160,6 +190,7 @@ static PyObject *wait_change(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"wait_change", wait_change, METH_VARARGS, NULL},
+    {"lock_for", lock_for, METH_VARARGS, NULL},
     {"default_set", default_set, METH_O, NULL},
     {"named_get", named_get, METH_VARARGS, NULL},
     {"object_set", object_set, METH_VARARGS, NULL},
