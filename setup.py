@@ -5,6 +5,11 @@ extension so that a stale build fails loudly at import.
 
 Environment switches:
   SHMEMEXT_WERROR=1    treat compiler warnings as errors (CI does)
+  SHMEMEXT_SANITIZE=1  build with AddressSanitizer + UndefinedBehaviorSanitizer
+                       (gcc/clang).  Python itself is not instrumented, so run
+                       it with the runtime preloaded, as .ci/run does:
+                       LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+                       ASAN_OPTIONS=detect_leaks=0 python -m pytest
 """
 
 import os
@@ -38,6 +43,11 @@ def extension():
             compile_args.append("-Werror")
         if sys.platform.startswith("linux"):
             libraries += ["rt", "pthread"]
+    link_args = []
+    if os.environ.get("SHMEMEXT_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        compile_args += sanitize + ["-O1", "-g"]
+        link_args += sanitize
     return Extension(
         "shmemext._shmemext",
         sources=sources,
@@ -45,6 +55,7 @@ def extension():
         include_dirs=["ext"],
         define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)],
         extra_compile_args=compile_args,
+        extra_link_args=link_args,
         libraries=libraries,
     )
 

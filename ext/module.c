@@ -471,6 +471,11 @@ static int value_set_impl(BlockObject *self, PyObject *value)
                                               : SHX_TYPE_UCS4;
         data = PyUnicode_DATA(value);
         nbytes = (size_t)PyUnicode_GET_LENGTH(value) * (size_t)kind;
+    } else if (PyBytes_CheckExact(value)) {
+        /* The common case, without the buffer protocol's bookkeeping. */
+        type = SHX_TYPE_BYTES;
+        data = PyBytes_AS_STRING(value);
+        nbytes = (size_t)PyBytes_GET_SIZE(value);
     } else if (PyObject_CheckBuffer(value)) {
         if (PyObject_GetBuffer(value, &view, PyBUF_SIMPLE) < 0) {
             PyErr_Clear();

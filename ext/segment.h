@@ -104,7 +104,9 @@ typedef struct shx_hooks {
     int (*interrupted)(void *ctx);
 } shx_hooks;
 
+#ifndef SHX_WAIT_SLICE_NS
 #define SHX_WAIT_SLICE_NS 50000000
+#endif
 
 /* Destination for shx_value_get: returns where `nbytes` of `type` go, or NULL
  * with an error already recorded by the caller (then get fails).  May be

@@ -401,7 +401,7 @@ def best_peer(timing: dict[str, dict[str, float]], op: str, peers: list[str]) ->
 def print_copy(rows: list[dict[str, Any]], peers: list[str], out: Any) -> None:
     columns = OURS + peers + ["memcpy", "codec"]
     print("\n## copy: median time per call (spread of shmemext: min..max of the rounds)", file=out)
-    head = f"{'payload':<15}{'op':<4}" + "".join(f"{c:>14}" for c in columns) + f"{'vs best peer':>14}{'x empty C':>10}{'spread':>17}"
+    head = f"{'payload':<15}{'op':<4}" + "".join(f"{c:>14}" for c in columns) + f"{'vs best peer':>22}{'x empty C':>10}{'spread':>17}"
     print(head, file=out)
     print("-" * len(head), file=out)
     for row in rows:
@@ -416,7 +416,7 @@ def print_copy(rows: list[dict[str, Any]], peers: list[str], out: Any) -> None:
             ratio = f"{best[1] / ours['ns']:.1f}x {best[0]}" if best else "-"
             spread = f"{fmt_ns(ours['min'])}..{fmt_ns(ours['max'])}"
             print(f"{row['kind'] + ' ' + size_label(row['size']):<15}{op:<4}" + "".join(f"{c:>14}" for c in cells)
-                  + f"{ratio:>14}{ours['ns'] / t['empty C call']['ns']:>9.1f}x{spread:>17}", file=out)
+                  + f"{ratio:>22}{ours['ns'] / t['empty C call']['ns']:>9.1f}x{spread:>17}", file=out)
 
 
 # ---- scaling -----------------------------------------------------------------
