@@ -438,9 +438,8 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
 
 /* ---- the writer lock --------------------------------------------------- */
 
-int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
+static int init_mutex(pthread_mutex_t *mutex)
 {
-    (void)m;
     pthread_mutexattr_t attr;
     int rc = pthread_mutexattr_init(&attr);
     if (rc == 0)
@@ -452,8 +451,47 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
     if (rc == 0)
         rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
     if (rc == 0)
-        rc = pthread_mutex_init((pthread_mutex_t *)area, &attr);
+        rc = pthread_mutex_init(mutex, &attr);
     (void)pthread_mutexattr_destroy(&attr);
+    return rc;
+}
+
+#ifdef __GLIBC__
+/* The mutex lives in memory any process with access can overwrite, and glibc
+ * trusts it: a scribbled type (say, priority-protect) ends in an assertion
+ * inside pthread_mutex_lock.  The type never changes after init, so a lock
+ * whose type differs from the one our attributes give is refused instead. */
+static int expected_kind;
+static pthread_once_t expected_kind_once = PTHREAD_ONCE_INIT;
+
+static void find_expected_kind(void)
+{
+    pthread_mutex_t probe;
+    if (init_mutex(&probe) == 0) {
+        expected_kind = probe.__data.__kind;
+        (void)pthread_mutex_destroy(&probe);
+    } else {
+        expected_kind = -1;
+    }
+}
+
+static int mutex_intact(const pthread_mutex_t *mutex)
+{
+    (void)pthread_once(&expected_kind_once, find_expected_kind);
+    return mutex->__data.__kind == expected_kind;
+}
+#else
+static int mutex_intact(const pthread_mutex_t *mutex)
+{
+    (void)mutex;
+    return 1;
+}
+#endif
+
+int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)m;
+    int rc = init_mutex((pthread_mutex_t *)area);
     if (rc != 0) {
         errno = rc;
         return shx_fail_os(err, "pthread_mutex_init");
@@ -467,6 +505,8 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
     pthread_mutex_t *mutex = (pthread_mutex_t *)area;
     int rc;
     *owner_died = 0;
+    if (!mutex_intact(mutex))
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
     if (timeout_ns == 0) {
         rc = pthread_mutex_trylock(mutex);
         if (rc == EBUSY)
@@ -503,6 +543,8 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
 {
     (void)m;
+    if (!mutex_intact((pthread_mutex_t *)area))
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
     int rc = pthread_mutex_unlock((pthread_mutex_t *)area);
     if (rc != 0) {
         errno = rc;

@@ -5,6 +5,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -384,6 +385,26 @@ static void test_checked_copy(void)
     shx_block_close(&a, 0, &err);
 }
 
+/* The writer lock lives in the shared bytes too; a scribbled lock type would
+ * reach glibc's assertions, so it is refused before glibc sees it. */
+static void test_scribbled_lock(void)
+{
+#ifdef __GLIBC__
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, block_name("scribbled-lock"), SHX_KIND_VALUE, 64, 0, 0600, &err);
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "ok", 2, NULL, &err) == SHX_OK, "set before the scribble");
+    pthread_mutex_t *mutex = (pthread_mutex_t *)a.hdr->lock_area;
+    int saved = mutex->__data.__kind;
+    mutex->__data.__kind = 0x40 | saved;   /* the priority-protect bit */
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "no", 2, NULL, &err) == SHX_E_CORRUPT, "a lock of another type is refused");
+    describe(&err);
+    mutex->__data.__kind = saved;
+    CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "ok", 2, NULL, &err) == SHX_OK, "and works again once restored");
+    shx_block_close(&a, 0, &err);
+#endif
+}
+
 static void test_segment(void)
 {
     shx_block a = {0}, b = {0};
@@ -485,6 +506,7 @@ int main(void)
     test_lock_owner_death();
     test_value_protocol();
     test_checked_copy();
+    test_scribbled_lock();
     test_segment();
     test_foreign_header();
     test_many_attachers();
