@@ -38,6 +38,7 @@ typedef struct {
     PyObject_HEAD
     shx_block block;
     int busy;              /* calls in progress that may run without the GIL */
+    int closing;           /* close() waits for those calls: refuse new ones, end waits */
     Py_ssize_t exports;    /* buffers exported (Segment) */
     /* The lock object through which a thread of this process holds the
      * segment's lock (at most one can: it is a mutex), and that thread. */
@@ -114,16 +115,24 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
 
 typedef struct {
     PyThreadState *saved;
+    BlockObject *block;
 } gil_release;
 
 static void gil_begin(void *ctx) { ((gil_release *)ctx)->saved = PyEval_SaveThread(); }
 static void gil_end(void *ctx) { PyEval_RestoreThread(((gil_release *)ctx)->saved); }
 
-/* Between lock-wait slices, with the GIL held: a pending KeyboardInterrupt
- * (or any exception a signal handler raises) ends the wait. */
-static int signal_pending(void *Py_UNUSED(ctx)) { return PyErr_CheckSignals() < 0; }
+static int block_check_open(BlockObject *self);
 
-#define GIL_HOOKS(release) {gil_begin, gil_end, &(release), LARGE_COPY, signal_pending}
+/* Between lock-wait slices, with the GIL held: a pending KeyboardInterrupt
+ * (or any exception a signal handler raises), or a close() from another
+ * thread, ends the wait. */
+static int wait_interrupted(void *ctx)
+{
+    return PyErr_CheckSignals() < 0 || block_check_open(((gil_release *)ctx)->block) < 0;
+}
+
+#define GIL_HOOKS(release, self) \
+    {gil_begin, gil_end, ((release).block = (self), &(release)), LARGE_COPY, wait_interrupted}
 
 /* ---- argument helpers ---------------------------------------------------- */
 
@@ -258,7 +267,7 @@ static const char *type_label(BlockObject *self) { return self->block.kind == SH
 
 static int block_check_open(BlockObject *self)
 {
-    if (!self->block.attached) {
+    if (!self->block.attached || self->closing) {
         PyErr_Format(PyExc_ValueError, "%s '%s' is closed", type_label(self), self->block.name);
         return -1;
     }
@@ -319,8 +328,17 @@ static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
                      type_label(self), self->block.name);
         return NULL;
     }
-    if (self->busy > 0) {
-        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while another thread is using it",
+    /* Other threads may be copying without the GIL: refuse new calls, let
+     * those finish (waits and lock waits end at their next slice), then detach. */
+    self->closing = 1;
+    while (self->busy > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        shx_os_pause_briefly();
+        Py_END_ALLOW_THREADS
+    }
+    self->closing = 0;
+    if (self->lock_holder != NULL) {   /* taken by a wait that ended just now */
+        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this process holds its lock; release it first",
                      type_label(self), self->block.name);
         return NULL;
     }
@@ -434,7 +452,7 @@ static PyObject *value_get_impl(BlockObject *self)
         return NULL;
     value_dst dst = {NULL};
     gil_release release;
-    shx_hooks hooks = GIL_HOOKS(release);
+    shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
     uint32_t type;
     size_t nbytes;
@@ -493,7 +511,7 @@ static int value_set_impl(BlockObject *self, PyObject *value)
         return -1;
     }
     gil_release release;
-    shx_hooks hooks = GIL_HOOKS(release);
+    shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
     self->busy++;
     int rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
@@ -588,6 +606,8 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
             return PyLong_FromUnsignedLongLong(now);
         if (rc != SHX_E_TIMEOUT)
             return raise_block_error(&err, self->block.name);
+        if (block_check_open(self) < 0)   /* closed by another thread meanwhile */
+            return NULL;
         if (next_slice(timeout, start) == 0) {
             char secs[32];
             snprintf(secs, sizeof secs, "%g", timeout);
@@ -727,7 +747,7 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     if (out == NULL)
         return NULL;
     gil_release release;
-    shx_hooks hooks = GIL_HOOKS(release);
+    shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
     self->busy++;
     int rc = shx_segment_read(&self->block, (uint64_t)offset, PyBytes_AS_STRING(out), (size_t)n, &hooks, &err);
@@ -782,7 +802,7 @@ static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssiz
         return range_error(self, "write", end);
     }
     gil_release release;
-    shx_hooks hooks = GIL_HOOKS(release);
+    shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
     self->busy++;
     int rc = shx_segment_write(&self->block, (uint64_t)offset, view.buf, (size_t)view.len, &hooks, &err);
@@ -828,7 +848,7 @@ static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died
         rc = shx_block_lock(&self->block, wait, owner_died, NULL, &err);
         Py_END_ALLOW_THREADS
         self->busy--;
-        if (rc == SHX_E_TIMEOUT && PyErr_CheckSignals() < 0)
+        if (rc == SHX_E_TIMEOUT && (PyErr_CheckSignals() < 0 || block_check_open(self) < 0))
             return -1;
     }
     if (rc == SHX_E_OS && err.os_error == EDEADLK) {

@@ -116,6 +116,8 @@ void shx_os_wake_word(void *addr);
 
 /* A monotonic clock, for lock-wait deadlines. */
 uint64_t shx_os_monotonic_ns(void);
+/* Sleeps a fraction of a millisecond: for short polls. */
+void shx_os_pause_briefly(void);
 
 uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */

@@ -553,6 +553,12 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     return SHX_OK;
 }
 
+void shx_os_pause_briefly(void)
+{
+    struct timespec ts = {0, 100000};
+    (void)nanosleep(&ts, NULL);
+}
+
 uint64_t shx_os_monotonic_ns(void)
 {
     struct timespec ts;

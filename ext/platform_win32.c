@@ -257,6 +257,8 @@ int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
 
 void shx_os_wake_word(void *addr) { (void)addr; }
 
+void shx_os_pause_briefly(void) { Sleep(1); }
+
 uint64_t shx_os_monotonic_ns(void)
 {
     static LARGE_INTEGER freq;

@@ -1,0 +1,347 @@
+"""Hardening: properties over arbitrary values, other users, threads,
+subinterpreters, leaks, and Ctrl-C in the middle of a long set()."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shmemext
+from conftest import SHM_DIR, python
+
+NOBODY = 65534
+
+# Every code point, lone surrogates included: a str may hold them.
+any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=1024)
+
+
+def test_any_str_or_bytes_up_to_the_capacity_round_trips(name):
+    with shmemext.Value(name, 4096) as v:
+
+        @settings(max_examples=500, deadline=None)
+        @given(st.one_of(any_text, st.binary(max_size=4096)))
+        def round_trip(value):
+            v.set(value)
+            got = v.get()
+            assert type(got) is type(value) and got == value
+            if isinstance(got, str):
+                # Same width as CPython would pick (the narrowest).
+                assert sys.getsizeof(got) == sys.getsizeof(value)
+
+        round_trip()
+
+
+def test_anything_over_the_capacity_is_refused_and_the_old_value_stays(name):
+    with shmemext.Value(name, 256) as v:
+        v.set("kept")
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.one_of(st.binary(min_size=257, max_size=2048),
+                         st.text(alphabet=st.characters(blacklist_categories=()), min_size=257, max_size=600)))
+        def too_big(value):
+            with pytest.raises(ValueError, match=r"does not fit the capacity of 256 bytes"):
+                v.set(value)
+            assert v.get() == "kept"
+
+        too_big()
+
+
+# ---- other users ------------------------------------------------------------------
+
+# Python and shmemext are imported as root (their files may sit in a directory
+# only root can read), then the child drops to nobody for good.
+AS_NOBODY = """
+import errno, importlib.util, json, os, sys
+import shmemext
+extension = importlib.util.find_spec("shmemext._shmemext")
+os.setgroups([]); os.setgid(%d); os.setuid(%d)
+private, shared = sys.argv[1], sys.argv[2]
+out = {}
+def attempt(label, fn):
+    try:
+        fn()
+        out[label] = "allowed"
+    except PermissionError as exc:
+        out[label] = "refused: " + str(exc)
+attempt("open private", lambda: shmemext.Value(private))
+attempt("open private as a segment", lambda: shmemext.Segment(private, 64))
+attempt("read the private object", lambda: open("/dev/shm/" + private, "rb").read())
+attempt("unlink private", lambda: shmemext.unlink(private))
+attempt("open shared without a mode", lambda: shmemext.Value(shared))
+def use_shared():
+    v = shmemext.Value(shared, mode=0o666)
+    out["shared value"] = v.get()
+    v.set("written by nobody")
+    v.close()
+attempt("open shared", use_shared)
+# This user's own default block: module init again, now as nobody.
+os.environ.pop("SHMEMEXT_NAME", None)
+os.environ.pop("SHMEMEXT_SIZE", None)
+module = importlib.util.module_from_spec(extension)
+extension.loader.exec_module(module)
+out["default name"] = module.default.name
+st = os.stat("/dev/shm/" + module.default.name)
+out["default owner"] = [st.st_uid, oct(st.st_mode & 0o777)]
+module.default.close()
+print(json.dumps(out))
+""" % (NOBODY, NOBODY)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="dropping to another user needs root (CI runs as root)")
+def test_another_user_cannot_open_read_or_unlink_a_private_block(name):
+    import json
+
+    shared_name = name + "-shared"
+    private = shmemext.Value(name, 64)
+    shared = shmemext.Value(shared_name, 64, mode=0o666)
+    try:
+        private.set("secret")
+        shared.set("for everyone")
+        proc = python(AS_NOBODY, name, shared_name, env={"SHMEMEXT_SIZE": "0"}, cwd="/")
+        out = json.loads(proc.stdout)
+        for what in ("open private", "open private as a segment", "read the private object", "unlink private"):
+            assert out[what].startswith("refused"), (what, out[what])
+        assert name in out["open private"], "the message names the block"
+        # Joining another user's block takes an explicit mode too: the default
+        # (0o600) says "mine only", so a block of someone else is refused.
+        assert out["open shared without a mode"].startswith("refused") and "explicit mode" in out["open shared without a mode"]
+        assert out["open shared"] == "allowed" and out["shared value"] == "for everyone"
+        assert shared.get() == "written by nobody"
+        assert private.get() == "secret" and os.path.exists(os.path.join(SHM_DIR, name))
+        # Two users, two default blocks, each private to its user.
+        root_default = python("import shmemext; print(shmemext.default.name)", env={"SHMEMEXT_NAME": ""}).stdout
+        assert out["default name"] == f"shmemext-{NOBODY}" != root_default.strip() == "shmemext-0"
+        assert out["default owner"] == [NOBODY, "0o600"]
+    finally:
+        private.close()
+        shared.close()
+
+
+# ---- threads ----------------------------------------------------------------------
+
+
+def test_threads_setting_and_getting_large_values_never_see_a_torn_one(name):
+    # Large enough that every copy runs with the GIL released.
+    values = [bytes([i]) * (200 << 10) for i in range(3)] + ["\u20ac" * (100 << 10), "\U0001f600" * (50 << 10)]
+    valid = set(values)
+    errors = []
+    with shmemext.Value(name, 1 << 20) as v:
+
+        def worker(k):
+            try:
+                for i in range(150):
+                    v.set(values[(k + i) % len(values)])
+                    if v.get() not in valid:
+                        errors.append("torn")
+            except Exception as exc:   # noqa: BLE001 - any exception is a failure here
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert v.version == 8 * 150
+    assert errors == []
+
+
+def test_close_racing_get_and_set_is_an_error_never_a_crash(name):
+    unexpected = []
+    for _ in range(10):
+        v = shmemext.Value(name, 1 << 20)
+        v.set(b"x" * (1 << 20))
+        stop = threading.Event()
+
+        def user():
+            while not stop.is_set():
+                try:
+                    v.get()
+                    v.set(b"y" * (1 << 20))
+                except ValueError as exc:
+                    assert "closed" in str(exc)
+                    return
+                except Exception as exc:   # noqa: BLE001
+                    unexpected.append(repr(exc))
+                    return
+
+        threads = [threading.Thread(target=user) for _ in range(4)]
+        for t in threads:
+            t.start()
+        closed = False
+        deadline = time.monotonic() + 10
+        while not closed and time.monotonic() < deadline:
+            try:
+                v.close()
+                closed = True
+            except RuntimeError as exc:
+                assert "while another thread is using it" in str(exc)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert closed
+        del v
+        gc.collect()
+    assert unexpected == []
+
+
+# ---- subinterpreters ----------------------------------------------------------------
+
+SUBINTERPRETERS = """
+import os, sys, threading
+try:
+    import _interpreters as interpreters            # 3.13
+except ImportError:
+    import _xxsubinterpreters as interpreters       # 3.12
+import shmemext
+name = sys.argv[1]
+sub_code = '''
+import shmemext
+v = shmemext.Value(%r, 64)
+v.set("from a subinterpreter")
+shmemext.set("default from a subinterpreter")
+'''
+sub = interpreters.create()   # an isolated interpreter, with its own GIL
+interpreters.run_string(sub, sub_code % name)
+assert shmemext.get() == "default from a subinterpreter", "one default block, shared"
+with shmemext.Value(name) as v:
+    assert v.get() == "from a subinterpreter"
+assert os.path.exists("/dev/shm/" + name), "the subinterpreter still holds it"
+interpreters.destroy(sub)
+assert not os.path.exists("/dev/shm/" + name), "released when the interpreter ended"
+
+# Two interpreters with their own GIL, at once, on one block.
+counter = '''
+import shmemext
+v = shmemext.Value(%r, 64)
+for i in range(2000):
+    v.set(str(i))
+    assert v.get().isdigit()
+v.close()
+'''
+subs = [interpreters.create() for _ in range(2)]
+with shmemext.Value(name + "-2", 64) as total:
+    threads = [threading.Thread(target=interpreters.run_string, args=(s, counter % (name + "-2"))) for s in subs]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert total.version == 4000, total.version
+for s in subs:
+    interpreters.destroy(s)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="subinterpreters with their own GIL need Python 3.12+")
+def test_subinterpreters_import_use_and_release_their_blocks(name):
+    assert python(SUBINTERPRETERS, name, timeout=120).stdout == "ok\n"
+
+
+# ---- leaks ---------------------------------------------------------------------------
+
+
+def _rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _maps_mentioning(text):
+    with open("/proc/self/maps") as f:
+        return sum(text in line for line in f)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_every_operation_and_error_path_leaks_nothing(name):
+    v = shmemext.Value(name, 1 << 16)
+    seg = shmemext.Segment(name + "-seg", 1 << 16)
+    big = "\u20ac" * (1 << 14)
+
+    def expect(exc, fn, *args):
+        try:
+            fn(*args)
+        except exc:
+            pass
+        else:
+            raise AssertionError(f"{fn} did not raise {exc}")
+
+    def once():
+        v.set("text"); v.get(); v.set(b"bytes"); v.get(); v.set(big); v.get()
+        v.set(memoryview(b"view")); v.version; v.wait(0, 0)
+        shmemext.set("default"); shmemext.get()
+        seg.write(b"abc", 10); seg.read(3, 10); memoryview(seg).release()
+        with seg.lock():
+            pass
+        with shmemext.Value(name + "-tmp", 64) as tmp:
+            tmp.set("x")
+        with shmemext.Segment(name + "-tmp-seg", 64) as tmp_seg:
+            tmp_seg.write(b"y")
+        expect(ValueError, v.set, b"x" * ((1 << 16) + 1))
+        expect(TypeError, v.set, 3.5)
+        expect(ValueError, shmemext.Value, "bad/name")
+        expect(ValueError, seg.read, 10, 1 << 16)
+        expect(TimeoutError, v.wait, v.version, 0)
+        closed = shmemext.Value(name + "-closed", 64)
+        closed.close()
+        expect(ValueError, closed.get)
+
+    def snapshot():
+        gc.collect()
+        return (sys.getallocatedblocks(), _rss_kib(), len(os.listdir("/proc/self/fd")), _maps_mentioning(name))
+
+    for _ in range(300):
+        once()
+    before = snapshot()
+    for _ in range(3000):
+        once()
+    after = snapshot()
+    v.close()
+    seg.close()
+    assert after[0] - before[0] < 50, f"Python objects grew from {before[0]} to {after[0]}"
+    assert after[1] - before[1] < 2048, f"RSS grew from {before[1]} KiB to {after[1]} KiB"
+    assert after[2] == before[2], "file descriptors leaked"
+    assert after[3] == before[3] == 2, "mappings leaked"
+    gc.collect()
+    assert _maps_mentioning(name) == 0, "close() unmapped everything"
+
+
+# ---- Ctrl-C during a long set ---------------------------------------------------------
+
+INTERRUPTED_WRITER = """
+import sys, shmemext
+a, b = "a" * (64 << 20), "b" * (64 << 20)
+v = shmemext.Value(sys.argv[1], 64 << 20)
+print("writing", flush=True)
+try:
+    while True:
+        v.set(a)
+        v.set(b)
+except KeyboardInterrupt:
+    got = v.get()
+    print("consistent" if got in (a, b) else "TORN", flush=True)
+    v.set("after")
+    print(v.get(), flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a process")
+def test_ctrl_c_during_long_sets_leaves_a_whole_value(name):
+    # A reader in this process keeps the block alive and checks it too.
+    with shmemext.Value(name, 64 << 20) as reader:
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(INTERRUPTED_WRITER), name],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "writing\n"
+        for delay in (0.3, 0.05):
+            time.sleep(delay)
+            got = reader.get()
+            assert got == "" or got in ("a" * (64 << 20), "b" * (64 << 20))
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=60)
+        assert out == "consistent\nafter\n"
+        assert reader.get() == "after"
