@@ -6,7 +6,7 @@ import signal
 import time
 
 import shmemext
-from conftest import spawn
+from conftest import TEST_PREFIX, spawn
 
 _spec = importlib.util.spec_from_file_location(
     "torn_reads", os.path.join(os.path.dirname(__file__), "stress", "torn_reads.py")
@@ -85,3 +85,20 @@ def _slot_seq(block, index):
     with open(f"/dev/shm/{block}", "rb") as f:
         f.seek(256 + 64 * index)
         return int.from_bytes(f.read(8), "little")
+
+
+def test_soak_with_random_kills_reads_nothing_torn_and_leaves_nothing():
+    """A short run of tests/stress/soak.py: writers and readers SIGKILLed at
+    random and replaced; no bad read, and no block left once all are gone."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stress", "soak.py")
+    proc = subprocess.run([sys.executable, script, "--minutes", "0.15", "--kill-every", "0.3",
+                           "--name", f"{TEST_PREFIX}-soak"], capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, (report, proc.stderr)
+    assert report["bad"] == 0 and not report["block_left_in_dev_shm"]
+    assert report["killed"]["writer"] + report["killed"]["reader"] >= 5
+    assert report["sets"] > 0 and report["reads"] > 0
