@@ -55,6 +55,7 @@ typedef struct shx_os_map {
 #ifdef _WIN32
     void *mapping;      /* file-mapping HANDLE */
     void *mutex;        /* writer-lock mutex HANDLE */
+    void *wake;         /* wake-up semaphore HANDLE: set() releases one token per waiter */
     unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
@@ -106,13 +107,14 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died,
 /* Fails (SHX_E_OS, EPERM) when the calling thread does not hold the lock. */
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
 
-/* Sleeps while the shared 32-bit word at addr still holds `expected`, at most
- * timeout_ns (>= 0), until shx_os_wake on the same word from any process.
- * Returns SHX_OK (woken, changed, or interrupted by a signal: callers
- * re-check) or SHX_E_TIMEOUT.  Waking must need no system call when nobody
- * waits; callers count their waiters to decide whether to call wake. */
-int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns);
-void shx_os_wake_word(void *addr);
+/* Sleeps while the shared 32-bit word at addr (inside m) still holds
+ * `expected`, at most timeout_ns (>= 0), until shx_os_wake_word on the same
+ * word from any process.  Returns SHX_OK (woken, changed, interrupted by a
+ * signal, or woken spuriously: callers re-check) or SHX_E_TIMEOUT.  Waking
+ * must need no system call when nobody waits: callers count their waiters and
+ * pass that count to wake, which is called only when it is not zero. */
+int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns);
+void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
 
 /* A monotonic clock, for lock-wait deadlines. */
 uint64_t shx_os_monotonic_ns(void);

@@ -571,8 +571,9 @@ uint64_t shx_os_monotonic_ns(void)
 #ifdef __linux__
 /* A futex on the word inside the shared mapping: FUTEX_WAIT/FUTEX_WAKE without
  * FUTEX_PRIVATE_FLAG, so the kernel keys it by the page, not the process. */
-int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
 {
+    (void)m;
     struct timespec ts;
     ts.tv_sec = (time_t)(timeout_ns / 1000000000);
     ts.tv_nsec = (long)(timeout_ns % 1000000000);
@@ -582,14 +583,17 @@ int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
     return SHX_OK;   /* woken, EAGAIN (already changed) or EINTR: the caller looks again */
 }
 
-void shx_os_wake_word(void *addr)
+void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 {
+    (void)m;
+    (void)waiters;
     (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 #else
 /* No cross-process futex here: poll the word every millisecond. */
-int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
 {
+    (void)m;
     const int64_t step = 1000000;
     for (int64_t slept = 0; slept < timeout_ns; slept += step) {
         if (__atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected)
@@ -600,5 +604,10 @@ int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
     return __atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected ? SHX_OK : SHX_E_TIMEOUT;
 }
 
-void shx_os_wake_word(void *addr) { (void)addr; }
+void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+{
+    (void)m;
+    (void)addr;
+    (void)waiters;
+}
 #endif

@@ -7,6 +7,7 @@
  * its creator has not finished.
  */
 #define WIN32_LEAN_AND_MEAN
+#include <limits.h>
 #include <windows.h>
 #include <sddl.h>
 
@@ -107,9 +108,12 @@ static void close_all(shx_os_map *m)
         CloseHandle((HANDLE)m->mapping);
     if (m->mutex != NULL)
         CloseHandle((HANDLE)m->mutex);
+    if (m->wake != NULL)
+        CloseHandle((HANDLE)m->wake);
     m->base = NULL;
     m->mapping = NULL;
     m->mutex = NULL;
+    m->wake = NULL;
     m->size = 0;
 }
 
@@ -124,9 +128,10 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
         return shx_fail(err, SHX_E_NAME, n, sizeof m->os_name - 1, "name too long");
     memcpy(m->os_name, name, n + 1);
 
-    wchar_t map_name[300], lock_name[300];
+    wchar_t map_name[300], lock_name[300], wake_name[300];
     object_name(map_name, 300, name, "");
     object_name(lock_name, 300, name, ".lock");
+    object_name(wake_name, 300, name, ".wake");
     SECURITY_ATTRIBUTES sa_storage;
     int rc;
     SECURITY_ATTRIBUTES *sa = private_security(&sa_storage, mode, err, &rc);
@@ -136,6 +141,11 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     m->mutex = CreateMutexW(sa, FALSE, lock_name);
     if (m->mutex == NULL) {
         rc = shx_fail_os(err, "CreateMutexW");
+        goto done;
+    }
+    m->wake = CreateSemaphoreW(sa, 0, LONG_MAX, wake_name);
+    if (m->wake == NULL) {
+        rc = shx_fail_os(err, "CreateSemaphoreW");
         goto done;
     }
     DWORD w = WaitForSingleObject((HANDLE)m->mutex, INFINITE);
@@ -241,21 +251,29 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     return SHX_OK;
 }
 
-/* ---- change notification: polled, until a named-event wake-up exists --- */
+/* ---- change notification: a named semaphore beside the mapping ---------- */
 
-int shx_os_wait_word(void *addr, uint32_t expected, int64_t timeout_ns)
+/* Windows has no cross-process futex (WaitOnAddress is per process).  A
+ * waiter sleeps on the block's semaphore; set() releases one token per
+ * registered waiter.  A waiter that timed out leaves its token behind, which
+ * only makes a later waiter wake once for nothing and look again. */
+int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
 {
-    const int64_t step = 1000000;
     volatile uint32_t *word = (volatile uint32_t *)addr;
-    for (int64_t slept = 0; slept < timeout_ns; slept += step) {
-        if (*word != expected)
-            return SHX_OK;
-        Sleep(1);
-    }
-    return *word != expected ? SHX_OK : SHX_E_TIMEOUT;
+    if (*word != expected)
+        return SHX_OK;
+    DWORD ms = (DWORD)((timeout_ns + 999999) / 1000000);
+    DWORD w = WaitForSingleObject((HANDLE)m->wake, ms);
+    if (w == WAIT_TIMEOUT)
+        return *word != expected ? SHX_OK : SHX_E_TIMEOUT;
+    return SHX_OK;
 }
 
-void shx_os_wake_word(void *addr) { (void)addr; }
+void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+{
+    (void)addr;
+    (void)ReleaseSemaphore((HANDLE)m->wake, waiters > (uint32_t)LONG_MAX ? LONG_MAX : (LONG)waiters, NULL);
+}
 
 void shx_os_pause_briefly(void) { Sleep(1); }
 

@@ -475,12 +475,12 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
      * shx_value_wait): either we see a waiter and wake it, or it sees the
      * new wake_seq and does not sleep.  No system call when nobody waits. */
     atomic_fetch_add_explicit(&h->wake_seq, 1, memory_order_seq_cst);
-    int wake = atomic_load_explicit(&h->waiters, memory_order_seq_cst) != 0;
+    uint32_t waiters = atomic_load_explicit(&h->waiters, memory_order_seq_cst);
     rc = shx_block_unlock(b, err);
     /* After unlocking: a woken process that answers with a set() at once
      * must not find the lock still held and sleep a second time. */
-    if (wake)
-        shx_os_wake_word(&h->wake_seq);
+    if (waiters != 0)
+        shx_os_wake_word(&b->map, &h->wake_seq, waiters);
     return rc;
 }
 
@@ -590,7 +590,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
             return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
         atomic_fetch_add_explicit(&h->waiters, 1, memory_order_seq_cst);
         if (atomic_load_explicit(&h->wake_seq, memory_order_seq_cst) == word)
-            (void)shx_os_wait_word(&h->wake_seq, word, left);
+            (void)shx_os_wait_word(&b->map, &h->wake_seq, word, left);
         atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_seq_cst);
     }
 }

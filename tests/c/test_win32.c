@@ -95,6 +95,14 @@ static int child(const char *role, const char *name)
         shx_block_close(&b, 0, &err);
         return 0;
     }
+    if (strcmp(role, "wait") == 0) {
+        /* Sleeps on the block's semaphore until the parent's set(). */
+        uint64_t seen = shx_value_version(&b), now = 0;
+        SetEvent(event(name, "waiting"));
+        int rc = shx_value_wait(&b, seen, (int64_t)20000000000, &now, &err);
+        shx_block_close(&b, 0, &err);
+        return rc == SHX_OK && now == seen + 1 ? 0 : 5;
+    }
     if (strcmp(role, "lockdie") == 0) {
         int died;
         shx_block_lock(&b, -1, &died, NULL, &err);
@@ -220,19 +228,47 @@ static void test_value_protocol(const char *name)
     CHECK(shx_unlink(name, &err) == SHX_E_OS, "unlink is refused: a Windows block lives while a handle is open");
 }
 
+static void test_wake_up(const char *name)
+{
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err);
+    char sem_name[300];
+    snprintf(sem_name, sizeof sem_name, "Local\\%s.wake", name);
+    HANDLE sem = OpenSemaphoreA(SYNCHRONIZE, FALSE, sem_name);
+    CHECK(sem != NULL, "each block has its wake-up semaphore");
+    if (sem != NULL)
+        CloseHandle(sem);
+    HANDLE waiting = event(name, "waiting");
+    HANDLE proc = start_child("wait", name);
+    WaitForSingleObject(waiting, 30000);
+    Sleep(300);   /* let it go to sleep on the semaphore */
+    CHECK(atomic_load(&a.hdr->waiters) == 1, "the other process is registered as a waiter");
+    ULONGLONG t0 = GetTickCount64();
+    set_text(&a, "wake up");
+    DWORD code = wait_exit(proc);
+    ULONGLONG took = GetTickCount64() - t0;
+    CHECK(code == 0, "set() in one process wakes a wait() in another, which sees the new version (%lu)",
+          (unsigned long)code);
+    CHECK(took < 5000, "promptly (%llu ms)", (unsigned long long)took);
+    CHECK(atomic_load(&a.hdr->waiters) == 0, "and it unregistered");
+    shx_block_close(&a, 0, &err);
+}
+
 int main(int argc, char **argv)
 {
     GetModuleFileNameA(NULL, self_path, sizeof self_path);
     if (argc == 4 && strcmp(argv[1], "child") == 0)
         return child(argv[2], argv[3]);
-    char names[5][64];
-    for (int i = 0; i < 5; i++)
+    char names[6][64];
+    for (int i = 0; i < 6; i++)
         snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
     test_create_open(names[0]);
     test_two_processes(names[1]);
     test_lifetime_follows_handles(names[2]);
     test_lock_owner_death(names[3]);
     test_value_protocol(names[4]);
+    test_wake_up(names[5]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
