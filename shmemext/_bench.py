@@ -646,6 +646,29 @@ def rt_socketpair(role: str, sock: Any, rounds: int, conn: Any) -> list[int]:
     return times
 
 
+def rt_semaphores(role: str, names: tuple[str, str], rounds: int, conn: Any) -> list[int]:
+    """A posix_ipc.Semaphore pair: no payload, only the wake-ups."""
+    import posix_ipc
+
+    ping, pong = (posix_ipc.Semaphore(n) for n in names)
+    times = []
+    if role == "a":
+        conn.recv()
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            ping.release()
+            pong.acquire()
+            times.append(time.perf_counter_ns() - t0)
+    else:
+        conn.send(True)
+        for _ in range(rounds):
+            ping.acquire()
+            pong.release()
+    ping.close()
+    pong.close()
+    return times
+
+
 def rt_partner(fn: Callable[..., list[int]], args: Any, rounds: int, conn: Any) -> None:
     fn("b", args, rounds, conn)
 
@@ -667,6 +690,14 @@ def run_roundtrip(method: str, rounds: int) -> list[int]:
             cleanup += [b.close, b.unlink]
         fn, args_a = rt_shared_memory_poll, (blocks[0].name, blocks[1].name)
         args_b = args_a
+    elif method == "posix_ipc.Semaphore pair":
+        import posix_ipc
+
+        names = (f"/{tag}-ping", f"/{tag}-pong")
+        sems = [posix_ipc.Semaphore(n, posix_ipc.O_CREX) for n in names]
+        for sem in sems:
+            cleanup += [sem.unlink, sem.close]
+        fn, args_a, args_b = rt_semaphores, names, names
     elif method == "socketpair":
         a, b = socket.socketpair()
         cleanup += [a.close, b.close]
@@ -684,16 +715,48 @@ def run_roundtrip(method: str, rounds: int) -> list[int]:
             step()
 
 
-ROUNDTRIP_METHODS = ["shmemext poll", "shmemext wait", "shared_memory poll", "multiprocessing.Pipe", "socketpair"]
+ROUNDTRIP_METHODS = ["shmemext poll", "shmemext wait", "shared_memory poll", "multiprocessing.Pipe", "socketpair",
+                     "posix_ipc.Semaphore pair"]
+
+
+def wake_partner(name: str, rounds: int, ready: Any) -> None:
+    v = shmemext.Value(name, 128)
+    ready.set()
+    for _ in range(rounds):
+        time.sleep(0.0005)
+        v.set(time.perf_counter_ns().to_bytes(8, "little"))   # CLOCK_MONOTONIC: one clock for all processes
+    v.close()
+
+
+def measure_wake_latency(rounds: int) -> dict[str, float]:
+    """One way: set() in one process until wait() returns in another."""
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    name = f"shmemext-bench-{os.getpid()}-wake"
+    v = shmemext.Value(name, 128)
+    ready = ctx.Event()
+    child = ctx.Process(target=wake_partner, args=(name, rounds, ready))
+    seen = v.version
+    child.start()
+    ready.wait()
+    lat = []
+    while seen < rounds:   # two quick sets may wake a waiter once: count versions, not wake-ups
+        seen = v.wait(seen, timeout=30)
+        now = time.perf_counter_ns()
+        lat.append(now - int.from_bytes(v.get(), "little"))   # type: ignore[arg-type]
+    child.join(60)
+    v.close()
+    lat.sort()
+    return {"median_us": statistics.median(lat) / 1e3, "p10_us": lat[len(lat) // 10] / 1e3,
+            "p90_us": lat[len(lat) * 9 // 10] / 1e3, "samples": len(lat)}
 
 
 def measure_roundtrip(rounds: int, progress: Any) -> dict[str, dict[str, float]]:
     result = {}
+    methods = list(ROUNDTRIP_METHODS)
     if not sys.platform.startswith("linux"):
-        # spawn cannot send a socket or a bound function; the rest still runs.
-        methods = [m for m in ROUNDTRIP_METHODS if m != "socketpair"]
-    else:
-        methods = ROUNDTRIP_METHODS
+        methods.remove("socketpair")   # spawn cannot send a socket
+    if optional_module("posix_ipc") is None:
+        methods.remove("posix_ipc.Semaphore pair")
     for i, method in enumerate(methods):
         progress.step(f"round trip: {method}", i, len(methods))
         times = sorted(run_roundtrip(method, rounds)[rounds // 10 :])   # the first tenth warms up
@@ -705,16 +768,20 @@ def measure_roundtrip(rounds: int, progress: Any) -> dict[str, dict[str, float]]
     return result
 
 
-def print_roundtrip(result: dict[str, dict[str, float]], out: Any) -> None:
+def print_roundtrip(result: dict[str, dict[str, float]], wake: dict[str, float] | None, out: Any) -> None:
     print("\n## round trip: a 64-byte value from one process to another and back", file=out)
+    print("   (poll: spin on the version; wait: Value.wait, asleep in the kernel until set() wakes it)", file=out)
     peers = [m for m in result if not m.startswith("shmemext")]
     best = min(result[m]["median_us"] for m in peers)
-    head = f"{'method':<22}{'median':>10}{'p10':>10}{'p90':>10}{'vs best peer':>14}"
+    head = f"{'method':<26}{'median':>10}{'p10':>10}{'p90':>10}{'vs best peer':>14}"
     print(head, file=out)
     print("-" * len(head), file=out)
     for m, r in result.items():
-        print(f"{m:<22}{r['median_us']:>8.1f}us{r['p10_us']:>8.1f}us{r['p90_us']:>8.1f}us{best / r['median_us']:>13.1f}x",
+        print(f"{m:<26}{r['median_us']:>8.1f}us{r['p10_us']:>8.1f}us{r['p90_us']:>8.1f}us{best / r['median_us']:>13.1f}x",
               file=out)
+    if wake is not None:
+        print(f"one-way wake-up, set() in one process until wait() returns in another: median {wake['median_us']:.1f}us "
+              f"(p10 {wake['p10_us']:.1f}us, p90 {wake['p90_us']:.1f}us)", file=out)
 
 
 # ---- lock ------------------------------------------------------------------------
@@ -905,6 +972,7 @@ def measure_and_report(argv: list[str] | None = None, quick_default: bool = Fals
         results["scaling"] = measure_scaling(reader_counts, scale_s, _Scaled(progress, scale_w, total, copy_w))
     if "roundtrip" in sections:
         results["roundtrip"] = measure_roundtrip(rt_rounds, _Scaled(progress, rt_w, total, copy_w + scale_w))
+        results["wake"] = measure_wake_latency(rt_rounds // 4)
     if "lock" in sections:
         results["lock"] = measure_lock(rounds, sample_s)
 
@@ -918,11 +986,15 @@ def measure_and_report(argv: list[str] | None = None, quick_default: bool = Fals
     if "scaling" in results:
         print_scaling(results["scaling"], out)
     if "roundtrip" in results:
-        print_roundtrip(results["roundtrip"], out)
+        print_roundtrip(results["roundtrip"], results.get("wake"), out)
     if "lock" in results:
         print_lock(results["lock"], out)
-    if "copy" in results:
-        lines = targets(results["copy"], peers)
+    if "copy" in results or "roundtrip" in results:
+        lines = targets(results.get("copy", []), peers)
+        rt = results.get("roundtrip", {})
+        if "shmemext wait" in rt and "multiprocessing.Pipe" in rt:
+            ratio = rt["multiprocessing.Pipe"]["median_us"] / rt["shmemext wait"]["median_us"]
+            lines.append((ratio >= 5, f"round trip through wait() at least 5x lower than multiprocessing.Pipe: {ratio:.1f}x"))
         results["targets"] = [{"pass": ok, "what": what} for ok, what in lines]
         print("\n## targets (medians of this run)", file=out)
         for ok, what in lines:
