@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import mmap
 import multiprocessing
@@ -136,7 +137,7 @@ def interleaved(methods: dict[str, Callable[[], object]], rounds: int, sample_s:
 
 def optional_module(name: str) -> Any:
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError:
         return None
 
@@ -172,7 +173,7 @@ class SharedMemoryPeer:
 
     def __init__(self, capacity: int) -> None:
         self.shm = shared_memory.SharedMemory(create=True, size=capacity + 8)
-        self.buf = self.shm.buf
+        self.buf: memoryview = self.shm.buf  # type: ignore[assignment]  # None only after close()
 
     def ops(self, value: str | bytes) -> tuple[Callable[[], None], Callable[[], object]]:
         buf = self.buf
@@ -211,7 +212,7 @@ class PosixIpcPeer(MmapPeer):
     name = "posix_ipc"
 
     def __init__(self, capacity: int) -> None:
-        import posix_ipc
+        posix_ipc = importlib.import_module("posix_ipc")
 
         self.shm = posix_ipc.SharedMemory(f"/shmemext-bench-{os.getpid()}", posix_ipc.O_CREX, size=capacity + 8)
         self.map = mmap.mmap(self.shm.fd, capacity + 8)
@@ -226,7 +227,7 @@ class SysvIpcPeer:
     name = "sysv_ipc"
 
     def __init__(self, capacity: int) -> None:
-        import sysv_ipc
+        sysv_ipc = importlib.import_module("sysv_ipc")
 
         self.shm = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, size=capacity + 8)
 
@@ -254,7 +255,7 @@ class RedisServer:
     """A throwaway redis-server on loopback, started and stopped here."""
 
     def __init__(self) -> None:
-        import redis
+        redis = importlib.import_module("redis")
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -354,7 +355,7 @@ def measure_copy(sizes: list[int], kinds: list[str], peers: list[str], rounds: i
                 "get Value": value_cell.get,
             }
             if kind == "bytes":
-                methods["set Segment"] = functools.partial(segment.write, value)
+                methods["set Segment"] = functools.partial(segment.write, raw)
                 methods["get Segment"] = functools.partial(segment.read, size)
             for name in peers:
                 set_op, get_op = opened[name].ops(value)
@@ -459,7 +460,7 @@ def scaling_reader(name: str, seconds: float, start: Any, counts: Any) -> None:
 
 
 def measure_scaling(reader_counts: list[int], seconds: float, progress: Any) -> list[dict[str, Any]]:
-    ctx = multiprocessing.get_context("spawn")
+    ctx: Any = multiprocessing.get_context("spawn")
     name = f"shmemext-bench-{os.getpid()}-scaling"
     holder = shmemext.Value(name, 4096)
     holder.set(payload("ascii", 256))
@@ -571,7 +572,8 @@ def rt_shmemext_wait(role: str, names: tuple[str, str], rounds: int, conn: Any) 
 def rt_shared_memory_poll(role: str, names: tuple[str, str], rounds: int, conn: Any) -> list[int]:
     """A counter and a length in front of the payload, per direction; polled."""
     blocks = [shared_memory.SharedMemory(n) for n in (names if role == "a" else names[::-1])]
-    mine, theirs = blocks[0].buf, blocks[1].buf
+    mine: memoryview = blocks[0].buf  # type: ignore[assignment]  # None only after close()
+    theirs: memoryview = blocks[1].buf  # type: ignore[assignment]
     unpack, pack = HEADER.unpack_from, struct.Struct("<QQ").pack_into
     seen, sent = unpack(theirs, 0)[0], unpack(mine, 0)[0]
     times = []
@@ -648,7 +650,7 @@ def rt_socketpair(role: str, sock: Any, rounds: int, conn: Any) -> list[int]:
 
 def rt_semaphores(role: str, names: tuple[str, str], rounds: int, conn: Any) -> list[int]:
     """A posix_ipc.Semaphore pair: no payload, only the wake-ups."""
-    import posix_ipc
+    posix_ipc = importlib.import_module("posix_ipc")
 
     ping, pong = (posix_ipc.Semaphore(n) for n in names)
     times = []
@@ -674,7 +676,7 @@ def rt_partner(fn: Callable[..., list[int]], args: Any, rounds: int, conn: Any) 
 
 
 def run_roundtrip(method: str, rounds: int) -> list[int]:
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    ctx: Any = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     tag = f"shmemext-bench-{os.getpid()}-rt"
     cleanup: list[Callable[[], None]] = []
     if method in ("shmemext poll", "shmemext wait"):
@@ -691,7 +693,7 @@ def run_roundtrip(method: str, rounds: int) -> list[int]:
         fn, args_a = rt_shared_memory_poll, (blocks[0].name, blocks[1].name)
         args_b = args_a
     elif method == "posix_ipc.Semaphore pair":
-        import posix_ipc
+        posix_ipc = importlib.import_module("posix_ipc")
 
         names = (f"/{tag}-ping", f"/{tag}-pong")
         sems = [posix_ipc.Semaphore(n, posix_ipc.O_CREX) for n in names]
@@ -699,9 +701,9 @@ def run_roundtrip(method: str, rounds: int) -> list[int]:
             cleanup += [sem.unlink, sem.close]
         fn, args_a, args_b = rt_semaphores, names, names
     elif method == "socketpair":
-        a, b = socket.socketpair()
-        cleanup += [a.close, b.close]
-        fn, args_a, args_b = rt_socketpair, a, b
+        end_a, end_b = socket.socketpair()
+        cleanup += [end_a.close, end_b.close]
+        fn, args_a, args_b = rt_socketpair, end_a, end_b
     else:
         fn, args_a, args_b = rt_pipe, None, None
     mine, theirs = ctx.Pipe()
@@ -730,7 +732,7 @@ def wake_partner(name: str, rounds: int, ready: Any) -> None:
 
 def measure_wake_latency(rounds: int) -> dict[str, float]:
     """One way: set() in one process until wait() returns in another."""
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    ctx: Any = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     name = f"shmemext-bench-{os.getpid()}-wake"
     v = shmemext.Value(name, 128)
     ready = ctx.Event()
@@ -891,11 +893,11 @@ def machine() -> dict[str, Any]:
 
 def plot(copy_rows: list[dict[str, Any]], peers: list[str], path: str) -> None:
     try:
-        import matplotlib
+        matplotlib = importlib.import_module("matplotlib")
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'shmemext[plot]'") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = importlib.import_module("matplotlib.pyplot")
 
     kinds = [k for k in KINDS if any(r["kind"] == k for r in copy_rows)]
     fig, axes = plt.subplots(2, len(kinds), figsize=(4 * len(kinds), 7.5), sharex=True, sharey=True, squeeze=False)
