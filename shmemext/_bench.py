@@ -110,18 +110,24 @@ class Progress:
         print(f"[{elapsed:5.0f}s] {what}{left}", file=sys.stderr, flush=True)
 
 
+MIN_CALLS = 5
+
+
 def interleaved(methods: dict[str, Callable[[], object]], rounds: int, sample_s: float) -> dict[str, dict[str, float]]:
-    """Calibrates each method to about sample_s a sample, then times `rounds`
+    """Calibrates each method to about sample_s a sample (at least MIN_CALLS
+    calls, so that the first call of a sample, which finds the caches full of
+    the previous method's data, does not dominate it), then times `rounds`
     rounds of all of them, one method after another in each round."""
     numbers = {}
     for name, fn in methods.items():
+        fn()   # one-time costs (first touch of pages) are not what is measured
         number, took = 1, 0.0
         while True:
             took = timeit.timeit(fn, number=number)
-            if took >= sample_s / 10 or number >= 1 << 24:
+            if took >= sample_s / 5 or number >= 1 << 24:
                 break
-            number *= 10
-        numbers[name] = max(1, int(number * sample_s / max(took, 1e-9)))
+            number *= 4
+        numbers[name] = max(MIN_CALLS, int(number * sample_s / max(took, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():

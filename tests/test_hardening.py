@@ -31,10 +31,9 @@ def test_any_str_or_bytes_up_to_the_capacity_round_trips(name):
         def round_trip(value):
             v.set(value)
             got = v.get()
+            # CPython's str equality compares the PEP 393 width first, so this
+            # also says get() built the str at the narrowest width, as CPython would.
             assert type(got) is type(value) and got == value
-            if isinstance(got, str):
-                # Same width as CPython would pick (the narrowest).
-                assert sys.getsizeof(got) == sys.getsizeof(value)
 
         round_trip()
 
