@@ -120,6 +120,8 @@ void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
 uint64_t shx_os_monotonic_ns(void);
 /* Sleeps a fraction of a millisecond: for short polls. */
 void shx_os_pause_briefly(void);
+/* CPUs this process can run on (at least 1). */
+int shx_os_cpu_count(void);
 
 uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */

@@ -553,6 +553,16 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     return SHX_OK;
 }
 
+int shx_os_cpu_count(void)
+{
+    static int count;
+    if (count == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        count = n > 0 ? (int)n : 1;
+    }
+    return count;
+}
+
 void shx_os_pause_briefly(void)
 {
     struct timespec ts = {0, 100000};

@@ -277,6 +277,13 @@ void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 
 void shx_os_pause_briefly(void) { Sleep(1); }
 
+int shx_os_cpu_count(void)
+{
+    SYSTEM_INFO info;
+    GetSystemInfo(&info);
+    return info.dwNumberOfProcessors > 0 ? (int)info.dwNumberOfProcessors : 1;
+}
+
 uint64_t shx_os_monotonic_ns(void)
 {
     static LARGE_INTEGER freq;

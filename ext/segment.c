@@ -570,6 +570,38 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
     return rc;
 }
 
+/* A hint to the CPU that we are spinning (saves power, frees the sibling hyperthread). */
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#elif defined(_MSC_VER)
+    YieldProcessor();
+#endif
+}
+
+/* Watches the version for a short while before sleeping: a partner that
+ * answers within that time (a ping-pong, a request and its reply) is seen
+ * without either process going through the kernel's sleep and wake-up, which
+ * on an idle machine costs tens of microseconds.  Not on a single CPU, where
+ * the spinner would only keep the setter from running. */
+static int spin_for_change(shx_header *h, uint64_t seen, uint64_t until)
+{
+    if (shx_os_cpu_count() < 2)
+        return 0;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(&h->version, memory_order_acquire) != seen)
+                return 1;
+            cpu_relax();
+        }
+        if (shx_os_monotonic_ns() >= until)
+            return 0;
+    }
+}
+
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
 {
     if (!b->attached)
@@ -578,6 +610,10 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
     shx_header *h = b->hdr;
     uint64_t start = shx_os_monotonic_ns();
+    if (timeout_ns != 0) {
+        uint64_t spin = timeout_ns > 0 && timeout_ns < SHX_WAIT_SPIN_NS ? (uint64_t)timeout_ns : SHX_WAIT_SPIN_NS;
+        (void)spin_for_change(h, seen, start + spin);
+    }
     for (;;) {
         /* wake_seq first: a set after this load changes it, so the sleep below cannot miss it. */
         uint32_t word = atomic_load_explicit(&h->wake_seq, memory_order_seq_cst);

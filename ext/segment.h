@@ -104,6 +104,11 @@ typedef struct shx_hooks {
     int (*interrupted)(void *ctx);
 } shx_hooks;
 
+/* How long shx_value_wait watches the version before it sleeps. */
+#ifndef SHX_WAIT_SPIN_NS
+#define SHX_WAIT_SPIN_NS 50000
+#endif
+
 #ifndef SHX_WAIT_SLICE_NS
 #define SHX_WAIT_SLICE_NS 50000000
 #endif
