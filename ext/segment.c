@@ -3,6 +3,10 @@
 
 #include <stdio.h>
 #include <string.h>
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define HAVE_STREAMING_STORES 1
+#endif
 
 _Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the second cache line");
 _Static_assert(offsetof(shx_header, version) == 192, "version has its own cache line");
@@ -256,15 +260,51 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
 
 int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->map, b->hdr->lock_area, err); }
 
-static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
+/* Writes into the block from this size up bypass the cache.  A copy this
+ * large evicts itself anyway, and the ordinary stores would first read every
+ * destination line (a value cell alternates between two slots, so twice the
+ * value's size of destination), which cost 1.4-1.8x more than streaming stores
+ * at 8-32 MiB on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
+#define STREAM_COPY_MIN ((size_t)8 << 20)
+
+static void copy_into_block(unsigned char *dst, const unsigned char *src, size_t n)
 {
-    if (hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy) {
-        hooks->blocking_begin(hooks->ctx);
-        memcpy(dst, src, n);
-        hooks->blocking_end(hooks->ctx);
-    } else {
-        memcpy(dst, src, n);
+#ifdef HAVE_STREAMING_STORES
+    if (n >= STREAM_COPY_MIN) {
+        size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+        memcpy(dst, src, head);
+        size_t i = head;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+            _mm_stream_si128((__m128i *)(dst + i), a);
+            _mm_stream_si128((__m128i *)(dst + i + 16), b);
+            _mm_stream_si128((__m128i *)(dst + i + 32), c);
+            _mm_stream_si128((__m128i *)(dst + i + 48), d);
+        }
+        memcpy(dst + i, src + i, n - i);
+        /* Streaming stores are weakly ordered: all of them before what publishes them. */
+        _mm_sfence();
+        return;
     }
+#endif
+    memcpy(dst, src, n);
+}
+
+/* A plain copy; into_block marks writes into shared memory (see STREAM_COPY_MIN). */
+static void copy_bytes(void *dst, const void *src, size_t n, int into_block, const shx_hooks *hooks)
+{
+    int blocking = hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy;
+    if (blocking)
+        hooks->blocking_begin(hooks->ctx);
+    if (into_block)
+        copy_into_block((unsigned char *)dst, (const unsigned char *)src, n);
+    else
+        memcpy(dst, src, n);
+    if (blocking)
+        hooks->blocking_end(hooks->ctx);
 }
 
 /* ---- raw segments ------------------------------------------------------------ */
@@ -285,7 +325,7 @@ int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const s
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
-        copy_bytes(dst, b->data + offset, n, hooks);
+        copy_bytes(dst, b->data + offset, n, 0, hooks);
     return rc;
 }
 
@@ -294,7 +334,7 @@ int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, 
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
-        copy_bytes(b->data + offset, src, n, hooks);
+        copy_bytes(b->data + offset, src, n, 1, hooks);
     return rc;
 }
 
@@ -468,7 +508,7 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
     s->version = next;
     s->nbytes = nbytes;
     s->type = type;
-    copy_bytes(b->data + index * b->slot_stride, data, nbytes, hooks);
+    copy_bytes(b->data + index * b->slot_stride, data, nbytes, 1, hooks);
     atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
     atomic_store_explicit(&h->version, next, memory_order_release);
     /* Sequentially consistent with the waiters' registration (see
