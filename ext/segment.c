@@ -260,14 +260,14 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
 
 int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->map, b->hdr->lock_area, err); }
 
-/* Writes into the block from this size up bypass the cache.  A copy this
- * large evicts itself anyway, and the ordinary stores would first read every
- * destination line (a value cell alternates between two slots, so twice the
- * value's size of destination), which cost 1.4-1.8x more than streaming stores
- * at 8-32 MiB on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
+/* Copies from this size up bypass the cache.  A copy this large evicts
+ * itself anyway, and ordinary stores would first read every destination line
+ * (for a set, a value cell alternates between two slots: twice the value's
+ * size of destination), which cost 1.4-1.8x more than streaming stores at
+ * 8-32 MiB on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
 #define STREAM_COPY_MIN ((size_t)8 << 20)
 
-static void copy_into_block(unsigned char *dst, const unsigned char *src, size_t n)
+static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t n)
 {
 #ifdef HAVE_STREAMING_STORES
     if (n >= STREAM_COPY_MIN) {
@@ -293,16 +293,12 @@ static void copy_into_block(unsigned char *dst, const unsigned char *src, size_t
     memcpy(dst, src, n);
 }
 
-/* A plain copy; into_block marks writes into shared memory (see STREAM_COPY_MIN). */
-static void copy_bytes(void *dst, const void *src, size_t n, int into_block, const shx_hooks *hooks)
+static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
 {
     int blocking = hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy;
     if (blocking)
         hooks->blocking_begin(hooks->ctx);
-    if (into_block)
-        copy_into_block((unsigned char *)dst, (const unsigned char *)src, n);
-    else
-        memcpy(dst, src, n);
+    copy_streaming((unsigned char *)dst, (const unsigned char *)src, n);
     if (blocking)
         hooks->blocking_end(hooks->ctx);
 }
@@ -325,7 +321,7 @@ int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const s
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
-        copy_bytes(dst, b->data + offset, n, 0, hooks);
+        copy_bytes(dst, b->data + offset, n, hooks);
     return rc;
 }
 
@@ -334,7 +330,7 @@ int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, 
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
-        copy_bytes(b->data + offset, src, n, 1, hooks);
+        copy_bytes(b->data + offset, src, n, hooks);
     return rc;
 }
 
@@ -450,6 +446,36 @@ static uint64_t copy_or(unsigned char *dst, const unsigned char *src, size_t n)
     return acc;
 }
 
+#ifdef HAVE_STREAMING_STORES
+/* copy_or for large copies, with streaming stores.  dst must be 8-byte
+ * aligned so that, after at most one word to reach 16, every word still
+ * starts a whole number of words from the value's start (its lanes are units). */
+static uint64_t copy_or_streaming(unsigned char *dst, const unsigned char *src, size_t n)
+{
+    size_t head = ((uintptr_t)dst & 15) ? 8 : 0;
+    if (head > n)
+        head = n;
+    uint64_t acc = copy_or(dst, src, head);
+    __m128i lanes = _mm_setzero_si128();
+    size_t i = head;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+        lanes = _mm_or_si128(lanes, _mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d)));
+    }
+    _mm_sfence();
+    uint64_t halves[2];
+    _mm_storeu_si128((__m128i *)halves, lanes);
+    return acc | halves[0] | halves[1] | copy_or(dst + i, src + i, n - i);
+}
+#endif
+
 /* Once the verdict is known the rest is copied without looking. */
 #define CHECK_CHUNK 16384
 
@@ -461,18 +487,23 @@ static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, 
     if (blocking)
         hooks->blocking_begin(hooks->ctx);
     uint64_t acc = 0, decisive = decisive_bits(type);
+    uint64_t (*copy_chunk)(unsigned char *, const unsigned char *, size_t) = copy_or;
+#ifdef HAVE_STREAMING_STORES
+    if (n >= STREAM_COPY_MIN && ((uintptr_t)dst & 7) == 0)
+        copy_chunk = copy_or_streaming;
+#endif
     size_t done = 0;
     if (decisive == 0) {
-        memcpy(dst, src, n);
+        copy_streaming(dst, src, n);
         done = n;
     }
     while (done < n) {
         if (acc & decisive) {
-            memcpy(dst + done, src + done, n - done);
+            copy_streaming(dst + done, src + done, n - done);
             break;
         }
         size_t k = n - done < CHECK_CHUNK ? n - done : CHECK_CHUNK;
-        acc |= copy_or(dst + done, src + done, k);
+        acc |= copy_chunk(dst + done, src + done, k);
         done += k;
     }
     int ok = well_formed(type, dst, n, acc);
@@ -508,7 +539,7 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
     s->version = next;
     s->nbytes = nbytes;
     s->type = type;
-    copy_bytes(b->data + index * b->slot_stride, data, nbytes, 1, hooks);
+    copy_bytes(b->data + index * b->slot_stride, data, nbytes, hooks);
     atomic_store_explicit(&s->seq, seq + 1, memory_order_release);
     atomic_store_explicit(&h->version, next, memory_order_release);
     /* Sequentially consistent with the waiters' registration (see

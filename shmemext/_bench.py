@@ -933,6 +933,29 @@ def plot(copy_rows: list[dict[str, Any]], peers: list[str], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def parse_sizes(text: str) -> list[int]:
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().upper().removesuffix("B").removesuffix("I")
+        scale = {"K": KiB, "M": MiB}.get(part[-1:], 1)
+        try:
+            n = int(part[:-1] if scale != 1 else part) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: sizes are whole numbers of bytes, K or M (like 16,4K,1M)") from None
+        if not 16 <= n <= 1 << 30:
+            raise argparse.ArgumentTypeError(f"size {n} is out of range: 16 bytes to 1 GiB")
+        sizes.append(n)
+    return sorted(set(sizes))
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(KINDS)}")
+    return kinds
+
+
 def parse_args(argv: list[str] | None, quick_default: bool) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="shmemext bench", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -941,6 +964,8 @@ def parse_args(argv: list[str] | None, quick_default: bool) -> argparse.Namespac
     parser.add_argument("--sections", default="copy,scaling,roundtrip,lock",
                         help="comma-separated: copy, scaling, roundtrip, lock (default: all)")
     parser.add_argument("--rounds", type=int, help="rounds per copy cell (default 15, quick 5)")
+    parser.add_argument("--sizes", type=parse_sizes, help="payload sizes for the copy section, e.g. 16,4K,1M")
+    parser.add_argument("--kinds", type=parse_kinds, help=f"payload kinds for the copy section, of {','.join(KINDS)}")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON ('-': stdout, the table goes to stderr)")
     parser.add_argument("--plot", metavar="PNG", help="draw ns/op against payload size per method (needs matplotlib)")
     parser.add_argument("--no-redis", dest="redis", action="store_false", help="leave out the Redis peer")
@@ -956,6 +981,7 @@ def measure_and_report(argv: list[str] | None = None, quick_default: bool = Fals
         raise SystemExit(f"unknown section(s): {', '.join(sorted(unknown))}")
     quick = args.quick
     sizes, kinds = (QUICK_SIZES, QUICK_KINDS) if quick else (SIZES, KINDS)
+    sizes, kinds = args.sizes or sizes, args.kinds or kinds
     rounds = args.rounds or (5 if quick else 15)
     sample_s = 0.002 if quick else 0.01
     peers, missing = available_peers(args.redis and not quick)
@@ -1032,12 +1058,23 @@ class _Scaled:
         self.progress.step(what, self.offset + self.weight * done / max(of, 1e-9), self.total)
 
 
+def _sizes_asked(argv: list[str]) -> list[int]:
+    for i, arg in enumerate(argv):
+        text = arg.split("=", 1)[1] if arg.startswith("--sizes=") else argv[i + 1] if arg == "--sizes" and i + 1 < len(argv) else None
+        if text is not None:
+            try:
+                return parse_sizes(text)
+            except argparse.ArgumentTypeError:
+                return []   # the measuring process reports it
+    return []
+
+
 def run(argv: list[str] | None = None, quick_default: bool = False) -> int:
     """Runs the suite in a fresh interpreter with a default block of its own,
     large enough for the biggest payload; the user's default block is never touched."""
     env = dict(os.environ)
     env["SHMEMEXT_NAME"] = f"shmemext-bench-{os.getpid()}"
-    env["SHMEMEXT_SIZE"] = str(16 * MiB + 64)
+    env["SHMEMEXT_SIZE"] = str(max([16 * MiB, *_sizes_asked(argv if argv is not None else sys.argv[1:])]) + 64)
     env["SHMEMEXT_BENCH_QUICK"] = "1" if quick_default else "0"
     cmd = [sys.executable, "-m", "shmemext._bench", *(argv if argv is not None else sys.argv[1:])]
     return subprocess.call(cmd, env=env)

@@ -417,7 +417,7 @@ static void *large_dst(void *ctx, uint32_t type, size_t nbytes)
 static void test_large_copies(void)
 {
     const size_t n = ((size_t)9 << 20) + 13;
-    unsigned char *src = malloc(n + 16), *out = malloc(n);
+    unsigned char *src = malloc(n + 16), *out = malloc(n + 16);
     for (size_t i = 0; i < n + 16; i++)
         src[i] = (unsigned char)(i * 31 + (i >> 13));
     shx_block a = {0}, seg = {0};
@@ -436,6 +436,39 @@ static void test_large_copies(void)
         all_ok &= rc == SHX_OK && memcmp(seg.data + 1 + shift * 7, src + shift, n - 8) == 0;
     }
     CHECK(all_ok, "9 MiB values and segment writes arrive whole at every alignment");
+
+    /* Text checked while streaming, into destinations 8 or 16 bytes aligned. */
+    for (size_t at = 0; at < 2; at++) {
+        uint32_t type;
+        size_t got;
+        unsigned char *dst = out + 8 * at;
+        void *dst_ctx = dst;
+        size_t len = n - 64;
+        memset(src, 'a', len);
+        shx_value_set(&a, SHX_TYPE_ASCII, src, len, NULL, &err);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK && got == len &&
+                  dst[len - 1] == 'a', "9 MiB of ASCII read back (destination offset %zu)", 8 * at);
+        src[len - 5] = 0xE9;
+        shx_value_set(&a, SHX_TYPE_ASCII, src, len, NULL, &err);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_E_BADVALUE,
+              "one high byte near the end of 9 MiB of 'ASCII' is refused (offset %zu)", 8 * at);
+        src[len - 5] = 'a';
+        src[len / 2] = 0xE9;   /* a single high byte decides Latin-1 half way through */
+        shx_value_set(&a, SHX_TYPE_LATIN1, src, len, NULL, &err);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK &&
+                  memcmp(dst, src, len) == 0, "9 MiB of Latin-1 read back whole (offset %zu)", 8 * at);
+        uint32_t *units = (uint32_t *)src;
+        size_t count = len / 4;
+        for (size_t u = 0; u < count; u++)
+            units[u] = u == count - 1 ? 0x1F600 : 0x41;
+        shx_value_set(&a, SHX_TYPE_UCS4, src, count * 4, NULL, &err);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK,
+              "9 MiB of UCS-4 whose only wide unit is the last (offset %zu)", 8 * at);
+        units[count / 3] = 0x110000;
+        shx_value_set(&a, SHX_TYPE_UCS4, src, count * 4, NULL, &err);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_E_BADVALUE,
+              "U+110000 inside 9 MiB of UCS-4 is refused (offset %zu)", 8 * at);
+    }
     shx_block_close(&a, 0, &err);
     shx_block_close(&seg, 0, &err);
     free(src);
