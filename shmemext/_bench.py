@@ -908,6 +908,7 @@ def plot(copy_rows: list[dict[str, Any]], peers: list[str], path: str) -> None:
     kinds = [k for k in KINDS if any(r["kind"] == k for r in copy_rows)]
     fig, axes = plt.subplots(2, len(kinds), figsize=(4 * len(kinds), 7.5), sharex=True, sharey=True, squeeze=False)
     methods = OURS + peers + ["memcpy"]
+    colors = {m: f"C{i}" for i, m in enumerate(OURS + PEERS + ["memcpy"])}   # the same in every panel
     for col, kind in enumerate(kinds):
         rows = sorted((r for r in copy_rows if r["kind"] == kind), key=lambda r: r["size"])
         for row_i, op in enumerate(("get", "set")):
@@ -917,7 +918,7 @@ def plot(copy_rows: list[dict[str, Any]], peers: list[str], path: str) -> None:
                 pts = [(r["size"], r["timing"][key]["ns"]) for r in rows if key in r["timing"]]
                 if pts:
                     style = "-" if m in OURS else ":" if m == "memcpy" else "--"
-                    ax.plot(*zip(*pts), style, marker="o", markersize=3, label=m)
+                    ax.plot(*zip(*pts), style, marker="o", markersize=3, label=m, color=colors[m])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{op} {kind}")
@@ -926,10 +927,15 @@ def plot(copy_rows: list[dict[str, Any]], peers: list[str], path: str) -> None:
                 ax.set_xlabel("payload bytes")
             if col == 0:
                 ax.set_ylabel("ns per call (median)")
-    axes[0][0].legend(fontsize=7)
+    labels: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     info = machine()
-    fig.suptitle(f"shmemext {info['shmemext']} vs peers, {info['python']}, {info['cpus']} CPUs ({info['cpu']})", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"shmemext {info['shmemext']} vs peers, {info['python']}, {info['cpus']} CPUs ({info['cpu']}); "
+                 f"solid: shmemext, dashed: peers, dotted: in-process copy", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=90)
 
 
