@@ -140,9 +140,9 @@ def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_pat
     name, result = sys.argv[1], sys.argv[2]
     b = open_block(name)
     put(b, "from before the fork")
+    parent = os.getpid()   # read before the fork: the parent may be gone before the child runs
     pid = os.fork()
     if pid == 0:
-        parent = os.getppid()
         while os.getppid() == parent:       # wait until the parent has exited
             time.sleep(0.01)
         alive = os.path.exists("/dev/shm/" + name)
