@@ -382,9 +382,12 @@ def measure_copy(sizes: list[int], kinds: list[str], peers: list[str], rounds: i
                         raise AssertionError(f"{name} returned a different {kind} value of {size} bytes")
             heavy = size >= 16 * MiB
             if i == 0:
-                # Discarded: the first cell of a fresh process measured slow on
-                # every method here (the machine settling), so it runs twice.
-                interleaved(methods, rounds, sample_s)
+                # Discarded: the first cells of a fresh process measured slow on
+                # every method here (the machine settling), so the first one
+                # runs for a while before anything counts.
+                settle_until = time.monotonic() + (0.5 if sample_s < 0.005 else 3.0)
+                while time.monotonic() < settle_until:
+                    interleaved(methods, 1, sample_s)
             timing = interleaved(methods, max(3, rounds // 2) if heavy else rounds, sample_s)
             rows.append({"kind": kind, "size": size, "timing": timing})
     finally:
