@@ -88,10 +88,20 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
             return PyErr_NoMemory();
 #ifdef _WIN32
         if (err->win32) {
-            /* OSError with winerror set, and the errno Python maps it to. */
+            /* OSError with winerror set, and the errno (so the subclass) Python maps it to. */
             PyObject *filename = PyUnicode_FromString(name);
-            PyErr_SetExcFromWindowsErrWithFilenameObject(PyExc_OSError, err->os_error, filename);
-            Py_XDECREF(filename);
+            if (filename == NULL)
+                return NULL;
+            if (err->detail == NULL) {
+                PyErr_SetExcFromWindowsErrWithFilenameObject(PyExc_OSError, err->os_error, filename);
+            } else {
+                PyObject *exc = PyObject_CallFunction(PyExc_OSError, "isOi", 0, err->detail, filename, err->os_error);
+                if (exc != NULL) {
+                    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                    Py_DECREF(exc);
+                }
+            }
+            Py_DECREF(filename);
             return NULL;
         }
 #endif
@@ -276,18 +286,46 @@ static int block_check_open(BlockObject *self)
 
 /* Allocates the object and attaches it (without the GIL: creation may wait
  * for other processes or reserve much memory). */
+/* scope="session" (the default) or "global": the SHX_GLOBAL flag, or -1 with ValueError. */
+static int scope_arg(const char *scope)
+{
+    if (scope == NULL || strcmp(scope, "session") == 0)
+        return 0;
+    if (strcmp(scope, "global") == 0)
+        return SHX_GLOBAL;
+    PyErr_Format(PyExc_ValueError, "scope must be 'session' or 'global', not '%s'", scope);
+    return -1;
+}
+
+/* security= is an SDDL string for Windows; elsewhere permissions come from mode. */
+static int security_arg(const char *security)
+{
+#ifdef _WIN32
+    (void)security;
+    return 0;
+#else
+    if (security == NULL)
+        return 0;
+    PyErr_Format(PyExc_ValueError, "security='%.100s' is a Windows SDDL descriptor; on this system use mode= "
+                 "(e.g. mode=0o660) to share a block", security);
+    return -1;
+#endif
+}
+
 static PyObject *block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, int persist,
-                           int mode, int readonly)
+                           int mode, int readonly, unsigned extra_flags, const char *security)
 {
     BlockObject *self = (BlockObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
     self->readonly = readonly;
-    unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
+    /* A caller's own security descriptor says who may open the block: no owner check then. */
+    unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 && security == NULL ? SHX_PRIVATE_OWNER : 0) |
+                     extra_flags;
     shx_error err;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_open(&self->block, name, kind, size, flags, (unsigned)mode, &err);
+    rc = shx_block_open_secured(&self->block, name, kind, size, flags, (unsigned)mode, security, &err);
     Py_END_ALLOW_THREADS
     if (rc != SHX_OK) {
         raise_block_error(&err, name);
@@ -527,16 +565,19 @@ static int value_set_impl(BlockObject *self, PyObject *value)
 
 static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"name", "capacity", "persist", "mode", NULL};
+    static char *kwlist[] = {"name", "capacity", "persist", "mode", "scope", "security", NULL};
     PyObject *name_obj, *capacity_obj = Py_None;
-    int persist = 0, mode = 0600;
+    int persist = 0, mode = 0600, scope;
+    const char *scope_name = NULL, *security = NULL;
     uint64_t capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pi:Value", kwlist, &name_obj, &capacity_obj, &persist, &mode))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pizz:Value", kwlist, &name_obj, &capacity_obj, &persist, &mode,
+                                     &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");
-    if (name == NULL || size_arg(capacity_obj, "capacity", 1, &capacity) < 0 || mode_arg(mode) < 0)
+    if (name == NULL || size_arg(capacity_obj, "capacity", 1, &capacity) < 0 || mode_arg(mode) < 0 ||
+        (scope = scope_arg(scope_name)) < 0 || security_arg(security) < 0)
         return NULL;
-    return block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0);
+    return block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0, (unsigned)scope, security);
 }
 
 static PyObject *value_get(BlockObject *self, PyObject *Py_UNUSED(ignored)) { return value_get_impl(self); }
@@ -652,11 +693,14 @@ static PyGetSetDef value_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(value_doc,
-"Value(name, capacity=None, *, persist=False, mode=0o600)\n--\n\n"
+"Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None)\n--\n\n"
 "A named value cell shared between processes.\n\n"
 "The first process to open `name` creates it zero-filled with `capacity` bytes\n"
 "(4096 when None); later ones take the existing block's capacity.  The block\n"
-"lives while any process has it open, unless persist=True.");
+"lives while any process has it open, unless persist=True.\n\n"
+"scope='global' names it for every session on Windows (Global\\, which needs\n"
+"SeCreateGlobalPrivilege); POSIX names are machine-wide either way.  security\n"
+"is a Windows SDDL descriptor for a new block, in place of the per-user one.");
 
 static PyType_Slot value_slots[] = {
     {Py_tp_new, value_new},
@@ -679,17 +723,19 @@ static PyType_Spec value_spec = {
 
 static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"name", "size", "persist", "mode", "readonly", NULL};
+    static char *kwlist[] = {"name", "size", "persist", "mode", "readonly", "scope", "security", NULL};
     PyObject *name_obj, *size_obj;
-    int persist = 0, mode = 0600, readonly = 0;
+    int persist = 0, mode = 0600, readonly = 0, scope;
+    const char *scope_name = NULL, *security = NULL;
     uint64_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pip:Segment", kwlist, &name_obj, &size_obj, &persist, &mode,
-                                     &readonly))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pipzz:Segment", kwlist, &name_obj, &size_obj, &persist, &mode,
+                                     &readonly, &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");
-    if (name == NULL || size_arg(size_obj, "size", 0, &size) < 0 || mode_arg(mode) < 0)
+    if (name == NULL || size_arg(size_obj, "size", 0, &size) < 0 || mode_arg(mode) < 0 ||
+        (scope = scope_arg(scope_name)) < 0 || security_arg(security) < 0)
         return NULL;
-    return block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly);
+    return block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly, (unsigned)scope, security);
 }
 
 /* An offset or length argument as a non-negative size_t, or -1 with ValueError/TypeError. */
@@ -912,11 +958,12 @@ static PyGetSetDef segment_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(segment_doc,
-"Segment(name, size, *, persist=False, mode=0o600, readonly=False)\n--\n\n"
+"Segment(name, size, *, persist=False, mode=0o600, readonly=False, scope='session', security=None)\n--\n\n"
 "A named block of raw shared memory with the buffer protocol.\n\n"
 "The first process to open `name` creates it zero-filled with `size` bytes;\n"
 "later ones get the existing block (which must be at least `size` bytes).\n"
-"It lives while any process has it open, unless persist=True.");
+"It lives while any process has it open, unless persist=True.  scope and\n"
+"security are as for Value.");
 
 static PyType_Slot segment_slots[] = {
     {Py_tp_new, segment_new},

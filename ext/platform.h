@@ -80,12 +80,15 @@ typedef int (*shx_prepare_fn)(void *ctx, shx_os_map *m, int state, shx_error *er
 typedef int (*shx_keep_name_fn)(const shx_os_map *m);
 
 #define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
+#define SHX_OPEN_GLOBAL 2u          /* Windows: the Global\ namespace, seen by every session */
 
 /* Attaches to (creating if absent) the object `name`.  `size` is used when
- * creating.  On success the whole object is mapped and *created says whether
- * this call (re)initialized it. */
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
-                  unsigned flags, shx_prepare_fn prepare, void *ctx, int *created,
+ * creating.  `security`, when not NULL, is a Windows SDDL security descriptor
+ * for new objects (in place of the per-user default); POSIX backends refuse
+ * it (SHX_E_OS, EINVAL).  On success the whole object is mapped and *created
+ * says whether this call (re)initialized it. */
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
+                  const char *security, shx_prepare_fn prepare, void *ctx, int *created,
                   shx_error *err);
 /* Detaches; the last process to detach removes the name unless keep_name() says not to.
  * With at_exit set the mapping is left in place (threads may still run). */

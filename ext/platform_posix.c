@@ -328,10 +328,13 @@ static int attach_locked(shx_os_map *m, size_t size, unsigned mode, unsigned fla
     return SHX_OK;
 }
 
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode,
-                  unsigned flags, shx_prepare_fn prepare, void *ctx, int *created,
-                  shx_error *err)
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
+                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
 {
+    if (security != NULL) {
+        errno = EINVAL;
+        return shx_fail_os(err, "security descriptors are a Windows option");
+    }
     size_t n = strlen(name);
     memset(m, 0, sizeof *m);
     m->fd = -1;

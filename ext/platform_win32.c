@@ -42,10 +42,10 @@ static int fail_errno(shx_error *err, int code, const char *op)
 
 uint32_t shx_os_pid(void) { return (uint32_t)GetCurrentProcessId(); }
 
-/* "Local\<name><suffix>" as UTF-16; names are ASCII (checked by the core). */
-static void object_name(wchar_t *out, size_t cap, const char *name, const char *suffix)
+/* "Local\<name><suffix>" (or "Global\...") as UTF-16; names are ASCII (checked by the core). */
+static void object_name(wchar_t *out, size_t cap, const char *name, const char *suffix, int global)
 {
-    static const wchar_t prefix[] = L"Local\\";
+    const wchar_t *prefix = global ? L"Global\\" : L"Local\\";
     size_t n = 0;
     for (const wchar_t *p = prefix; *p && n + 1 < cap; p++)
         out[n++] = *p;
@@ -56,11 +56,28 @@ static void object_name(wchar_t *out, size_t cap, const char *name, const char *
     out[n] = 0;
 }
 
-/* Security for a private block: a DACL granting only the current user.
- * Returns NULL (the default DACL) when the mode shares the block. */
-static SECURITY_ATTRIBUTES *private_security(SECURITY_ATTRIBUTES *sa, unsigned mode, shx_error *err, int *rc)
+static SECURITY_ATTRIBUTES *from_sddl(SECURITY_ATTRIBUTES *sa, const char *sddl, shx_error *err, int *rc)
+{
+    PSECURITY_DESCRIPTOR sd = NULL;
+    if (!ConvertStringSecurityDescriptorToSecurityDescriptorA(sddl, SDDL_REVISION_1, &sd, NULL)) {
+        *rc = shx_fail_os(err, "ConvertStringSecurityDescriptorToSecurityDescriptor");
+        err->detail = "the security string is not a valid SDDL descriptor";
+        return NULL;
+    }
+    sa->nLength = sizeof *sa;
+    sa->lpSecurityDescriptor = sd;
+    sa->bInheritHandle = FALSE;
+    return sa;
+}
+
+/* Security for new objects: the caller's SDDL if given; else, for a private
+ * block, a DACL granting only the current user; else NULL (the default DACL). */
+static SECURITY_ATTRIBUTES *object_security(SECURITY_ATTRIBUTES *sa, unsigned mode, const char *security,
+                                            shx_error *err, int *rc)
 {
     *rc = SHX_OK;
+    if (security != NULL)
+        return from_sddl(sa, security, err, rc);
     if ((mode & 077) != 0)
         return NULL;
     HANDLE token;
@@ -118,9 +135,10 @@ static void close_all(shx_os_map *m)
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
 {
-    (void)flags;   /* ownership is enforced by the DACL */
+    /* Ownership (SHX_OPEN_REQUIRE_OWNER) is enforced by the DACL. */
+    int global = (flags & SHX_OPEN_GLOBAL) != 0;
     size_t n = strlen(name);
     memset(m, 0, sizeof *m);
     *created = 0;
@@ -129,18 +147,20 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     memcpy(m->os_name, name, n + 1);
 
     wchar_t map_name[300], lock_name[300], wake_name[300];
-    object_name(map_name, 300, name, "");
-    object_name(lock_name, 300, name, ".lock");
-    object_name(wake_name, 300, name, ".wake");
+    object_name(map_name, 300, name, "", global);
+    object_name(lock_name, 300, name, ".lock", global);
+    object_name(wake_name, 300, name, ".wake", global);
     SECURITY_ATTRIBUTES sa_storage;
     int rc;
-    SECURITY_ATTRIBUTES *sa = private_security(&sa_storage, mode, err, &rc);
+    SECURITY_ATTRIBUTES *sa = object_security(&sa_storage, mode, security, err, &rc);
     if (rc != SHX_OK)
         return rc;
 
     m->mutex = CreateMutexW(sa, FALSE, lock_name);
     if (m->mutex == NULL) {
         rc = shx_fail_os(err, "CreateMutexW");
+        if (global && err->os_error == ERROR_ACCESS_DENIED)
+            err->detail = "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
         goto done;
     }
     m->wake = CreateSemaphoreW(sa, 0, LONG_MAX, wake_name);
@@ -158,6 +178,8 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     DWORD created_error = GetLastError();
     if (m->mapping == NULL) {
         rc = shx_fail_os(err, "CreateFileMappingW");
+        if (global && err->os_error == ERROR_ACCESS_DENIED)
+            err->detail = "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
     } else {
         int existed = created_error == ERROR_ALREADY_EXISTS;
         m->base = MapViewOfFile((HANDLE)m->mapping, FILE_MAP_ALL_ACCESS, 0, 0, 0);

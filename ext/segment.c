@@ -171,6 +171,12 @@ static int on_attach(void *vrq, shx_os_map *m, int state, shx_error *err)
 int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
                    unsigned flags, unsigned mode, shx_error *err)
 {
+    return shx_block_open_secured(b, name, kind, capacity, flags, mode, NULL, err);
+}
+
+int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
+                           unsigned mode, const char *security, shx_error *err)
+{
     size_t len = strlen(name);
     int rc;
     if (b->attached)
@@ -183,8 +189,9 @@ int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capac
     memcpy(b->name, name, len + 1);
 
     open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
-    unsigned os_flags = (flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0;
-    rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags,
+    unsigned os_flags = ((flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0) |
+                        ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0);
+    rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags, security,
                        on_attach, &rq, &b->created, err);
     if (rc != SHX_OK)
         return rc;

@@ -40,6 +40,7 @@ enum shx_type {
 /* Open flags. */
 #define SHX_PERSIST 1u        /* keep the block after the last detach */
 #define SHX_PRIVATE_OWNER 2u  /* refuse a block another user owns */
+#define SHX_GLOBAL 4u         /* Windows: name the block in Global\ (every session); POSIX names always are */
 
 typedef struct shx_slot {
     _Atomic uint64_t seq;   /* odd while a writer fills the slot */
@@ -127,6 +128,10 @@ int shx_name_check(const char *name, size_t len, shx_error *err);
  * its own capacity; asking for more than it has is SHX_E_CAPACITY. */
 int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
                    unsigned flags, unsigned mode, shx_error *err);
+/* The same, with a Windows SDDL security descriptor for a new block (NULL:
+ * the default, from mode). */
+int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
+                           unsigned mode, const char *security, shx_error *err);
 /* Detaches; idempotent.  at_exit leaves the mapping in place. */
 int shx_block_close(shx_block *b, int at_exit, shx_error *err);
 /* Detaches every block this process still holds; for process exit. */

@@ -1,5 +1,5 @@
 from types import TracebackType
-from typing import Final, final
+from typing import Final, Literal, final
 
 from typing_extensions import Buffer, Self
 
@@ -14,7 +14,14 @@ class Value:
     """A named value cell shared between processes."""
 
     def __new__(
-        cls, name: str, capacity: int | None = None, *, persist: bool = False, mode: int = 0o600
+        cls,
+        name: str,
+        capacity: int | None = None,
+        *,
+        persist: bool = False,
+        mode: int = 0o600,
+        scope: Literal["session", "global"] = "session",
+        security: str | None = None,
     ) -> Self: ...
     @property
     def name(self) -> str: ...
@@ -48,7 +55,15 @@ class Segment:
     """A named block of raw shared memory with the buffer protocol."""
 
     def __new__(
-        cls, name: str, size: int, *, persist: bool = False, mode: int = 0o600, readonly: bool = False
+        cls,
+        name: str,
+        size: int,
+        *,
+        persist: bool = False,
+        mode: int = 0o600,
+        readonly: bool = False,
+        scope: Literal["session", "global"] = "session",
+        security: str | None = None,
     ) -> Self: ...
     @property
     def name(self) -> str: ...

@@ -243,3 +243,23 @@ def test_signatures_are_introspectable():
     assert str(inspect.signature(shmemext.set)) == "(value, /)"
     assert str(inspect.signature(shmemext.Value.get)) == "(self, /)"
     assert "persist=False" in str(inspect.signature(shmemext.Value))
+
+
+def test_scope_global_is_the_same_namespace_on_posix(name):
+    # Windows names it in Global\ (every session); POSIX names are machine-wide already.
+    with shmemext.Value(name, 64, scope="global") as a, shmemext.Value(name, scope="session") as b:
+        a.set("one block")
+        assert b.get() == "one block" and not b.created
+    with pytest.raises(ValueError, match="scope must be 'session' or 'global', not 'everywhere'"):
+        shmemext.Value(name, scope="everywhere")
+    with pytest.raises(ValueError, match="scope must be"):
+        shmemext.Segment(name, 64, scope="machine")
+
+
+def test_a_windows_security_descriptor_is_refused_with_a_pointer_to_mode(name):
+    for make in (lambda: shmemext.Value(name, security="D:P(A;;GA;;;WD)"),
+                 lambda: shmemext.Segment(name, 64, security="D:P(A;;GA;;;WD)")):
+        with pytest.raises(ValueError, match=r"Windows SDDL descriptor; on this system use mode="):
+            make()
+    with pytest.raises(TypeError):
+        shmemext.Value(name, security=3)

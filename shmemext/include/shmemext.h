@@ -70,6 +70,7 @@ extern "C" {
 
 /* Flags for open(). */
 #define SHMEMEXT_PERSIST 1u     /* keep the block after the last process detaches */
+#define SHMEMEXT_GLOBAL 4u      /* Windows: name it in Global\ (every session; needs SeCreateGlobalPrivilege) */
 
 typedef struct ShmemExt_Block ShmemExt_Block;
 
@@ -87,8 +88,9 @@ typedef struct ShmemExt_CAPI {
 
     /* [no GIL] Opens the block `name`, creating it zero-filled with `size` bytes
      * (0: the default, 4096) if no process has it.  `mode` is its permission bits
-     * when created; 0600 keeps it to the current user.  *created tells whether
-     * this call created it.  Close the handle with close(). */
+     * when created; 0600 keeps it to the current user.  `flags`: SHMEMEXT_PERSIST,
+     * SHMEMEXT_GLOBAL.  *created tells whether this call created it.  Close the
+     * handle with close(). */
     int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode,
                 ShmemExt_Block **out, int *created, ShmemExt_Error *err);
     /* [no GIL] Detaches and frees a handle from open(); the last process to

@@ -255,13 +255,40 @@ static void test_wake_up(const char *name)
     shx_block_close(&a, 0, &err);
 }
 
+static void test_global_and_sddl(const char *name)
+{
+    shx_block a = {0}, b = {0};
+    shx_error err;
+    char global_name[300];
+    snprintf(global_name, sizeof global_name, "Global\\%s", name);
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_GLOBAL, 0600, &err) == SHX_OK && a.created,
+          "SHX_GLOBAL creates the block in the Global\\ namespace");
+    HANDLE h = OpenFileMappingA(FILE_MAP_READ, FALSE, global_name);
+    CHECK(h != NULL, "it is there under Global\\%s", name);
+    if (h != NULL)
+        CloseHandle(h);
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && b.created,
+          "and the same name in Local\\ is another block");
+    shx_block_close(&b, 0, &err);
+    shx_block_close(&a, 0, &err);
+
+    /* Everyone: generic all, instead of the per-user default. */
+    CHECK(shx_block_open_secured(&a, name, SHX_KIND_VALUE, 0, 0, 0600, "D:P(A;;GA;;;WD)", &err) == SHX_OK,
+          "a block created with an SDDL security descriptor");
+    CHECK(set_text(&a, "secured") == SHX_OK && strcmp(text_of(&a), "secured") == 0, "works as any other");
+    shx_block_close(&a, 0, &err);
+    int rc = shx_block_open_secured(&a, name, SHX_KIND_VALUE, 0, 0, 0600, "not SDDL at all", &err);
+    CHECK(rc == SHX_E_OS && err.win32 && err.detail != NULL, "an invalid SDDL string is an error (%lu), not ignored",
+          (unsigned long)err.os_error);
+}
+
 int main(int argc, char **argv)
 {
     GetModuleFileNameA(NULL, self_path, sizeof self_path);
     if (argc == 4 && strcmp(argv[1], "child") == 0)
         return child(argv[2], argv[3]);
-    char names[6][64];
-    for (int i = 0; i < 6; i++)
+    char names[7][64];
+    for (int i = 0; i < 7; i++)
         snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
     test_create_open(names[0]);
     test_two_processes(names[1]);
@@ -269,6 +296,7 @@ int main(int argc, char **argv)
     test_lock_owner_death(names[3]);
     test_value_protocol(names[4]);
     test_wake_up(names[5]);
+    test_global_and_sddl(names[6]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
