@@ -251,7 +251,9 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
     } while (rc == EINTR);
     if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
         errno = rc;
-        return shx_fail_os(err, "posix_fallocate");
+        shx_fail_os(err, "posix_fallocate");
+        err->a = (uint64_t)size;   /* named in the message: how much did not fit */
+        return SHX_E_OS;
     }
     return SHX_OK;
 }

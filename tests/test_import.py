@@ -143,5 +143,6 @@ def test_full_dev_shm_raises_enospc_not_sigbus(name):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("True True"), proc.stdout
     assert "No space left on device" in lines[0]
+    assert f"of {(64 << 20) * 2 + 4096} bytes" in lines[0], "the message says how much did not fit"
     assert lines[1] == "True"
     assert lines[2] == f"['{name}-small']", "the failed block left nothing behind"
