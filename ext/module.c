@@ -313,15 +313,18 @@ static int security_arg(const char *security)
 }
 
 static PyObject *block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, int persist,
-                           int mode, int readonly, unsigned extra_flags, const char *security)
+                           int mode, int readonly, const char *scope_name, const char *security)
 {
+    int scope;
+    if (mode_arg(mode) < 0 || (scope = scope_arg(scope_name)) < 0 || security_arg(security) < 0)
+        return NULL;
     BlockObject *self = (BlockObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
     self->readonly = readonly;
     /* A caller's own security descriptor says who may open the block: no owner check then. */
     unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 && security == NULL ? SHX_PRIVATE_OWNER : 0) |
-                     extra_flags;
+                     (unsigned)scope;
     shx_error err;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -567,17 +570,16 @@ static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", "capacity", "persist", "mode", "scope", "security", NULL};
     PyObject *name_obj, *capacity_obj = Py_None;
-    int persist = 0, mode = 0600, scope;
+    int persist = 0, mode = 0600;
     const char *scope_name = NULL, *security = NULL;
     uint64_t capacity;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pizz:Value", kwlist, &name_obj, &capacity_obj, &persist, &mode,
                                      &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");
-    if (name == NULL || size_arg(capacity_obj, "capacity", 1, &capacity) < 0 || mode_arg(mode) < 0 ||
-        (scope = scope_arg(scope_name)) < 0 || security_arg(security) < 0)
+    if (name == NULL || size_arg(capacity_obj, "capacity", 1, &capacity) < 0)
         return NULL;
-    return block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0, (unsigned)scope, security);
+    return block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0, scope_name, security);
 }
 
 static PyObject *value_get(BlockObject *self, PyObject *Py_UNUSED(ignored)) { return value_get_impl(self); }
@@ -725,17 +727,16 @@ static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", "size", "persist", "mode", "readonly", "scope", "security", NULL};
     PyObject *name_obj, *size_obj;
-    int persist = 0, mode = 0600, readonly = 0, scope;
+    int persist = 0, mode = 0600, readonly = 0;
     const char *scope_name = NULL, *security = NULL;
     uint64_t size;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pipzz:Segment", kwlist, &name_obj, &size_obj, &persist, &mode,
                                      &readonly, &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");
-    if (name == NULL || size_arg(size_obj, "size", 0, &size) < 0 || mode_arg(mode) < 0 ||
-        (scope = scope_arg(scope_name)) < 0 || security_arg(security) < 0)
+    if (name == NULL || size_arg(size_obj, "size", 0, &size) < 0)
         return NULL;
-    return block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly, (unsigned)scope, security);
+    return block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly, scope_name, security);
 }
 
 /* An offset or length argument as a non-negative size_t, or -1 with ValueError/TypeError. */

@@ -301,9 +301,13 @@ void shx_os_pause_briefly(void) { Sleep(1); }
 
 int shx_os_cpu_count(void)
 {
-    SYSTEM_INFO info;
-    GetSystemInfo(&info);
-    return info.dwNumberOfProcessors > 0 ? (int)info.dwNumberOfProcessors : 1;
+    static int count;
+    if (count == 0) {
+        SYSTEM_INFO info;
+        GetSystemInfo(&info);
+        count = info.dwNumberOfProcessors > 0 ? (int)info.dwNumberOfProcessors : 1;
+    }
+    return count;
 }
 
 uint64_t shx_os_monotonic_ns(void)

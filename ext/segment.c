@@ -297,9 +297,8 @@ static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t 
         size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
         memcpy(dst, src, head);
         size_t i = head;
-        for (; i + 64 <= n; i += 64) {
+        for (; i + 64 <= n; i += 64)
             (void)stream_line(dst + i, src + i);
-        }
         memcpy(dst + i, src + i, n - i);
         /* Streaming stores are weakly ordered: all of them before what publishes them. */
         _mm_sfence();
@@ -309,14 +308,27 @@ static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t 
     memcpy(dst, src, n);
 }
 
+/* A copy of n bytes is long enough to let other threads run meanwhile:
+ * begins that if so, and says whether it did (for end_long_copy). */
+static int begin_long_copy(const shx_hooks *hooks, size_t n)
+{
+    if (hooks == NULL || hooks->blocking_begin == NULL || n < hooks->large_copy)
+        return 0;
+    hooks->blocking_begin(hooks->ctx);
+    return 1;
+}
+
+static void end_long_copy(const shx_hooks *hooks, int began)
+{
+    if (began)
+        hooks->blocking_end(hooks->ctx);
+}
+
 static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
 {
-    int blocking = hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy;
-    if (blocking)
-        hooks->blocking_begin(hooks->ctx);
+    int began = begin_long_copy(hooks, n);
     copy_streaming((unsigned char *)dst, (const unsigned char *)src, n);
-    if (blocking)
-        hooks->blocking_end(hooks->ctx);
+    end_long_copy(hooks, began);
 }
 
 /* ---- raw segments ------------------------------------------------------------ */
@@ -474,9 +486,8 @@ static uint64_t copy_or_streaming(unsigned char *dst, const unsigned char *src, 
     uint64_t acc = copy_or(dst, src, head);
     __m128i lanes = _mm_setzero_si128();
     size_t i = head;
-    for (; i + 64 <= n; i += 64) {
+    for (; i + 64 <= n; i += 64)
         lanes = _mm_or_si128(lanes, stream_line(dst + i, src + i));
-    }
     _mm_sfence();
     uint64_t halves[2];
     _mm_storeu_si128((__m128i *)halves, lanes);
@@ -491,9 +502,7 @@ static uint64_t copy_or_streaming(unsigned char *dst, const unsigned char *src, 
 static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, uint32_t type,
                         const shx_hooks *hooks)
 {
-    int blocking = hooks != NULL && hooks->blocking_begin != NULL && n >= hooks->large_copy;
-    if (blocking)
-        hooks->blocking_begin(hooks->ctx);
+    int began = begin_long_copy(hooks, n);
     uint64_t acc = 0, decisive = decisive_bits(type);
     uint64_t (*copy_chunk)(unsigned char *, const unsigned char *, size_t) = copy_or;
 #ifdef HAVE_STREAMING_STORES
@@ -515,8 +524,7 @@ static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, 
         done += k;
     }
     int ok = well_formed(type, dst, n, acc);
-    if (blocking)
-        hooks->blocking_end(hooks->ctx);
+    end_long_copy(hooks, began);
     return ok;
 }
 
