@@ -82,6 +82,38 @@ static void *to_got(void *ctx, uint32_t type, size_t nbytes)
     return nbytes <= sizeof got ? got : NULL;
 }
 
+/* The oracle: PEP 393's rules checked unit by unit, on purpose not the core's
+ * word-wise check, so that a mistake there cannot agree with itself. */
+static int canonical(uint32_t type, const unsigned char *p, size_t n)
+{
+    size_t width = type == SHX_TYPE_UCS4 ? 4 : type == SHX_TYPE_UCS2 ? 2 : 1;
+    uint32_t max = 0;
+    if (n % width != 0)
+        return 0;
+    for (size_t i = 0; i < n; i += width) {
+        uint32_t u;   /* code units are in the machine's byte order */
+        if (width == 1) {
+            u = p[i];
+        } else if (width == 2) {
+            uint16_t h;
+            memcpy(&h, p + i, 2);
+            u = h;
+        } else {
+            memcpy(&u, p + i, 4);
+        }
+        max = u > max ? u : max;
+    }
+    switch (type) {
+    case SHX_TYPE_EMPTY:  return n == 0;
+    case SHX_TYPE_BYTES:  return 1;
+    case SHX_TYPE_ASCII:  return max < 0x80;
+    case SHX_TYPE_LATIN1: return max >= 0x80 && max <= 0xFF;
+    case SHX_TYPE_UCS2:   return max > 0xFF;
+    case SHX_TYPE_UCS4:   return max > 0xFFFF && max <= 0x10FFFF;
+    default:              return 0;
+    }
+}
+
 static void check_get(shx_block *b)
 {
     uint32_t type = 0;
@@ -89,8 +121,7 @@ static void check_get(shx_block *b)
     uint64_t version = 0;
     shx_error err;
     if (shx_value_get(b, to_got, NULL, &hooks, &type, &n, &version, &err) == SHX_OK) {
-        shx_error check_err;
-        if (n > CAPACITY || shx_value_check(type, got, n, &check_err) != SHX_OK) {
+        if (n > CAPACITY || !canonical(type, got, n)) {
             fprintf(stderr, "get returned an ill-formed value: type %u, %zu bytes\n", type, n);
             abort();
         }
