@@ -10,6 +10,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Where the kernel offers no open-file-description locks on shared-memory
+ * objects and no robust mutexes (macOS, the BSDs), liveness, the attach gate
+ * and the writer lock are flock()s on small lock files beside the object, and
+ * names are cut to fit PSHMNAMLEN.  Linux builds can be forced onto that path
+ * (-DSHX_FORCE_LOCK_FILES) so that it is tested where it is developed. */
+#if !defined(_WIN32) && (defined(SHX_FORCE_LOCK_FILES) || !defined(__linux__))
+#define SHX_LOCK_FILES 1
+#include <pthread.h>
+#else
+#define SHX_LOCK_FILES 0
+#endif
+
 /* Outcome of a core or platform call.  SHX_OK is zero; everything else is
  * an error whose details are in a shx_error. */
 typedef enum shx_status {
@@ -59,10 +71,20 @@ typedef struct shx_os_map {
     unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
+    int object_fd;      /* the shared-memory object while attaching (fd itself with OFD locks) */
     int fork_fd;        /* during fork(): the descriptor the child will own */
     int keep_name;      /* never unlink: set when a fork child could not get its own lock */
-    uint64_t dev, ino;  /* identity of the object, to reopen it after fork() */
+    uint64_t dev, ino;  /* identity of the liveness file, to reopen it after fork() */
     struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
+#if SHX_LOCK_FILES
+    int gate_fd;        /* the attach/detach gate file while it is held */
+    int writer_fd;      /* the writer-lock file */
+    int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
+    unsigned mode;      /* permissions for lock files made anew */
+    pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
+    pthread_t writer_thread;        /* which of our threads holds the writer lock, when writer_held */
+    int writer_held;
+#endif
 #endif
     char os_name[256];  /* the name as the OS sees it */
 } shx_os_map;
@@ -93,6 +115,12 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
 /* Detaches; the last process to detach removes the name unless keep_name() says not to.
  * With at_exit set the mapping is left in place (threads may still run). */
 int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err);
+/* Writes the name the OS sees for block `name` (NUL-terminated) into out:
+ * "/name" for POSIX shm_open, cut to a stable short form where names are
+ * short (a prefix, '~' and a hash: '~' is never in a block name, so a short
+ * form never equals a name given in full), "Local\\name" or "Global\\name"
+ * on Windows. */
+int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_error *err);
 /* Removes the name; processes already attached keep their block. */
 int shx_os_unlink(const char *name, shx_error *err);
 /* *alone = 1 when no other process holds this object. */

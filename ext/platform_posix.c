@@ -1,13 +1,27 @@
-/* POSIX backend: shm_open + mmap, liveness by open-file-description locks,
- * the writer lock as a robust process-shared pthread mutex.
+/* POSIX backend: shm_open + mmap, liveness by kernel-released locks.
  *
- * Liveness: every attachment holds a shared lock on byte LIVE_BYTE of its
- * descriptor; the kernel drops it when the process dies.  Attach and detach
- * run under an exclusive lock on GATE_BYTE, so "am I the only holder?" (an
- * exclusive LIVE_BYTE lock that succeeds without waiting) has a stable answer
- * while we act on it.  OFD locks (not classic fcntl locks) because they belong
- * to the open file description, so two attachments in one process count as
- * two, and conversion between shared and exclusive is atomic (unlike flock).
+ * Liveness: every attachment holds a shared lock, which the kernel drops when
+ * the process dies.  Attach and detach run under an exclusive gate lock, so
+ * "am I the only holder?" (an exclusive liveness lock that succeeds without
+ * waiting) has a stable answer while we act on it.  Two ways to get them:
+ *
+ * - Linux: open-file-description (OFD) byte locks on the object itself, byte
+ *   LIVE_BYTE for liveness and GATE_BYTE for the gate.  OFD locks, not classic
+ *   fcntl locks, because they belong to the open file description (two
+ *   attachments in one process count as two) and convert atomically.  The
+ *   writer lock is a robust process-shared pthread mutex in the header.
+ * - SHX_LOCK_FILES (macOS, the BSDs): shm descriptors take no locks there, so
+ *   three small files in a lock directory stand beside each object: NAME.gate,
+ *   NAME.live and NAME.lock, each locked with flock().  There are no robust
+ *   mutexes either: the writer lock is the flock() on NAME.lock (released by
+ *   the kernel at death) plus a pthread mutex for this process's threads, and
+ *   an owner word in the header tells the next holder that a writer died.
+ *   The live file is the block's identity: it is removed together with the
+ *   name, so a holder of an older block never removes a newer one's name.
+ *
+ * flock() conversions are not atomic (the old lock goes first); that is
+ * harmless here because every conversion happens under the gate, and a
+ * failed upgrade is followed by taking the shared lock back.
  */
 #define _GNU_SOURCE
 #include "platform.h"
@@ -15,6 +29,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -25,14 +42,24 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #endif
+#if SHX_LOCK_FILES
+#include <sys/file.h>
+#endif
+#ifdef __APPLE__
+#include <dlfcn.h>
+#endif
 
-#ifndef F_OFD_SETLK
+#if !SHX_LOCK_FILES && !defined(F_OFD_SETLK)
 #error "this backend needs open file description locks (F_OFD_SETLK, Linux 3.15+)"
 #endif
 
-enum { LIVE_BYTE = 0, GATE_BYTE = 1 };
-
-_Static_assert(sizeof(pthread_mutex_t) <= SHX_LOCK_AREA, "pthread mutex does not fit the lock area");
+#if SHX_LOCK_FILES
+#define OS_NAME_MAX 31      /* PSHMNAMLEN on macOS, the slash included */
+#define SHORT_PREFIX 13     /* "/" + 13 + "~" + 16 hex digits = 31 */
+#define DEFAULT_LOCK_DIR "/tmp/.shmemext"
+#else
+#define OS_NAME_MAX 255     /* NAME_MAX of /dev/shm */
+#endif
 
 int shx_fail_os(shx_error *err, const char *op)
 {
@@ -45,7 +72,47 @@ int shx_fail_os(shx_error *err, const char *op)
 
 uint32_t shx_os_pid(void) { return (uint32_t)getpid(); }
 
-/* ---- byte-range locks -------------------------------------------------- */
+/* ---- names ---------------------------------------------------------------- */
+
+#if SHX_LOCK_FILES
+/* FNV-1a: stable across processes, builds and versions, which is all a short
+ * form needs; a collision is caught at attach (see check_full_name). */
+static uint64_t name_hash(const char *name)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        h ^= *p;
+        h *= UINT64_C(1099511628211);
+    }
+    return h;
+}
+#endif
+
+int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_error *err)
+{
+    (void)flags;
+    size_t n = strlen(name);
+    int written;
+    if (1 + n <= OS_NAME_MAX) {
+        written = snprintf(out, size, "/%s", name);
+    } else {
+#if SHX_LOCK_FILES
+        written = snprintf(out, size, "/%.*s~%016llx", SHORT_PREFIX, name, (unsigned long long)name_hash(name));
+#else
+        written = -1;
+#endif
+    }
+    if (written < 0 || (size_t)written >= size)
+        return shx_fail(err, SHX_E_NAME, n, OS_NAME_MAX - 1, "is too long for this system");
+    return SHX_OK;
+}
+
+/* ---- lock primitives ------------------------------------------------------ */
+
+static int busy_errno(int e) { return e == EAGAIN || e == EACCES || e == EWOULDBLOCK; }
+
+#if !SHX_LOCK_FILES
+enum { LIVE_BYTE = 0, GATE_BYTE = 1 };
 
 /* Sets lock `type` (F_RDLCK, F_WRLCK, F_UNLCK) on one byte; waits if asked.
  * Returns 0, or -1 with errno (EAGAIN when it would have had to wait). */
@@ -65,14 +132,170 @@ static int lock_byte(int fd, short type, off_t byte, int wait)
     }
 }
 
-static int busy_errno(int e) { return e == EAGAIN || e == EACCES; }
+/* The liveness lock: F_RDLCK (attached), F_WRLCK (alone), F_UNLCK. */
+static int live_lock(const shx_os_map *m, short type, int wait) { return lock_byte(m->fd, type, LIVE_BYTE, wait); }
+#else
+static int flock_retry(int fd, int op)
+{
+    for (;;) {
+        if (flock(fd, op) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+static int live_lock(const shx_os_map *m, short type, int wait)
+{
+    int op = type == F_RDLCK ? LOCK_SH : type == F_WRLCK ? LOCK_EX : LOCK_UN;
+    return flock_retry(m->fd, op | (wait ? 0 : LOCK_NB));
+}
+#endif
+
+/* ---- lock files (SHX_LOCK_FILES) ------------------------------------------ */
+
+#if SHX_LOCK_FILES
+enum lock_file { GATE_FILE, LIVE_FILE, WRITER_FILE };
+static const char *const lock_suffix[] = {".gate", ".live", ".lock"};
+
+static const char *lock_dir(void)
+{
+    const char *dir = getenv("SHMEMEXT_LOCK_DIR");
+    return dir != NULL && dir[0] != '\0' ? dir : DEFAULT_LOCK_DIR;
+}
+
+/* The lock directory is shared by every user, like /tmp itself: made
+ * world-writable and sticky, so nobody can remove another user's files. */
+static int ensure_lock_dir(shx_error *err)
+{
+    const char *dir = lock_dir();
+    if (mkdir(dir, 01777) == 0) {
+        (void)chmod(dir, 01777);   /* mkdir applied the umask */
+        return SHX_OK;
+    }
+    if (errno != EEXIST)
+        return shx_fail_os(err, "mkdir of the lock directory");
+    struct stat st;
+    if (lstat(dir, &st) != 0)
+        return shx_fail_os(err, "lstat of the lock directory");
+    if (!S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        return shx_fail_os(err, "the lock directory");
+    }
+    return SHX_OK;
+}
+
+static int lock_path(char *out, size_t size, const char *os_name, enum lock_file which, shx_error *err)
+{
+    int n = snprintf(out, size, "%s/%s%s", lock_dir(), os_name + 1, lock_suffix[which]);
+    if (n < 0 || (size_t)n >= size) {
+        errno = ENAMETOOLONG;
+        return shx_fail_os(err, "the lock directory");
+    }
+    return SHX_OK;
+}
+
+/* Opens (creating) a lock file.  flock() needs no write access, so a user
+ * who may only read the block can still count as attached. */
+static int open_lock_file(const char *path, unsigned mode, int writable)
+{
+    int fd;
+    do {
+        fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CREAT | O_CLOEXEC | O_NOFOLLOW, (mode_t)mode);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0 && writable && errno == EACCES)
+        return open_lock_file(path, mode, 0);
+    if (fd >= 0) {
+        struct stat st;
+        /* open() applied the umask; the block's mode is what was asked for. */
+        if (fstat(fd, &st) == 0 && st.st_uid == geteuid() && (st.st_mode & 07777) != (mode & 07777))
+            (void)fchmod(fd, (mode_t)mode);
+    }
+    return fd;
+}
+
+/* Takes the gate: an exclusive flock() on NAME.gate.  The last detacher
+ * removes the gate file while holding it, so a lock won on a file that is no
+ * longer linked is worthless: open the new one and try again. */
+static int gate_take(shx_os_map *m, unsigned mode, shx_error *err)
+{
+    char path[1024];
+    int rc;
+    if ((rc = ensure_lock_dir(err)) != SHX_OK || (rc = lock_path(path, sizeof path, m->os_name, GATE_FILE, err)) != SHX_OK)
+        return rc;
+    for (;;) {
+        int fd = open_lock_file(path, mode, 0);
+        if (fd < 0)
+            return shx_fail_os(err, "open of the gate lock file");
+        struct stat st;
+        if (flock_retry(fd, LOCK_EX) != 0 || fstat(fd, &st) != 0) {
+            rc = shx_fail_os(err, "flock");
+            close(fd);
+            return rc;
+        }
+        if (st.st_nlink > 0) {
+            m->gate_fd = fd;
+            return SHX_OK;
+        }
+        close(fd);
+    }
+}
+
+static void gate_release(shx_os_map *m)
+{
+    if (m->gate_fd >= 0)
+        close(m->gate_fd);
+    m->gate_fd = -1;
+}
+
+/* Under the gate: removes the name and the lock files; the gate's last, so
+ * that nobody takes a fresh gate while the others are still there. */
+static int remove_names(const char *os_name, shx_error *err)
+{
+    int rc = SHX_OK;
+    char path[1024];
+    if (shm_unlink(os_name) != 0 && errno != ENOENT)
+        rc = shx_fail_os(err, "shm_unlink");
+    static const enum lock_file order[] = {LIVE_FILE, WRITER_FILE, GATE_FILE};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
+        shx_error ignored;
+        if (lock_path(path, sizeof path, os_name, order[i], &ignored) == SHX_OK)
+            (void)unlink(path);
+    }
+    return rc;
+}
+
+/* Long names share a short form with every other name of the same prefix and
+ * hash.  The live file remembers the full name of its block, so a collision
+ * is an error instead of two names silently sharing one block. */
+static int check_full_name(int fd, const char *name, shx_error *err)
+{
+    char stored[256];
+    size_t n = strlen(name);
+    ssize_t got = pread(fd, stored, sizeof stored - 1, 0);
+    if (got < 0)
+        return shx_fail_os(err, "read of the live lock file");
+    if (got == 0) {
+        if (pwrite(fd, name, n, 0) != (ssize_t)n && errno != EBADF)
+            return shx_fail_os(err, "write of the live lock file");
+        return SHX_OK;
+    }
+    if ((size_t)got != n || memcmp(stored, name, n) != 0) {
+        shx_fail(err, SHX_E_OS, 0, 0,
+                 "another block's name has the same short OS name (a hash collision): choose another name");
+        err->os_error = EEXIST;
+        return SHX_E_OS;
+    }
+    return SHX_OK;
+}
+#endif
 
 /* ---- the process registry: fork() and exit ----------------------------- */
-
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static shx_os_map *attached_head;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+#if !SHX_LOCK_FILES
 /* Writes "/proc/self/fd/N" without stdio, as it runs inside fork(). */
 static void proc_fd_path(char *out, int fd)
 {
@@ -89,15 +312,9 @@ static void proc_fd_path(char *out, int fd)
     out[sizeof prefix - 1 + n] = '\0';
 }
 
-/* A fork() child shares its parent's open file descriptions, and with them the
- * liveness locks: the parent's detach would then count the child out.  So,
- * before fork(), the parent opens each attached object anew and locks it; the
- * child keeps that descriptor as its own and the parent closes its copy.
- * Doing it before the fork leaves no window in which the parent could detach
- * as the last holder while the child is still on its way. */
+/* A new open file description for the object behind m->fd. */
 static int open_same_object(const shx_os_map *m)
 {
-    /* A new open file description for the object behind m->fd. */
     char path[40];
     proc_fd_path(path, m->fd);
     int fd = open(path, O_RDWR | O_CLOEXEC);
@@ -114,10 +331,41 @@ static int open_same_object(const shx_os_map *m)
     return fd;
 }
 
+static int open_liveness_again(const shx_os_map *m) { return open_same_object(m); }
+#else
+/* Opens a lock file of m's anew, if it is still the one m has. */
+static int open_lock_file_again(const shx_os_map *m, enum lock_file which, int fd_now)
+{
+    char path[1024];
+    shx_error ignored;
+    struct stat now, again;
+    if (fd_now < 0 || lock_path(path, sizeof path, m->os_name, which, &ignored) != SHX_OK || fstat(fd_now, &now) != 0)
+        return -1;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 && (fstat(fd, &again) != 0 || again.st_dev != now.st_dev || again.st_ino != now.st_ino)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+static int open_liveness_again(const shx_os_map *m) { return open_lock_file_again(m, LIVE_FILE, m->fd); }
+#endif
+
+/* A fork() child shares its parent's open file descriptions, and with them the
+ * liveness locks: the parent's detach would then count the child out.  So,
+ * before fork(), the parent opens each attached object anew and locks it; the
+ * child keeps that descriptor as its own and the parent closes its copy.
+ * Doing it before the fork leaves no window in which the parent could detach
+ * as the last holder while the child is still on its way.  With lock files the
+ * writer lock is a flock() too, so the child gets its own writer descriptor
+ * as well: sharing the parent's would let both hold the lock at once. */
 static int reopen_same_object(const shx_os_map *m)
 {
-    int fd = open_same_object(m);
-    if (fd >= 0 && lock_byte(fd, F_RDLCK, LIVE_BYTE, 0) != 0) {
+    int fd = open_liveness_again(m);
+    shx_os_map probe = *m;
+    probe.fd = fd;
+    if (fd >= 0 && live_lock(&probe, F_RDLCK, 0) != 0) {
         close(fd);
         return -1;
     }
@@ -127,8 +375,12 @@ static int reopen_same_object(const shx_os_map *m)
 static void registry_prepare(void)
 {
     pthread_mutex_lock(&registry_lock);
-    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached)
+    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached) {
         m->fork_fd = reopen_same_object(m);
+#if SHX_LOCK_FILES
+        m->writer_fork_fd = open_lock_file_again(m, WRITER_FILE, m->writer_fd);
+#endif
+    }
 }
 
 static void registry_parent(void)
@@ -137,6 +389,11 @@ static void registry_parent(void)
         if (m->fork_fd >= 0)
             close(m->fork_fd);
         m->fork_fd = -1;
+#if SHX_LOCK_FILES
+        if (m->writer_fork_fd >= 0)
+            close(m->writer_fork_fd);
+        m->writer_fork_fd = -1;
+#endif
     }
     pthread_mutex_unlock(&registry_lock);
 }
@@ -153,6 +410,17 @@ static void registry_child(void)
             m->keep_name = 1;
         }
         m->fork_fd = -1;
+#if SHX_LOCK_FILES
+        /* Without a description of its own the child must not write at all
+         * (shx_os_lock refuses), rather than share the parent's lock. */
+        if (m->writer_fd >= 0)
+            close(m->writer_fd);
+        m->writer_fd = m->writer_fork_fd;
+        m->writer_fork_fd = -1;
+        /* Only the forking thread lives on: whatever other threads held is free. */
+        (void)pthread_mutex_init(&m->local_writer, NULL);
+        m->writer_held = 0;
+#endif
     }
     pthread_mutex_unlock(&registry_lock);
 }
@@ -202,19 +470,126 @@ void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name)
     }
 }
 
+/* ---- the gate and the names, per liveness mechanism ----------------------- */
+
+#if !SHX_LOCK_FILES
+static int gate_enter(shx_os_map *m, shx_error *err)
+{
+    return lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) == 0 ? SHX_OK : shx_fail_os(err, "fcntl");
+}
+
+static void gate_leave(shx_os_map *m) { (void)lock_byte(m->fd, F_UNLCK, GATE_BYTE, 0); }
+
+/* Opens (creating) the object and takes the gate on it. */
+static int open_and_gate(shx_os_map *m, unsigned mode, shx_error *err)
+{
+    int fd;
+    do {
+        fd = shm_open(m->os_name, O_RDWR | O_CREAT, (mode_t)mode);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return shx_fail_os(err, "shm_open");
+    m->fd = m->object_fd = fd;
+    return gate_enter(m, err);
+}
+
+/* A descriptor for mmap of its own: a mapping keeps the description it was
+ * made from alive, and with it any lock on it, so mapping m->fd itself would
+ * let a forked child's inherited mapping hold our liveness lock after we died. */
+static int mapping_fd(const shx_os_map *m) { return open_same_object(m); }
+
+static int forget_names(const shx_os_map *m, shx_error *err)
+{
+    return shm_unlink(m->os_name) != 0 && errno != ENOENT ? shx_fail_os(err, "shm_unlink") : SHX_OK;
+}
+
+/* Empties an object nobody else holds, to be sized and initialized anew. */
+static int empty_object(shx_os_map *m, unsigned mode, shx_error *err)
+{
+    (void)mode;
+    return ftruncate(m->object_fd, 0) == 0 ? SHX_OK : shx_fail_os(err, "ftruncate");
+}
+
+static void close_descriptors(shx_os_map *m)
+{
+    if (m->fd >= 0)
+        close(m->fd);   /* drops every lock we took */
+    m->fd = m->object_fd = -1;
+}
+#else
+static int gate_enter(shx_os_map *m, shx_error *err) { return gate_take(m, m->mode, err); }
+static void gate_leave(shx_os_map *m) { gate_release(m); }
+
+static int open_shm_object(const char *os_name, int oflag, unsigned mode)
+{
+    int fd;
+    do {
+        /* No O_CLOEXEC here: newer macOS refuses shm_open flags beyond POSIX's. */
+        fd = shm_open(os_name, oflag, (mode_t)mode);
+    } while (fd < 0 && errno == EINTR);
+    if (fd >= 0)
+        (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return fd;
+}
+
+/* Takes the gate, then opens the lock files and the object under it. */
+static int open_and_gate(shx_os_map *m, unsigned mode, shx_error *err)
+{
+    char path[1024];
+    int rc;
+    if ((rc = gate_take(m, mode, err)) != SHX_OK)
+        return rc;
+    if ((rc = lock_path(path, sizeof path, m->os_name, LIVE_FILE, err)) != SHX_OK)
+        return rc;
+    if ((m->fd = open_lock_file(path, mode, 1)) < 0)
+        return shx_fail_os(err, "open of the live lock file");
+    if ((rc = lock_path(path, sizeof path, m->os_name, WRITER_FILE, err)) != SHX_OK)
+        return rc;
+    if ((m->writer_fd = open_lock_file(path, mode, 0)) < 0)
+        return shx_fail_os(err, "open of the writer lock file");
+    if ((m->object_fd = open_shm_object(m->os_name, O_RDWR | O_CREAT, mode)) < 0)
+        return shx_fail_os(err, "shm_open");
+    return SHX_OK;
+}
+
+/* The object's descriptor carries no locks: mapping a copy of it is safe. */
+static int mapping_fd(const shx_os_map *m) { return dup(m->object_fd); }
+
+static int forget_names(const shx_os_map *m, shx_error *err) { return remove_names(m->os_name, err); }
+
+/* macOS lets an object be sized only once: an object to start afresh is
+ * replaced by a new one under the same name (we hold the gate and are alone). */
+static int empty_object(shx_os_map *m, unsigned mode, shx_error *err)
+{
+    if (shm_unlink(m->os_name) != 0 && errno != ENOENT)
+        return shx_fail_os(err, "shm_unlink");
+    close(m->object_fd);
+    if ((m->object_fd = open_shm_object(m->os_name, O_RDWR | O_CREAT | O_EXCL, mode)) < 0)
+        return shx_fail_os(err, "shm_open");
+    return SHX_OK;
+}
+
+static void close_descriptors(shx_os_map *m)
+{
+    int *fds[] = {&m->object_fd, &m->fd, &m->writer_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    gate_release(m);
+}
+#endif
+
 /* ---- attach / detach --------------------------------------------------- */
 
-/* Maps the object through a description of its own: a mapping keeps the
- * description it was made from alive, and with it any lock on it, so mapping
- * m->fd itself would let a forked child's inherited mapping hold our
- * liveness lock after we died. */
 static int map_object(shx_os_map *m, size_t size, shx_error *err)
 {
     m->base = NULL;
     m->size = 0;
     if (size == 0)
         return SHX_OK;
-    int fd = open_same_object(m);
+    int fd = mapping_fd(m);
     if (fd < 0)
         return shx_fail_os(err, "open");
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -243,8 +618,10 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
     if (ftruncate(fd, (off_t)size) != 0)
         return shx_fail_os(err, "ftruncate");
     /* shm_open applied the umask; the caller's mode is what was asked for.
-     * Failing here only means another user made the name: keep theirs. */
+     * Failing here only means another user made the name (or, on macOS, that
+     * shm objects take no fchmod): keep what there is. */
     (void)fchmod(fd, (mode_t)mode);
+#ifndef __APPLE__   /* no posix_fallocate there; its shm objects are wired at ftruncate */
     int rc;
     do {
         rc = posix_fallocate(fd, 0, (off_t)size);
@@ -255,6 +632,7 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
         err->a = (uint64_t)size;   /* named in the message: how much did not fit */
         return SHX_E_OS;
     }
+#endif
     return SHX_OK;
 }
 
@@ -268,30 +646,36 @@ static int stat_size(const struct stat *st, size_t *out, shx_error *err)
 
 /* One attempt under the gate.  Returns SHX_OK, an error, or SHX_REINIT when
  * the object was unlinked under us and the caller should start again. */
-static int attach_locked(shx_os_map *m, size_t size, unsigned mode, unsigned flags,
+static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
                          shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
 {
-    struct stat st;
+    struct stat live, object;
     size_t existing = 0;
     int rc;
 
-    if (fstat(m->fd, &st) != 0)
+    if (fstat(m->fd, &live) != 0 || fstat(m->object_fd, &object) != 0)
         return shx_fail_os(err, "fstat");
-    if (st.st_nlink == 0)
+    if (live.st_nlink == 0)
         return SHX_REINIT;
-    if ((flags & SHX_OPEN_REQUIRE_OWNER) && st.st_uid != geteuid())
-        return shx_fail(err, SHX_E_NOTOWNER, (uint64_t)st.st_uid, (uint64_t)geteuid(), NULL);
-    m->dev = (uint64_t)st.st_dev;
-    m->ino = (uint64_t)st.st_ino;
-    if ((rc = stat_size(&st, &existing, err)) != SHX_OK)
+    if ((flags & SHX_OPEN_REQUIRE_OWNER) && object.st_uid != geteuid())
+        return shx_fail(err, SHX_E_NOTOWNER, (uint64_t)object.st_uid, (uint64_t)geteuid(), NULL);
+    m->dev = (uint64_t)live.st_dev;
+    m->ino = (uint64_t)live.st_ino;
+#if SHX_LOCK_FILES
+    if ((rc = check_full_name(m->fd, name, err)) != SHX_OK)
+        return rc;
+#else
+    (void)name;
+#endif
+    if ((rc = stat_size(&object, &existing, err)) != SHX_OK)
         return rc;
 
-    if (lock_byte(m->fd, F_WRLCK, LIVE_BYTE, 0) != 0) {
+    if (live_lock(m, F_WRLCK, 0) != 0) {
         if (!busy_errno(errno))
-            return shx_fail_os(err, "fcntl");
+            return shx_fail_os(err, "liveness lock");
         /* Others hold it.  No exclusive holder can exist while we hold the gate. */
-        if (lock_byte(m->fd, F_RDLCK, LIVE_BYTE, 1) != 0)
-            return shx_fail_os(err, "fcntl");
+        if (live_lock(m, F_RDLCK, 1) != 0)
+            return shx_fail_os(err, "liveness lock");
         if ((rc = map_object(m, existing, err)) != SHX_OK)
             return rc;
         return prepare(ctx, m, SHX_ATTACH_SHARED, err);
@@ -305,75 +689,86 @@ static int attach_locked(shx_os_map *m, size_t size, unsigned mode, unsigned fla
         rc = prepare(ctx, m, SHX_ATTACH_ALONE, err);
         if (rc == SHX_REINIT) {
             unmap_object(m);
-            if (ftruncate(m->fd, 0) != 0)
-                return shx_fail_os(err, "ftruncate");
+            if ((rc = empty_object(m, mode, err)) != SHX_OK)
+                return rc;
             state = SHX_ATTACH_FRESH;
         } else if (rc != SHX_OK) {
             return rc;
         }
     }
     if (state == SHX_ATTACH_FRESH) {
-        rc = size_fresh_object(m->fd, size, mode, err);
+        rc = size_fresh_object(m->object_fd, size, mode, err);
         if (rc == SHX_OK)
             rc = map_object(m, size, err);
         if (rc == SHX_OK)
             rc = prepare(ctx, m, SHX_ATTACH_FRESH, err);
         if (rc != SHX_OK) {
             /* Leave no half-made block behind; we hold it alone, so the name is ours. */
-            (void)shm_unlink(m->os_name);
+            shx_error ignored;
+            (void)forget_names(m, &ignored);
             return rc;
         }
         *created = 1;
     }
-    if (lock_byte(m->fd, F_RDLCK, LIVE_BYTE, 0) != 0)
-        return shx_fail_os(err, "fcntl");
+    if (live_lock(m, F_RDLCK, 0) != 0)
+        return shx_fail_os(err, "liveness lock");
     return SHX_OK;
+}
+
+static void clear_map(shx_os_map *m)
+{
+    memset(m, 0, sizeof *m);
+    m->fd = m->object_fd = m->fork_fd = -1;
+#if SHX_LOCK_FILES
+    m->gate_fd = m->writer_fd = m->writer_fork_fd = -1;
+#endif
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
                   const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
 {
+    int rc;
+    clear_map(m);
+    *created = 0;
     if (security != NULL) {
         errno = EINVAL;
         return shx_fail_os(err, "security descriptors are a Windows option");
     }
-    size_t n = strlen(name);
-    memset(m, 0, sizeof *m);
-    m->fd = -1;
-    m->fork_fd = -1;
-    *created = 0;
-    if (n + 2 > sizeof m->os_name)
-        return shx_fail(err, SHX_E_NAME, n, sizeof m->os_name - 2, "name too long");
-    m->os_name[0] = '/';
-    memcpy(m->os_name + 1, name, n + 1);
+    if ((rc = shx_os_name(name, flags, m->os_name, sizeof m->os_name, err)) != SHX_OK)
+        return rc;
+#if SHX_LOCK_FILES
+    m->mode = mode;
+    if ((rc = pthread_mutex_init(&m->local_writer, NULL)) != 0) {
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_init");
+    }
+#endif
 
     for (;;) {
-        int fd;
-        do {
-            fd = shm_open(m->os_name, O_RDWR | O_CREAT, (mode_t)mode);
-        } while (fd < 0 && errno == EINTR);
-        if (fd < 0)
-            return shx_fail_os(err, "shm_open");
-        m->fd = fd;
-        int rc;
         registry_enter();
-        if (lock_byte(fd, F_WRLCK, GATE_BYTE, 1) != 0)
-            rc = shx_fail_os(err, "fcntl");
-        else
-            rc = attach_locked(m, size, mode, flags, prepare, ctx, created, err);
+        rc = open_and_gate(m, mode, err);
+        if (rc == SHX_OK)
+            rc = attach_locked(m, name, size, mode, flags, prepare, ctx, created, err);
         if (rc == SHX_OK) {
-            (void)lock_byte(fd, F_UNLCK, GATE_BYTE, 0);
+            gate_leave(m);
+#if SHX_LOCK_FILES
+            close(m->object_fd);   /* the mapping keeps the object */
+            m->object_fd = -1;
+#endif
             registry_add(m);
             registry_leave();
             return SHX_OK;
         }
         unmap_object(m);
-        close(fd);   /* drops every lock we took */
+        close_descriptors(m);
         registry_leave();
-        m->fd = -1;
         *created = 0;
-        if (rc != SHX_REINIT)
+        if (rc != SHX_REINIT) {
+#if SHX_LOCK_FILES
+            (void)pthread_mutex_destroy(&m->local_writer);
+#endif
             return rc;
+        }
     }
 }
 
@@ -384,20 +779,27 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
         return SHX_OK;
     registry_enter();
     registry_remove(m);
-    if (lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) != 0) {
-        rc = shx_fail_os(err, "fcntl");
-    } else if (!m->keep_name && lock_byte(m->fd, F_WRLCK, LIVE_BYTE, 0) == 0) {
-        /* We are the last holder.  A linked object's name is still ours to remove;
-         * an unlinked one's name may already belong to a newer block. */
-        struct stat st;
-        if (fstat(m->fd, &st) != 0)
-            rc = shx_fail_os(err, "fstat");
-        else if (st.st_nlink > 0 && !(keep_name != NULL && keep_name(m)) &&
-                 shm_unlink(m->os_name) != 0 && errno != ENOENT)
-            rc = shx_fail_os(err, "shm_unlink");
+    if ((rc = gate_enter(m, err)) == SHX_OK) {
+        if (!m->keep_name && live_lock(m, F_WRLCK, 0) == 0) {
+            /* We are the last holder.  A linked object's name is still ours to remove;
+             * an unlinked one's name may already belong to a newer block. */
+            struct stat st;
+            if (fstat(m->fd, &st) != 0)
+                rc = shx_fail_os(err, "fstat");
+            else if (st.st_nlink > 0 && !(keep_name != NULL && keep_name(m)))
+                rc = forget_names(m, err);
+        }
+        gate_leave(m);
     }
     if (!at_exit)
         unmap_object(m);
+#if SHX_LOCK_FILES
+    if (m->writer_fd >= 0)
+        close(m->writer_fd);
+    m->writer_fd = -1;
+    if (!at_exit)   /* at exit other threads may still be inside the lock calls */
+        (void)pthread_mutex_destroy(&m->local_writer);
+#endif
     if (close(m->fd) != 0 && rc == SHX_OK && errno != EINTR)
         rc = shx_fail_os(err, "close");
     m->fd = -1;
@@ -407,41 +809,55 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
 
 int shx_os_unlink(const char *name, shx_error *err)
 {
-    char os_name[256];
-    size_t n = strlen(name);
-    if (n + 2 > sizeof os_name)
-        return shx_fail(err, SHX_E_NAME, n, sizeof os_name - 2, "name too long");
-    os_name[0] = '/';
-    memcpy(os_name + 1, name, n + 1);
-    if (shm_unlink(os_name) != 0)
+    shx_os_map m;
+    int rc;
+    clear_map(&m);
+    if ((rc = shx_os_name(name, 0, m.os_name, sizeof m.os_name, err)) != SHX_OK)
+        return rc;
+#if SHX_LOCK_FILES
+    /* Under the gate, and the lock files go with the name: holders of the
+     * unlinked block then see their live file unlinked and leave names alone. */
+    if ((rc = gate_take(&m, 0600, err)) != SHX_OK)
+        return rc;
+    rc = shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
+    shx_error ignored;
+    (void)remove_names(m.os_name, &ignored);
+    gate_release(&m);
+    return rc;
+#else
+    if (shm_unlink(m.os_name) != 0)
         return shx_fail_os(err, "shm_unlink");
     return SHX_OK;
+#endif
 }
 
 int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
 {
-    int rc = SHX_OK;
+    int rc;
     *alone = 0;
     if (m->fd < 0)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
     registry_enter();
-    if (lock_byte(m->fd, F_WRLCK, GATE_BYTE, 1) != 0) {
+    if ((rc = gate_enter(m, err)) != SHX_OK) {
         registry_leave();
-        return shx_fail_os(err, "fcntl");
+        return rc;
     }
-    if (lock_byte(m->fd, F_WRLCK, LIVE_BYTE, 0) == 0) {
+    if (live_lock(m, F_WRLCK, 0) == 0)
         *alone = 1;
-        if (lock_byte(m->fd, F_RDLCK, LIVE_BYTE, 0) != 0)
-            rc = shx_fail_os(err, "fcntl");
-    } else if (!busy_errno(errno)) {
-        rc = shx_fail_os(err, "fcntl");
-    }
-    (void)lock_byte(m->fd, F_UNLCK, GATE_BYTE, 0);
+    else if (!busy_errno(errno))
+        rc = shx_fail_os(err, "liveness lock");
+    /* Back to shared; a failed flock() upgrade has already dropped it. */
+    if (live_lock(m, F_RDLCK, 0) != 0 && rc == SHX_OK)
+        rc = shx_fail_os(err, "liveness lock");
+    gate_leave(m);
     registry_leave();
     return rc;
 }
 
-/* ---- the writer lock --------------------------------------------------- */
+#if !SHX_LOCK_FILES
+/* ---- the writer lock: a robust pthread mutex in the header (Linux) ---- */
+
+_Static_assert(sizeof(pthread_mutex_t) <= SHX_LOCK_AREA, "pthread mutex does not fit the lock area");
 
 static int init_mutex(pthread_mutex_t *mutex)
 {
@@ -558,6 +974,111 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     return SHX_OK;
 }
 
+#else
+/* ---- the writer lock: flock() on NAME.lock (SHX_LOCK_FILES) --------------- */
+
+/* What the header's lock area holds with lock files: a marker, so that a
+ * scribbled or foreign area is refused, and the pid of the holder, cleared
+ * before every release: found set by the next holder, it means that a writer
+ * died holding the lock and the protected data may need repair. */
+typedef struct file_writer_area {
+    char marker[8];
+    uint32_t owner;
+} file_writer_area;
+
+static const char WRITER_MARKER[8] = {'s', 'h', 'x', 'f', 'l', 'o', 'c', 'k'};
+
+_Static_assert(sizeof(file_writer_area) <= SHX_LOCK_AREA, "writer area fits the lock area");
+
+/* Between tries for a lock that has no way to wait with a timeout: yields
+ * first, then sleeps, doubling from 20 us to 1 ms.  0 once the time is up. */
+static int wait_to_retry(int attempt, uint64_t start, int64_t timeout_ns)
+{
+    if (timeout_ns >= 0 && (int64_t)(shx_os_monotonic_ns() - start) >= timeout_ns)
+        return 0;
+    if (attempt < 8) {
+        sched_yield();
+    } else {
+        long ns = attempt < 14 ? 20000L << (attempt - 8) : 1000000L;
+        struct timespec ts = {0, ns};
+        (void)nanosleep(&ts, NULL);
+    }
+    return 1;
+}
+
+int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)m;
+    (void)err;
+    file_writer_area *a = (file_writer_area *)area;
+    memcpy(a->marker, WRITER_MARKER, sizeof WRITER_MARKER);
+    __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
+    return SHX_OK;
+}
+
+int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
+{
+    file_writer_area *a = (file_writer_area *)area;
+    uint64_t start = shx_os_monotonic_ns();
+    pthread_t self = pthread_self();
+    int rc;
+    *owner_died = 0;
+    if (memcmp(a->marker, WRITER_MARKER, sizeof WRITER_MARKER) != 0)
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
+    if (m->writer_fd < 0) {
+        errno = EBADF;
+        return shx_fail_os(err, "the writer lock file (not reopened after fork)");
+    }
+    for (int attempt = 0;; attempt++) {
+        rc = pthread_mutex_trylock(&m->local_writer);
+        if (rc == 0)
+            break;
+        if (rc != EBUSY) {
+            errno = rc;
+            return shx_fail_os(err, "pthread_mutex_trylock");
+        }
+        if (m->writer_held && pthread_equal(m->writer_thread, self)) {
+            errno = EDEADLK;
+            return shx_fail_os(err, "writer lock");
+        }
+        if (!wait_to_retry(attempt, start, timeout_ns))
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+    }
+    for (int attempt = 0;; attempt++) {
+        if (flock(m->writer_fd, LOCK_EX | LOCK_NB) == 0)
+            break;
+        if (errno != EINTR && !busy_errno(errno)) {
+            rc = shx_fail_os(err, "flock");
+            (void)pthread_mutex_unlock(&m->local_writer);
+            return rc;
+        }
+        if (!wait_to_retry(attempt, start, timeout_ns)) {
+            (void)pthread_mutex_unlock(&m->local_writer);
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+        }
+    }
+    *owner_died = __atomic_exchange_n(&a->owner, shx_os_pid(), __ATOMIC_ACQ_REL) != 0;
+    m->writer_thread = self;
+    m->writer_held = 1;
+    return SHX_OK;
+}
+
+int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
+{
+    file_writer_area *a = (file_writer_area *)area;
+    if (!m->writer_held || !pthread_equal(m->writer_thread, pthread_self())) {
+        errno = EPERM;
+        return shx_fail_os(err, "writer unlock");
+    }
+    __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
+    m->writer_held = 0;
+    int rc = flock_retry(m->writer_fd, LOCK_UN) == 0 ? SHX_OK : shx_fail_os(err, "flock");
+    (void)pthread_mutex_unlock(&m->local_writer);
+    return rc;
+}
+
+#endif
+
 int shx_os_cpu_count(void)
 {
     static int count;
@@ -583,7 +1104,23 @@ uint64_t shx_os_monotonic_ns(void)
 
 /* ---- change notification ------------------------------------------------- */
 
-#ifdef __linux__
+#ifndef __linux__
+/* Where the kernel offers no cross-process wait on a word: poll it, every
+ * millisecond at most. */
+static int poll_word(void *addr, uint32_t expected, int64_t timeout_ns)
+{
+    const int64_t step = 1000000;
+    for (int64_t slept = 0; slept < timeout_ns; slept += step) {
+        if (__atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected)
+            return SHX_OK;
+        struct timespec ts = {0, (long)(timeout_ns - slept < step ? timeout_ns - slept : step)};
+        (void)nanosleep(&ts, NULL);
+    }
+    return __atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected ? SHX_OK : SHX_E_TIMEOUT;
+}
+#endif
+
+#if defined(__linux__)
 /* A futex on the word inside the shared mapping: FUTEX_WAIT/FUTEX_WAKE without
  * FUTEX_PRIVATE_FLAG, so the kernel keys it by the page, not the process. */
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
@@ -604,19 +1141,59 @@ void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
     (void)waiters;
     (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
-#else
-/* No cross-process futex here: poll the word every millisecond. */
+#elif defined(__APPLE__)
+/* os_sync_wait_on_address (macOS 14.4 and later) with its SHARED flag, which
+ * keys waiters by the page rather than the address, so that processes meet.
+ * Looked up at run time, so that one build also runs on older macOS, where
+ * waits poll instead. */
+typedef int (*os_sync_wait_fn)(void *addr, uint64_t value, size_t size, uint32_t flags, uint32_t clockid,
+                               uint64_t timeout_ns);
+typedef int (*os_sync_wake_fn)(void *addr, size_t size, uint32_t flags);
+enum { OS_SYNC_SHARED = 1, OS_CLOCK_MACH_ABSOLUTE = 32 };
+
+static os_sync_wait_fn sync_wait;
+static os_sync_wake_fn sync_wake;
+static pthread_once_t sync_once = PTHREAD_ONCE_INIT;
+
+static void find_os_sync(void)
+{
+    os_sync_wait_fn wait_fn;
+    os_sync_wake_fn wake_fn;
+    void *w = dlsym(RTLD_DEFAULT, "os_sync_wait_on_address_with_timeout");
+    void *k = dlsym(RTLD_DEFAULT, "os_sync_wake_by_address_all");
+    memcpy(&wait_fn, &w, sizeof wait_fn);
+    memcpy(&wake_fn, &k, sizeof wake_fn);
+    if (wait_fn != NULL && wake_fn != NULL) {
+        sync_wait = wait_fn;
+        sync_wake = wake_fn;
+    }
+}
+
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
 {
     (void)m;
-    const int64_t step = 1000000;
-    for (int64_t slept = 0; slept < timeout_ns; slept += step) {
-        if (__atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected)
-            return SHX_OK;
-        struct timespec ts = {0, (long)(timeout_ns - slept < step ? timeout_ns - slept : step)};
-        nanosleep(&ts, NULL);
-    }
-    return __atomic_load_n((uint32_t *)addr, __ATOMIC_ACQUIRE) != expected ? SHX_OK : SHX_E_TIMEOUT;
+    (void)pthread_once(&sync_once, find_os_sync);
+    if (sync_wait == NULL || timeout_ns <= 0)
+        return poll_word(addr, expected, timeout_ns);
+    int rc = sync_wait(addr, expected, sizeof(uint32_t), OS_SYNC_SHARED, OS_CLOCK_MACH_ABSOLUTE, (uint64_t)timeout_ns);
+    if (rc < 0 && errno == ETIMEDOUT)
+        return SHX_E_TIMEOUT;
+    return SHX_OK;   /* woken, changed already, interrupted: the caller looks again */
+}
+
+void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+{
+    (void)m;
+    (void)waiters;
+    (void)pthread_once(&sync_once, find_os_sync);
+    if (sync_wake != NULL)
+        (void)sync_wake(addr, sizeof(uint32_t), OS_SYNC_SHARED);
+}
+#else
+int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
+{
+    (void)m;
+    return poll_word(addr, expected, timeout_ns);
 }
 
 void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)

@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "platform.h"
@@ -54,6 +55,14 @@ static void object_name(wchar_t *out, size_t cap, const char *name, const char *
     for (const char *p = suffix; *p && n + 1 < cap; p++)
         out[n++] = (wchar_t)(unsigned char)*p;
     out[n] = 0;
+}
+
+int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_error *err)
+{
+    int n = snprintf(out, size, "%s%s", (flags & SHX_OPEN_GLOBAL) ? "Global\\" : "Local\\", name);
+    if (n < 0 || (size_t)n >= size)
+        return shx_fail(err, SHX_E_NAME, strlen(name), size - 1, "is too long for this system");
+    return SHX_OK;
 }
 
 static SECURITY_ATTRIBUTES *from_sddl(SECURITY_ATTRIBUTES *sa, const char *sddl, shx_error *err, int *rc)

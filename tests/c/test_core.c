@@ -71,9 +71,14 @@ static int set_text(shx_block *b, const char *text)
 
 static int object_exists(const char *name)
 {
-    char path[256];
-    snprintf(path, sizeof path, "/dev/shm/%s", name);
-    return access(path, F_OK) == 0;
+    char os_name[256];
+    shx_error err;
+    if (shx_os_name(name, 0, os_name, sizeof os_name, &err) != SHX_OK)
+        return 0;
+    int fd = shm_open(os_name, O_RDONLY, 0);
+    if (fd >= 0)
+        close(fd);
+    return fd >= 0;
 }
 
 static int wait_child(pid_t pid)
@@ -386,20 +391,29 @@ static void test_checked_copy(void)
 }
 
 /* The writer lock lives in the shared bytes too; a scribbled lock type would
- * reach glibc's assertions, so it is refused before glibc sees it. */
+ * reach glibc's assertions, so it is refused before glibc sees it.  With lock
+ * files the shared part is a marker and an owner word: a scribbled marker is
+ * refused the same way. */
 static void test_scribbled_lock(void)
 {
-#ifdef __GLIBC__
+#if SHX_LOCK_FILES || defined(__GLIBC__)
     shx_block a = {0};
     shx_error err;
     shx_block_open(&a, block_name("scribbled-lock"), SHX_KIND_VALUE, 64, 0, 0600, &err);
     CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "ok", 2, NULL, &err) == SHX_OK, "set before the scribble");
+#if SHX_LOCK_FILES
+    char *scribbled = (char *)a.hdr->lock_area;
+    char saved = *scribbled;
+    *scribbled ^= 0x40;
+#else
     pthread_mutex_t *mutex = (pthread_mutex_t *)a.hdr->lock_area;
-    int saved = mutex->__data.__kind;
-    mutex->__data.__kind = 0x40 | saved;   /* the priority-protect bit */
+    int *scribbled = &mutex->__data.__kind;
+    int saved = *scribbled;
+    *scribbled = 0x40 | saved;   /* the priority-protect bit */
+#endif
     CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "no", 2, NULL, &err) == SHX_E_CORRUPT, "a lock of another type is refused");
     describe(&err);
-    mutex->__data.__kind = saved;
+    *scribbled = saved;
     CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "ok", 2, NULL, &err) == SHX_OK, "and works again once restored");
     shx_block_close(&a, 0, &err);
 #endif
@@ -564,6 +578,126 @@ static void test_many_attachers(void)
     CHECK(!object_exists(name), "released after all %d detached", N);
 }
 
+/* Names of any allowed length work everywhere; where the OS allows short
+ * names only (macOS: 31 bytes with the slash), long ones get a short form of
+ * a prefix, '~' and a hash, and two names never silently share a block. */
+static void test_long_names(void)
+{
+    shx_error err;
+    char one[SHX_NAME_MAX + 1], two[SHX_NAME_MAX + 1], os_one[256], os_two[256], text[64];
+    snprintf(one, sizeof one, "%s-long-", prefix);
+    size_t n = strlen(one);
+    memset(one + n, 'a', SHX_NAME_MAX - n);
+    one[SHX_NAME_MAX] = '\0';
+    memcpy(two, one, sizeof two);
+    two[SHX_NAME_MAX - 1] = 'b';
+    CHECK(shx_os_name(one, 0, os_one, sizeof os_one, &err) == SHX_OK &&
+              shx_os_name(two, 0, os_two, sizeof os_two, &err) == SHX_OK && strcmp(os_one, os_two) != 0,
+          "names differing in the last character have different OS names");
+#if SHX_LOCK_FILES
+    CHECK(strlen(os_one) <= 31 && strchr(os_one, '~') != NULL, "a long name's OS name fits 31 bytes (%s)", os_one);
+    char again[256];
+    CHECK(shx_os_name(one, 0, again, sizeof again, &err) == SHX_OK && strcmp(again, os_one) == 0,
+          "the short form is stable");
+#else
+    CHECK(strlen(os_one) == SHX_NAME_MAX + 1, "a long name is used in full");
+#endif
+    shx_block a = {0}, b = {0};
+    CHECK(shx_block_open(&a, one, SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_OK && a.created &&
+              shx_block_open(&b, two, SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_OK && b.created,
+          "two long names with one prefix are two blocks");
+    set_text(&a, "one");
+    set_text(&b, "two");
+    pid_t pid = fork();
+    if (pid == 0) {
+        shx_block c = {0};
+        int ok = shx_block_open(&c, one, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !c.created &&
+                 get_text(&c, text, sizeof text, NULL) == SHX_TYPE_ASCII && strcmp(text, "one") == 0;
+        shx_block_close(&c, 0, &err);
+        _exit(ok ? 0 : 1);
+    }
+    CHECK(wait_child(pid) == 0, "another process finds a long-named block by its name");
+    shx_block_close(&b, 0, &err);
+    CHECK(object_exists(one) && !object_exists(two), "each is released on its own");
+    shx_block_close(&a, 0, &err);
+    CHECK(!object_exists(one), "and the other too");
+}
+
+/* Two threads of one process exclude each other on the writer lock (with lock
+ * files this is the process-local half of the lock). */
+static void *hold_lock_briefly(void *arg)
+{
+    shx_block *b = (shx_block *)arg;
+    shx_error err;
+    int died;
+    if (shx_block_lock(b, -1, &died, NULL, &err) != SHX_OK)
+        return (void *)1;
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    return shx_block_unlock(b, &err) == SHX_OK ? NULL : (void *)1;
+}
+
+static void test_lock_between_threads(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    int died;
+    void *result = (void *)1;
+    shx_block_open(&a, block_name("threads"), SHX_KIND_VALUE, 64, 0, 0600, &err);
+    pthread_t t;
+    if (pthread_create(&t, NULL, hold_lock_briefly, &a) != 0)
+        return;
+    struct timespec ts = {0, 50000000};
+    nanosleep(&ts, NULL);
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_TIMEOUT, "a second thread cannot take a held lock");
+    CHECK(shx_block_unlock(&a, &err) == SHX_E_OS && err.os_error == EPERM, "nor release it");
+    CHECK(shx_block_lock(&a, 2000000000, &died, NULL, &err) == SHX_OK && !died, "it gets it once the holder lets go");
+    pthread_join(t, &result);
+    CHECK(result == NULL && shx_block_unlock(&a, &err) == SHX_OK, "both threads locked and unlocked cleanly");
+    shx_block_close(&a, 0, &err);
+}
+
+#if SHX_LOCK_FILES
+static int lock_file_exists(const char *name, const char *suffix)
+{
+    char os_name[256], path[1024];
+    shx_error err;
+    const char *dir = getenv("SHMEMEXT_LOCK_DIR");
+    shx_os_name(name, 0, os_name, sizeof os_name, &err);
+    snprintf(path, sizeof path, "%s/%s%s", dir && *dir ? dir : "/tmp/.shmemext", os_name + 1, suffix);
+    return access(path, F_OK) == 0;
+}
+
+/* The lock files live exactly as long as the block, and the live file's
+ * record of the full name turns a short-form collision into an error. */
+static void test_lock_files(void)
+{
+    shx_block a = {0}, b = {0};
+    shx_error err;
+    const char *name = block_name("lockfiles");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 64, 0, 0600, &err);
+    CHECK(lock_file_exists(name, ".live") && lock_file_exists(name, ".lock") && lock_file_exists(name, ".gate"),
+          "an attached block has its three lock files");
+    shx_block_close(&a, 0, &err);
+    CHECK(!lock_file_exists(name, ".live") && !lock_file_exists(name, ".lock") && !lock_file_exists(name, ".gate"),
+          "the last detach removes them with the name");
+
+    char path[1024], os_name[256];
+    const char *dir = getenv("SHMEMEXT_LOCK_DIR");
+    shx_block_open(&a, name, SHX_KIND_VALUE, 64, 0, 0600, &err);
+    shx_os_name(name, 0, os_name, sizeof os_name, &err);
+    snprintf(path, sizeof path, "%s/%s.live", dir && *dir ? dir : "/tmp/.shmemext", os_name + 1);
+    int fd = open(path, O_WRONLY | O_TRUNC);
+    CHECK(fd >= 0 && write(fd, "someone-else", 12) == 12, "the live file's name record can be replaced");
+    if (fd >= 0)
+        close(fd);
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_E_OS && err.os_error == EEXIST,
+          "a block recorded under another full name is refused");
+    describe(&err);
+    shx_block_close(&a, 0, &err);
+}
+#endif
+
 int main(void)
 {
     snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
@@ -581,6 +715,11 @@ int main(void)
     test_segment();
     test_foreign_header();
     test_many_attachers();
+    test_long_names();
+    test_lock_between_threads();
+#if SHX_LOCK_FILES
+    test_lock_files();
+#endif
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

@@ -121,6 +121,12 @@ static int child(const char *role, const char *name)
 
 static void test_create_open(const char *name)
 {
+    char os_name[300];
+    shx_error name_err;
+    CHECK(shx_os_name("jobs", 0, os_name, sizeof os_name, &name_err) == SHX_OK && strcmp(os_name, "Local\\jobs") == 0,
+          "a block's OS name is in the session namespace (%s)", os_name);
+    CHECK(shx_os_name("jobs", SHX_OPEN_GLOBAL, os_name, sizeof os_name, &name_err) == SHX_OK &&
+              strcmp(os_name, "Global\\jobs") == 0, "or with scope=global in the global one (%s)", os_name);
     shx_block a = {0}, b = {0};
     shx_error err;
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created,
