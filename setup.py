@@ -10,6 +10,9 @@ Environment switches:
                        it with the runtime preloaded, as .ci/run does:
                        LD_PRELOAD=$(gcc -print-file-name=libasan.so)
                        ASAN_OPTIONS=detect_leaks=0 python -m pytest
+  SHMEMEXT_LOCK_FILES=1  on Linux, use the backend path macOS and the BSDs
+                       take (flock() on lock files, no robust mutexes, names
+                       cut to 31 bytes), so that it is tested here
 """
 
 import os
@@ -44,6 +47,7 @@ def extension():
         if sys.platform.startswith("linux"):
             libraries += ["rt", "pthread"]
     link_args = []
+    lock_files = [("SHX_FORCE_LOCK_FILES", "1")] if os.environ.get("SHMEMEXT_LOCK_FILES") == "1" else []
     if os.environ.get("SHMEMEXT_SANITIZE") == "1":
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         compile_args += sanitize + ["-O1", "-g"]
@@ -53,7 +57,7 @@ def extension():
         sources=sources,
         depends=["ext/platform.h", "ext/segment.h", "ext/capi.h", "shmemext/include/shmemext.h"],
         include_dirs=["ext"],
-        define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)],
+        define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)] + lock_files,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         libraries=libraries,

@@ -1281,6 +1281,7 @@ static int module_exec(PyObject *module)
         PyModule_AddObjectRef(module, "SegmentLock", (PyObject *)st->lock_type) < 0)
         return -1;
     if (PyModule_AddStringConstant(module, "__version__", SHMEMEXT_VERSION) < 0 ||
+        PyModule_AddStringConstant(module, "_BACKEND", SHX_BACKEND) < 0 ||
         PyModule_AddIntConstant(module, "DEFAULT_CAPACITY", SHX_DEFAULT_CAPACITY) < 0 ||
         PyModule_AddIntConstant(module, "NAME_MAX", SHX_NAME_MAX) < 0 ||
         PyModule_AddObject(module, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SHX_MAX_CAPACITY)) < 0)

@@ -22,6 +22,15 @@
 #define SHX_LOCK_FILES 0
 #endif
 
+/* Which backend this build uses, for diagnostics and tests. */
+#if defined(_WIN32)
+#define SHX_BACKEND "win32"
+#elif SHX_LOCK_FILES
+#define SHX_BACKEND "posix-lockfiles"
+#else
+#define SHX_BACKEND "posix-ofd"
+#endif
+
 /* Outcome of a core or platform call.  SHX_OK is zero; everything else is
  * an error whose details are in a shx_error. */
 typedef enum shx_status {
@@ -84,6 +93,7 @@ typedef struct shx_os_map {
     pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
     pthread_t writer_thread;        /* which of our threads holds the writer lock, when writer_held */
     int writer_held;
+    struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
 #endif
 #endif
     char os_name[256];  /* the name as the OS sees it */

@@ -265,6 +265,40 @@ static int remove_names(const char *os_name, shx_error *err)
     return rc;
 }
 
+/* Under the gate: removes lock files that no block holder uses any more,
+ * those of a failed first attach or of a name unlinked while we held it.  A
+ * live file nobody holds guards nothing (a persistent block's are made anew
+ * at its next attach); one somebody holds stays, with the others. */
+static void drop_unused_lock_files(shx_os_map *m)
+{
+    char path[1024];
+    shx_error ignored;
+    struct stat mine, linked;
+    if (lock_path(path, sizeof path, m->os_name, LIVE_FILE, &ignored) != SHX_OK)
+        return;
+    if (stat(path, &linked) == 0) {
+        int fd = -1, unused;
+        if (m->fd >= 0 && fstat(m->fd, &mine) == 0 && mine.st_dev == linked.st_dev && mine.st_ino == linked.st_ino) {
+            unused = flock_retry(m->fd, LOCK_EX | LOCK_NB) == 0;
+        } else {
+            fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+            unused = fd >= 0 && flock_retry(fd, LOCK_EX | LOCK_NB) == 0;
+        }
+        if (fd >= 0)
+            close(fd);
+        if (!unused)
+            return;
+        (void)unlink(path);
+    } else if (errno != ENOENT) {
+        return;
+    }
+    static const enum lock_file rest[] = {WRITER_FILE, GATE_FILE};
+    for (size_t i = 0; i < sizeof rest / sizeof rest[0]; i++) {
+        if (lock_path(path, sizeof path, m->os_name, rest[i], &ignored) == SHX_OK)
+            (void)unlink(path);
+    }
+}
+
 /* Long names share a short form with every other name of the same prefix and
  * hash.  The live file remembers the full name of its block, so a collision
  * is an error instead of two names silently sharing one block. */
@@ -372,6 +406,10 @@ static int reopen_same_object(const shx_os_map *m)
     return fd;
 }
 
+#if SHX_LOCK_FILES
+static void forget_all_held(void);
+#endif
+
 static void registry_prepare(void)
 {
     pthread_mutex_lock(&registry_lock);
@@ -420,8 +458,12 @@ static void registry_child(void)
         /* Only the forking thread lives on: whatever other threads held is free. */
         (void)pthread_mutex_init(&m->local_writer, NULL);
         m->writer_held = 0;
+        m->next_held = NULL;
 #endif
     }
+#if SHX_LOCK_FILES
+    forget_all_held();
+#endif
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -760,6 +802,10 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
             return SHX_OK;
         }
         unmap_object(m);
+#if SHX_LOCK_FILES
+        if (m->gate_fd >= 0 && rc != SHX_REINIT)
+            drop_unused_lock_files(m);
+#endif
         close_descriptors(m);
         registry_leave();
         *created = 0;
@@ -788,6 +834,10 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
                 rc = shx_fail_os(err, "fstat");
             else if (st.st_nlink > 0 && !(keep_name != NULL && keep_name(m)))
                 rc = forget_names(m, err);
+#if SHX_LOCK_FILES
+            else if (st.st_nlink == 0)
+                drop_unused_lock_files(m);   /* the gate file we may have made anew */
+#endif
         }
         gate_leave(m);
     }
@@ -1006,6 +1056,53 @@ static int wait_to_retry(int attempt, uint64_t start, int64_t timeout_ns)
     return 1;
 }
 
+/* A robust mutex is handed on as an owner death when its holder thread ends,
+ * not only when its process does.  The same here: each thread keeps the
+ * writer locks it holds in a thread-specific list, whose destructor (run at
+ * thread exit) releases them with the owner word left set. */
+static pthread_key_t held_key;
+static pthread_once_t held_key_once = PTHREAD_ONCE_INIT;
+
+static void release_abandoned(void *head)
+{
+    for (shx_os_map *m = (shx_os_map *)head, *next; m != NULL; m = next) {
+        next = m->next_held;
+        m->next_held = NULL;
+        m->writer_held = 0;
+        (void)flock_retry(m->writer_fd, LOCK_UN);
+        (void)pthread_mutex_unlock(&m->local_writer);
+    }
+}
+
+static void make_held_key(void) { (void)pthread_key_create(&held_key, release_abandoned); }
+
+/* In a fork() child: the locks were the parent's, and are not held here. */
+static void forget_all_held(void)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    (void)pthread_setspecific(held_key, NULL);
+}
+
+static void remember_held(shx_os_map *m)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    m->next_held = (shx_os_map *)pthread_getspecific(held_key);
+    (void)pthread_setspecific(held_key, m);
+}
+
+static void forget_held(shx_os_map *m)
+{
+    shx_os_map *head = (shx_os_map *)pthread_getspecific(held_key);
+    for (shx_os_map **p = &head; *p != NULL; p = &(*p)->next_held) {
+        if (*p == m) {
+            *p = m->next_held;
+            break;
+        }
+    }
+    m->next_held = NULL;
+    (void)pthread_setspecific(held_key, head);
+}
+
 int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
 {
     (void)m;
@@ -1060,6 +1157,7 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
     *owner_died = __atomic_exchange_n(&a->owner, shx_os_pid(), __ATOMIC_ACQ_REL) != 0;
     m->writer_thread = self;
     m->writer_held = 1;
+    remember_held(m);
     return SHX_OK;
 }
 
@@ -1072,6 +1170,7 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     }
     __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
     m->writer_held = 0;
+    forget_held(m);
     int rc = flock_retry(m->writer_fd, LOCK_UN) == 0 ? SHX_OK : shx_fail_os(err, "flock");
     (void)pthread_mutex_unlock(&m->local_writer);
     return rc;

@@ -35,6 +35,16 @@ def ours():
     )
 
 
+def lock_dir():
+    """Where the lock-file backend (macOS, BSD; Linux built with
+    SHMEMEXT_LOCK_FILES=1) keeps its lock files, or None for other backends."""
+    from shmemext import _shmemext
+
+    if _shmemext._BACKEND != "posix-lockfiles":
+        return None
+    return os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+
+
 @pytest.fixture
 def name():
     """A block name unique to this test, checked to be released afterwards."""
@@ -44,6 +54,12 @@ def name():
     for n in leftover:
         os.unlink(os.path.join(SHM_DIR, n))
     assert not leftover, f"block {block} was left in {SHM_DIR}"
+    locks = lock_dir()
+    if locks is not None and os.path.isdir(locks):
+        stale = [n for n in os.listdir(locks) if n.rsplit(".", 1)[0] == block]
+        for n in stale:
+            os.unlink(os.path.join(locks, n))
+        assert not stale, f"lock files {stale} of block {block} were left in {locks}"
 
 
 def python(code, *args, env=None, timeout=60, check=True, **kwargs):

@@ -637,6 +637,13 @@ static void *hold_lock_briefly(void *arg)
     return shx_block_unlock(b, &err) == SHX_OK ? NULL : (void *)1;
 }
 
+static void *lock_and_end(void *arg)
+{
+    shx_error err;
+    int died;
+    return shx_block_lock((shx_block *)arg, -1, &died, NULL, &err) == SHX_OK ? NULL : (void *)1;
+}
+
 static void test_lock_between_threads(void)
 {
     shx_block a = {0};
@@ -654,6 +661,13 @@ static void test_lock_between_threads(void)
     CHECK(shx_block_lock(&a, 2000000000, &died, NULL, &err) == SHX_OK && !died, "it gets it once the holder lets go");
     pthread_join(t, &result);
     CHECK(result == NULL && shx_block_unlock(&a, &err) == SHX_OK, "both threads locked and unlocked cleanly");
+    if (pthread_create(&t, NULL, lock_and_end, &a) != 0)
+        return;
+    pthread_join(t, &result);
+    CHECK(result == NULL && shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
+          "a thread that ends holding the lock hands it on as an owner death");
+    CHECK(shx_block_unlock(&a, &err) == SHX_OK && shx_block_lock(&a, 0, &died, NULL, &err) == SHX_OK && !died &&
+              shx_block_unlock(&a, &err) == SHX_OK, "after which it is an ordinary lock again");
     shx_block_close(&a, 0, &err);
 }
 
