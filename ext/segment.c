@@ -7,6 +7,9 @@
 #include <emmintrin.h>
 #define HAVE_STREAMING_STORES 1
 #endif
+#if defined(_MSC_VER)
+#include <intrin.h>   /* _mm_pause, __yield */
+#endif
 
 _Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the second cache line");
 _Static_assert(offsetof(shx_header, version) == 192, "version has its own cache line");
@@ -660,12 +663,14 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
 /* A hint to the CPU that we are spinning (saves power, frees the sibling hyperthread). */
 static void cpu_relax(void)
 {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+    _mm_pause();
+#elif defined(_MSC_VER) && defined(_M_ARM64)
+    __yield();
+#elif defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
-#elif defined(_MSC_VER)
-    YieldProcessor();
 #endif
 }
 
