@@ -315,9 +315,9 @@ static int check_full_name(int fd, const char *name, shx_error *err)
         return SHX_OK;
     }
     if ((size_t)got != n || memcmp(stored, name, n) != 0) {
-        shx_fail(err, SHX_E_OS, 0, 0,
-                 "another block's name has the same short OS name (a hash collision): choose another name");
-        err->os_error = EEXIST;
+        errno = EEXIST;
+        shx_fail_os(err, "shm_open");
+        err->detail = "another block name has the same short OS name (a hash collision): choose another name";
         return SHX_E_OS;
     }
     return SHX_OK;

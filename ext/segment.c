@@ -740,6 +740,8 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_OS:
         if (err->op != NULL && err->win32)
             snprintf(buf, size, "%s failed: Windows error %d", err->op, err->os_error);
+        else if (err->op != NULL && err->detail != NULL)
+            snprintf(buf, size, "%s", err->detail);
         else if (err->op != NULL && err->a != 0)
             snprintf(buf, size, "%s of %llu bytes failed: %s", err->op, a, strerror(err->os_error));
         else if (err->op != NULL)

@@ -1,0 +1,117 @@
+"""What differs between backends: names of every allowed length, and the
+lock-file path that macOS and the BSDs take (run on Linux by a build with
+SHMEMEXT_LOCK_FILES=1, as CI does once)."""
+
+import os
+import signal
+
+import pytest
+
+import shmemext
+from conftest import TEST_PREFIX, lock_dir, python, spawn
+from shmemext import _shmemext
+
+lock_files = pytest.mark.skipif(
+    _shmemext._BACKEND != "posix-lockfiles",
+    reason="lock-file backend only (macOS, BSD; Linux built with SHMEMEXT_LOCK_FILES=1)",
+)
+
+
+def fnv1a_64(text):
+    h = 14695981039346656037
+    for byte in text.encode("ascii"):
+        h = ((h ^ byte) * 1099511628211) & (2**64 - 1)
+    return h
+
+
+def short_form(name):
+    """The OS name of a block on the lock-file path, without its slash."""
+    return name if len(name) <= 30 else f"{name[:13]}~{fnv1a_64(name):016x}"
+
+
+def long_name(tail):
+    base = f"{TEST_PREFIX}-long-"
+    return base + tail.rjust(shmemext.NAME_MAX - len(base), "a")
+
+
+def test_the_longest_names_work_and_stay_apart():
+    one, two = long_name("1"), long_name("2")
+    assert len(one) == len(two) == shmemext.NAME_MAX
+    with shmemext.Value(one, 64) as a, shmemext.Value(two, 64) as b:
+        assert a.created and b.created
+        a.set("one")
+        b.set("two")
+        out = python("import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, v.get())", one)
+        assert out.stdout == "False one\n"
+    with shmemext.Value(one, 64) as a:
+        assert a.created and a.get() == "", "released with its last holder, like any block"
+
+
+def test_backend_is_named():
+    expected = {"win32"} if os.name == "nt" else {"posix-ofd", "posix-lockfiles"}
+    assert _shmemext._BACKEND in expected
+
+
+@lock_files
+def test_lock_files_live_exactly_as_long_as_the_block(name):
+    stem = short_form(name)
+    files = {f"{stem}.gate", f"{stem}.live", f"{stem}.lock"}
+    with shmemext.Value(name, 64):
+        assert files <= set(os.listdir(lock_dir()))
+        child = python("import sys, shmemext; shmemext.Value(sys.argv[1]).set('from a child')", name)
+        assert child.returncode == 0
+    assert not files & set(os.listdir(lock_dir()))
+
+
+@lock_files
+def test_a_long_name_gets_a_stable_short_form():
+    name = long_name("stable")
+    stem = short_form(name)
+    assert len(stem) + 1 <= 31 and "~" in stem
+    with shmemext.Value(name, 64):
+        assert f"{stem}.live" in os.listdir(lock_dir())
+        with open(os.path.join(lock_dir(), f"{stem}.live")) as f:
+            assert f.read() == name, "the live file records the full name"
+
+
+@lock_files
+def test_two_names_with_one_short_form_are_an_error():
+    name = long_name("collide")
+    live = os.path.join(lock_dir(), f"{short_form(name)}.live")
+    with shmemext.Value(name, 64):
+        with open(live, "w") as f:   # as if another name had hashed to the same short form
+            f.write(long_name("other"))
+        with pytest.raises(FileExistsError, match="same short OS name") as info:
+            shmemext.Value(name, 64)
+        assert info.value.filename == name
+        with open(live, "w") as f:
+            f.write(name)
+
+
+@lock_files
+def test_writer_killed_holding_the_lock_is_an_owner_death(name):
+    holder = spawn(
+        """
+        import sys, time, shmemext
+        seg = shmemext.Segment(sys.argv[1], 64)
+        held = seg.lock()   # kept: a lock object released when collected would let go
+        held.acquire()
+        print("held", flush=True)
+        time.sleep(60)
+        """,
+        name,
+    )
+    try:
+        with shmemext.Segment(name, 64) as seg:
+            assert holder.stdout.readline() == "held\n"
+            with pytest.raises(TimeoutError):
+                seg.lock(timeout=0.2).acquire()
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+            with seg.lock(timeout=5) as lock:
+                assert lock.owner_died
+            with seg.lock(timeout=5) as lock:
+                assert not lock.owner_died
+    finally:
+        holder.kill()
+        holder.communicate()
