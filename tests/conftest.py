@@ -96,3 +96,52 @@ def spawn(code, *args, env=None, **kwargs):
 
 def shm_path(block):
     return os.path.join(SHM_DIR, block)
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="reads or edits the block as a file in /dev/shm, which only Linux has",
+)
+
+
+def fnv1a_64(text):
+    h = 14695981039346656037
+    for byte in text.encode("ascii"):
+        h = ((h ^ byte) * 1099511628211) & (2**64 - 1)
+    return h
+
+
+def short_form(block):
+    """The OS name of a block on the lock-file path, without its slash: names
+    longer than 30 characters are cut to a prefix, '~' and a hash."""
+    return block if len(block) <= 30 else f"{block[:13]}~{fnv1a_64(block):016x}"
+
+
+def os_name(block):
+    """The name the OS knows the block by."""
+    from shmemext import _shmemext
+
+    if _shmemext._BACKEND == "win32":
+        return "Local\\" + block
+    return "/" + (short_form(block) if _shmemext._BACKEND == "posix-lockfiles" else block)
+
+
+def block_exists(block):
+    """Whether the OS still has the named object, on every platform."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenFileMappingW.restype = ctypes.c_void_p
+        handle = kernel32.OpenFileMappingW(0x0004, False, os_name(block))   # FILE_MAP_READ
+        if handle:
+            kernel32.CloseHandle(ctypes.c_void_p(handle))
+        return bool(handle)
+    import _posixshmem
+
+    try:
+        fd = _posixshmem.shm_open(os_name(block), os.O_RDONLY, 0)
+    except FileNotFoundError:
+        return False
+    os.close(fd)
+    return True

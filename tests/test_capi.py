@@ -13,7 +13,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import python, shm_path
+from conftest import python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CMODULE = os.path.join(HERE, "cmodule")

@@ -4,9 +4,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import shm_path
+from conftest import block_exists
 
 
 def cli(*args, env=None, timeout=60):
@@ -21,7 +20,7 @@ def test_demo_prints_what_the_child_read(name):
     proc = cli("demo", env={"SHMEMEXT_NAME": name})
     assert proc.returncode == 0, proc.stderr
     assert "Child process read from shared memory: This is a test string\n" in proc.stdout
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 def test_demo_on_a_named_block(name):
@@ -46,7 +45,7 @@ def test_hold_keeps_a_block_for_set_and_get(name):
         hold.send_signal(signal.SIGINT)
         out, _ = hold.communicate(timeout=30)
     assert hold.returncode == 0 and f"released block '{name}'" in out
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 def test_set_on_an_unheld_block_says_the_value_goes_away(name):
@@ -61,7 +60,7 @@ def test_set_persist_then_unlink(name):
     assert cli("get", "--name", name).stdout == "kept\n"
     assert "persist:  True" in cli("info", "--name", name).stdout
     assert cli("unlink", name).returncode == 0
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 def test_errors_are_one_line_and_nonzero(name):

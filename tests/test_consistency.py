@@ -6,7 +6,7 @@ import signal
 import time
 
 import shmemext
-from conftest import TEST_PREFIX, spawn
+from conftest import TEST_PREFIX, linux_only, spawn
 
 _spec = importlib.util.spec_from_file_location(
     "torn_reads", os.path.join(os.path.dirname(__file__), "stress", "torn_reads.py")
@@ -49,6 +49,7 @@ while True:
 """
 
 
+@linux_only
 def test_writer_killed_mid_set_leaves_a_whole_value_and_a_usable_lock(name):
     size = 256 << 20
     with shmemext.Value(name, size) as v:

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from conftest import python, shm_path
+from conftest import block_exists, linux_only, python, shm_path
 
 
 def test_import_creates_and_exit_releases_the_default_block(name):
     out = python("import shmemext; d = shmemext.default; print(d.name, d.created, d.capacity)",
                  env={"SHMEMEXT_NAME": name}).stdout
     assert out == f"{name} True 4096\n"
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 def test_shmemext_size_sets_the_capacity(name):
@@ -36,7 +36,7 @@ def test_shmemext_size_zero_disables_the_default_block(name):
     ).stdout
     assert out.splitlines()[0] == "None"
     assert "disabled (SHMEMEXT_SIZE=0)" in out
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +54,7 @@ def test_bad_configuration_fails_the_import(env, exc, fragment):
     assert last.startswith(exc) and fragment in last, proc.stderr
 
 
+@linux_only
 def test_import_fails_when_the_existing_default_block_is_too_small(name):
     with open(shm_path(name), "wb") as f:
         f.write(b"not ours" * 2000)
@@ -65,6 +66,7 @@ def test_import_fails_when_the_existing_default_block_is_too_small(name):
         os.unlink(shm_path(name))
 
 
+@linux_only
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a block to another user needs root")
 def test_import_fails_with_oserror_when_the_block_cannot_be_opened(name):
     # A block of another user's, private to them.

@@ -1,7 +1,6 @@
 """The seed's lifetime, with real separate processes."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import ours, python, shm_path, spawn
+from conftest import block_exists, ours, os_name, python, spawn
 
 
 # The seed's lifetime holds for both kinds of block: the same tests, parametrized.
@@ -39,11 +38,11 @@ def with_prelude(kind, code):
     return PRELUDE[kind] + textwrap.dedent(code)
 
 
-def wait_gone(path, timeout=10.0):
+def wait_gone(block, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while os.path.exists(path) and time.monotonic() < deadline:
+    while block_exists(block) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return not os.path.exists(path)
+    return not block_exists(block)
 
 
 def test_parent_writes_child_reads(name):
@@ -98,7 +97,7 @@ def test_eight_processes_attach_at_once_exactly_one_creates(name, kind):
     counts = [p.communicate(timeout=30)[0].strip() for p in procs]
     assert counts == [str(n)] * n, "all share one block: every process saw all 8 marks"
     assert all(p.returncode == 0 for p in procs)
-    assert wait_gone(shm_path(name))
+    assert wait_gone(name)
 
 
 HOLDER = """
@@ -116,7 +115,7 @@ def test_block_is_released_when_every_holder_is_gone(name, kind, how):
     procs = [spawn(with_prelude(kind, HOLDER), name, str(i)) for i in range(4)]
     created = [p.stdout.readline() for p in procs]
     assert created.count("True\n") == 1 and created.count("False\n") == 3
-    assert os.path.exists(shm_path(name))
+    assert block_exists(name)
     for p in procs:
         if how == "exit":
             p.stdin.write("\n")
@@ -126,18 +125,26 @@ def test_block_is_released_when_every_holder_is_gone(name, kind, how):
         p.wait(timeout=30)
         p.stdout.close(), p.stdin.close(), p.stderr.close()
     if how == "exit":
-        assert not os.path.exists(shm_path(name)), "the last normal exit releases the block"
+        assert not block_exists(name), "the last normal exit releases the block"
     code = "import sys\nb = open_block(sys.argv[1])\nprint(b.created, repr(take(b)))"
     assert python(with_prelude(kind, code), name).stdout == "True ''\n"
-    assert not os.path.exists(shm_path(name)), "nothing of ours is left in /dev/shm"
+    assert not block_exists(name), "nothing of ours is left in /dev/shm"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 @KINDS
 def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_path):
     result = tmp_path / "result"
     script = """
     import os, sys, time
-    name, result = sys.argv[1], sys.argv[2]
+    name, result, os_name = sys.argv[1], sys.argv[2], sys.argv[3]
+    def block_exists(name):
+        import _posixshmem
+        try:
+            os.close(_posixshmem.shm_open(os_name, os.O_RDONLY, 0))
+            return True
+        except FileNotFoundError:
+            return False
     b = open_block(name)
     put(b, "from before the fork")
     parent = os.getpid()   # read before the fork: the parent may be gone before the child runs
@@ -145,7 +152,7 @@ def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_pat
     if pid == 0:
         while os.getppid() == parent:       # wait until the parent has exited
             time.sleep(0.01)
-        alive = os.path.exists("/dev/shm/" + name)
+        alive = block_exists(name)
         text = take(b)
         put(b, "child outlived parent")
         again = open_block(name)
@@ -156,12 +163,12 @@ def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_pat
             f.write("ok" if ok else f"bad {alive} {text!r}")
         os._exit(0)
     """
-    python(with_prelude(kind, script), name, str(result))
+    python(with_prelude(kind, script), name, str(result), os_name(name))
     deadline = time.monotonic() + 20
     while not result.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert result.read_text() == "ok"
-    assert wait_gone(shm_path(name)), "released when the forked child detached"
+    assert wait_gone(name), "released when the forked child detached"
 
 
 def test_multiprocessing_children_of_every_start_method(name, tmp_path):
@@ -188,11 +195,11 @@ def test_multiprocessing_children_of_every_start_method(name, tmp_path):
 @KINDS
 def test_persist_keeps_the_block_until_unlinked(name, kind):
     python(with_prelude(kind, "import sys\nput(open_block(sys.argv[1], persist=True), 'kept')"), name)
-    assert os.path.exists(shm_path(name))
+    assert block_exists(name)
     code = "import sys\nb = open_block(sys.argv[1])\nprint(b.created, b.persist, take(b))"
     assert python(with_prelude(kind, code), name).stdout == "False True kept\n"
     shmemext.unlink(name)
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
     with pytest.raises(FileNotFoundError, match=name):
         shmemext.unlink(name)
 
@@ -212,7 +219,7 @@ def test_persist_flag_given_later_sticks(name):
         assert not v.persist
         with shmemext.Value(name, persist=True):
             assert v.persist
-    assert os.path.exists(shm_path(name))
+    assert block_exists(name)
     shmemext.unlink(name)
 
 
@@ -221,7 +228,7 @@ def test_interpreter_exit_detaches_blocks_left_open(name, kind):
     # The objects are never closed: the module's exit hook must detach them.
     code = "import sys\nsys.modules['keep'] = open_block(sys.argv[1])\nkeep2 = open_block(sys.argv[1])"
     python(with_prelude(kind, code), name)
-    assert not os.path.exists(shm_path(name))
+    assert not block_exists(name)
 
 
 def test_default_block_is_private_to_the_user_by_default():

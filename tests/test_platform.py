@@ -8,25 +8,13 @@ import signal
 import pytest
 
 import shmemext
-from conftest import TEST_PREFIX, lock_dir, python, spawn
+from conftest import TEST_PREFIX, block_exists, lock_dir, python, short_form, spawn
 from shmemext import _shmemext
 
 lock_files = pytest.mark.skipif(
     _shmemext._BACKEND != "posix-lockfiles",
     reason="lock-file backend only (macOS, BSD; Linux built with SHMEMEXT_LOCK_FILES=1)",
 )
-
-
-def fnv1a_64(text):
-    h = 14695981039346656037
-    for byte in text.encode("ascii"):
-        h = ((h ^ byte) * 1099511628211) & (2**64 - 1)
-    return h
-
-
-def short_form(name):
-    """The OS name of a block on the lock-file path, without its slash."""
-    return name if len(name) <= 30 else f"{name[:13]}~{fnv1a_64(name):016x}"
 
 
 def long_name(tail):
@@ -38,7 +26,7 @@ def test_the_longest_names_work_and_stay_apart():
     one, two = long_name("1"), long_name("2")
     assert len(one) == len(two) == shmemext.NAME_MAX
     with shmemext.Value(one, 64) as a, shmemext.Value(two, 64) as b:
-        assert a.created and b.created
+        assert a.created and b.created and block_exists(one) and block_exists(two)
         a.set("one")
         b.set("two")
         out = python("import sys, shmemext; v = shmemext.Value(sys.argv[1]); print(v.created, v.get())", one)

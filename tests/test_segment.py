@@ -1,9 +1,7 @@
 """Segment: raw shared memory with the buffer protocol, read/write, and the lock."""
 
 import gc
-import os
 import struct
-import sys
 import threading
 import time
 
@@ -344,7 +342,6 @@ def test_bad_lock_timeouts(name):
 
 
 def test_ctrl_c_interrupts_a_lock_wait(name):
-    import signal
 
     script = """
     import os, signal, sys, threading, time, shmemext

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import shmemext
-from conftest import shm_path
+from conftest import linux_only, shm_path
 
 
 def test_new_block_reads_empty_str(name):
@@ -169,6 +169,7 @@ def test_repr_and_properties(name):
     assert v.closed
 
 
+@linux_only
 def test_new_block_mode_is_private(name):
     with shmemext.Value(name):
         assert os.stat(shm_path(name)).st_mode & 0o777 == 0o600
@@ -183,6 +184,7 @@ def test_explicit_mode_is_applied_despite_umask(name):
         os.umask(old)
 
 
+@linux_only
 def test_foreign_object_is_refused_not_overwritten(name):
     with open(shm_path(name), "wb") as f:
         f.write(b"somebody else's data" + b"\x01" * 9000)

@@ -1,6 +1,5 @@
 """Change notification: waiting for a new value across processes, without polling."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import python, shm_path, spawn
+from conftest import linux_only, python, shm_path, spawn
 
 WAITER = """
 import sys, time, shmemext
@@ -75,6 +74,7 @@ def test_waiter_times_out_when_the_last_other_holder_dies(name):
         assert v.get() == "still works"
 
 
+@linux_only
 def test_wake_counter_wrap_around(name):
     import mmap
 
