@@ -91,8 +91,6 @@ typedef struct shx_os_map {
     int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
     unsigned mode;      /* permissions for lock files made anew */
     pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
-    pthread_t writer_thread;        /* which of our threads holds the writer lock, when writer_held */
-    int writer_held;
     struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
 #endif
 #endif

@@ -132,8 +132,8 @@ static int lock_byte(int fd, short type, off_t byte, int wait)
     }
 }
 
-/* The liveness lock: F_RDLCK (attached), F_WRLCK (alone), F_UNLCK. */
-static int live_lock(const shx_os_map *m, short type, int wait) { return lock_byte(m->fd, type, LIVE_BYTE, wait); }
+/* The liveness lock on descriptor fd: F_RDLCK (attached), F_WRLCK (alone), F_UNLCK. */
+static int live_lock(int fd, short type, int wait) { return lock_byte(fd, type, LIVE_BYTE, wait); }
 #else
 static int flock_retry(int fd, int op)
 {
@@ -145,10 +145,10 @@ static int flock_retry(int fd, int op)
     }
 }
 
-static int live_lock(const shx_os_map *m, short type, int wait)
+static int live_lock(int fd, short type, int wait)
 {
     int op = type == F_RDLCK ? LOCK_SH : type == F_WRLCK ? LOCK_EX : LOCK_UN;
-    return flock_retry(m->fd, op | (wait ? 0 : LOCK_NB));
+    return flock_retry(fd, op | (wait ? 0 : LOCK_NB));
 }
 #endif
 
@@ -229,7 +229,7 @@ static int gate_take(shx_os_map *m, unsigned mode, shx_error *err)
             return shx_fail_os(err, "open of the gate lock file");
         struct stat st;
         if (flock_retry(fd, LOCK_EX) != 0 || fstat(fd, &st) != 0) {
-            rc = shx_fail_os(err, "flock");
+            rc = shx_fail_os(err, "flock of the gate lock file");
             close(fd);
             return rc;
         }
@@ -248,20 +248,24 @@ static void gate_release(shx_os_map *m)
     m->gate_fd = -1;
 }
 
-/* Under the gate: removes the name and the lock files; the gate's last, so
- * that nobody takes a fresh gate while the others are still there. */
-static int remove_names(const char *os_name, shx_error *err)
+/* Under the gate: removes a block's lock files, the gate's last, so that
+ * nobody takes a fresh gate while the others are still there. */
+static void unlink_lock_files(const char *os_name)
 {
-    int rc = SHX_OK;
-    char path[1024];
-    if (shm_unlink(os_name) != 0 && errno != ENOENT)
-        rc = shx_fail_os(err, "shm_unlink");
     static const enum lock_file order[] = {LIVE_FILE, WRITER_FILE, GATE_FILE};
+    char path[1024];
+    shx_error ignored;
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
-        shx_error ignored;
         if (lock_path(path, sizeof path, os_name, order[i], &ignored) == SHX_OK)
             (void)unlink(path);
     }
+}
+
+/* Under the gate: removes the name and, with it, the lock files. */
+static int remove_names(const char *os_name, shx_error *err)
+{
+    int rc = shm_unlink(os_name) != 0 && errno != ENOENT ? shx_fail_os(err, "shm_unlink") : SHX_OK;
+    unlink_lock_files(os_name);
     return rc;
 }
 
@@ -288,15 +292,10 @@ static void drop_unused_lock_files(shx_os_map *m)
             close(fd);
         if (!unused)
             return;
-        (void)unlink(path);
     } else if (errno != ENOENT) {
         return;
     }
-    static const enum lock_file rest[] = {WRITER_FILE, GATE_FILE};
-    for (size_t i = 0; i < sizeof rest / sizeof rest[0]; i++) {
-        if (lock_path(path, sizeof path, m->os_name, rest[i], &ignored) == SHX_OK)
-            (void)unlink(path);
-    }
+    unlink_lock_files(m->os_name);
 }
 
 /* Long names share a short form with every other name of the same prefix and
@@ -397,9 +396,7 @@ static int open_liveness_again(const shx_os_map *m) { return open_lock_file_agai
 static int reopen_same_object(const shx_os_map *m)
 {
     int fd = open_liveness_again(m);
-    shx_os_map probe = *m;
-    probe.fd = fd;
-    if (fd >= 0 && live_lock(&probe, F_RDLCK, 0) != 0) {
+    if (fd >= 0 && live_lock(fd, F_RDLCK, 0) != 0) {
         close(fd);
         return -1;
     }
@@ -457,7 +454,6 @@ static void registry_child(void)
         m->writer_fork_fd = -1;
         /* Only the forking thread lives on: whatever other threads held is free. */
         (void)pthread_mutex_init(&m->local_writer, NULL);
-        m->writer_held = 0;
         m->next_held = NULL;
 #endif
     }
@@ -663,7 +659,7 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
      * Failing here only means another user made the name (or, on macOS, that
      * shm objects take no fchmod): keep what there is. */
     (void)fchmod(fd, (mode_t)mode);
-#ifndef __APPLE__   /* no posix_fallocate there; its shm objects are wired at ftruncate */
+#ifndef __APPLE__   /* macOS has no posix_fallocate */
     int rc;
     do {
         rc = posix_fallocate(fd, 0, (off_t)size);
@@ -712,11 +708,11 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
     if ((rc = stat_size(&object, &existing, err)) != SHX_OK)
         return rc;
 
-    if (live_lock(m, F_WRLCK, 0) != 0) {
+    if (live_lock(m->fd, F_WRLCK, 0) != 0) {
         if (!busy_errno(errno))
             return shx_fail_os(err, "liveness lock");
         /* Others hold it.  No exclusive holder can exist while we hold the gate. */
-        if (live_lock(m, F_RDLCK, 1) != 0)
+        if (live_lock(m->fd, F_RDLCK, 1) != 0)
             return shx_fail_os(err, "liveness lock");
         if ((rc = map_object(m, existing, err)) != SHX_OK)
             return rc;
@@ -752,7 +748,7 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         }
         *created = 1;
     }
-    if (live_lock(m, F_RDLCK, 0) != 0)
+    if (live_lock(m->fd, F_RDLCK, 0) != 0)
         return shx_fail_os(err, "liveness lock");
     return SHX_OK;
 }
@@ -826,7 +822,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
     registry_enter();
     registry_remove(m);
     if ((rc = gate_enter(m, err)) == SHX_OK) {
-        if (!m->keep_name && live_lock(m, F_WRLCK, 0) == 0) {
+        if (!m->keep_name && live_lock(m->fd, F_WRLCK, 0) == 0) {
             /* We are the last holder.  A linked object's name is still ours to remove;
              * an unlinked one's name may already belong to a newer block. */
             struct stat st;
@@ -870,8 +866,7 @@ int shx_os_unlink(const char *name, shx_error *err)
     if ((rc = gate_take(&m, 0600, err)) != SHX_OK)
         return rc;
     rc = shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
-    shx_error ignored;
-    (void)remove_names(m.os_name, &ignored);
+    unlink_lock_files(m.os_name);
     gate_release(&m);
     return rc;
 #else
@@ -892,12 +887,12 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
         registry_leave();
         return rc;
     }
-    if (live_lock(m, F_WRLCK, 0) == 0)
+    if (live_lock(m->fd, F_WRLCK, 0) == 0)
         *alone = 1;
     else if (!busy_errno(errno))
         rc = shx_fail_os(err, "liveness lock");
     /* Back to shared; a failed flock() upgrade has already dropped it. */
-    if (live_lock(m, F_RDLCK, 0) != 0 && rc == SHX_OK)
+    if (live_lock(m->fd, F_RDLCK, 0) != 0 && rc == SHX_OK)
         rc = shx_fail_os(err, "liveness lock");
     gate_leave(m);
     registry_leave();
@@ -1068,7 +1063,6 @@ static void release_abandoned(void *head)
     for (shx_os_map *m = (shx_os_map *)head, *next; m != NULL; m = next) {
         next = m->next_held;
         m->next_held = NULL;
-        m->writer_held = 0;
         (void)flock_retry(m->writer_fd, LOCK_UN);
         (void)pthread_mutex_unlock(&m->local_writer);
     }
@@ -1088,6 +1082,18 @@ static void remember_held(shx_os_map *m)
     (void)pthread_once(&held_key_once, make_held_key);
     m->next_held = (shx_os_map *)pthread_getspecific(held_key);
     (void)pthread_setspecific(held_key, m);
+}
+
+/* Whether the calling thread holds m's writer lock: its own list says, which
+ * no other thread writes, so there is nothing to race with. */
+static int held_by_this_thread(const shx_os_map *m)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    for (const shx_os_map *p = (const shx_os_map *)pthread_getspecific(held_key); p != NULL; p = p->next_held) {
+        if (p == m)
+            return 1;
+    }
+    return 0;
 }
 
 static void forget_held(shx_os_map *m)
@@ -1117,7 +1123,6 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
 {
     file_writer_area *a = (file_writer_area *)area;
     uint64_t start = shx_os_monotonic_ns();
-    pthread_t self = pthread_self();
     int rc;
     *owner_died = 0;
     if (memcmp(a->marker, WRITER_MARKER, sizeof WRITER_MARKER) != 0)
@@ -1134,7 +1139,7 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
             errno = rc;
             return shx_fail_os(err, "pthread_mutex_trylock");
         }
-        if (m->writer_held && pthread_equal(m->writer_thread, self)) {
+        if (held_by_this_thread(m)) {
             errno = EDEADLK;
             return shx_fail_os(err, "writer lock");
         }
@@ -1155,8 +1160,6 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
         }
     }
     *owner_died = __atomic_exchange_n(&a->owner, shx_os_pid(), __ATOMIC_ACQ_REL) != 0;
-    m->writer_thread = self;
-    m->writer_held = 1;
     remember_held(m);
     return SHX_OK;
 }
@@ -1164,12 +1167,11 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
 {
     file_writer_area *a = (file_writer_area *)area;
-    if (!m->writer_held || !pthread_equal(m->writer_thread, pthread_self())) {
+    if (!held_by_this_thread(m)) {
         errno = EPERM;
         return shx_fail_os(err, "writer unlock");
     }
     __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
-    m->writer_held = 0;
     forget_held(m);
     int rc = flock_retry(m->writer_fd, LOCK_UN) == 0 ? SHX_OK : shx_fail_os(err, "flock");
     (void)pthread_mutex_unlock(&m->local_writer);

@@ -44,10 +44,11 @@ def test_backend_is_named():
 def test_lock_files_live_exactly_as_long_as_the_block(name):
     stem = short_form(name)
     files = {f"{stem}.gate", f"{stem}.live", f"{stem}.lock"}
-    with shmemext.Value(name, 64):
+    with shmemext.Value(name, 64) as v:
         assert files <= set(os.listdir(lock_dir()))
-        child = python("import sys, shmemext; shmemext.Value(sys.argv[1]).set('from a child')", name)
-        assert child.returncode == 0
+        python("import sys, shmemext; shmemext.Value(sys.argv[1]).set('from a child')", name)
+        assert v.get() == "from a child", "the child attached through the same lock files"
+        assert files <= set(os.listdir(lock_dir())), "a holder's detach leaves them"
     assert not files & set(os.listdir(lock_dir()))
 
 

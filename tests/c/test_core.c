@@ -672,15 +672,18 @@ static void test_lock_between_threads(void)
 }
 
 #if SHX_LOCK_FILES
-static int lock_file_exists(const char *name, const char *suffix)
+static const char *lock_file_path(const char *name, const char *suffix)
 {
-    char os_name[256], path[1024];
+    static char path[1024];
+    char os_name[256];
     shx_error err;
     const char *dir = getenv("SHMEMEXT_LOCK_DIR");
     shx_os_name(name, 0, os_name, sizeof os_name, &err);
     snprintf(path, sizeof path, "%s/%s%s", dir && *dir ? dir : "/tmp/.shmemext", os_name + 1, suffix);
-    return access(path, F_OK) == 0;
+    return path;
 }
+
+static int lock_file_exists(const char *name, const char *suffix) { return access(lock_file_path(name, suffix), F_OK) == 0; }
 
 /* The lock files live exactly as long as the block, and the live file's
  * record of the full name turns a short-form collision into an error. */
@@ -696,12 +699,8 @@ static void test_lock_files(void)
     CHECK(!lock_file_exists(name, ".live") && !lock_file_exists(name, ".lock") && !lock_file_exists(name, ".gate"),
           "the last detach removes them with the name");
 
-    char path[1024], os_name[256];
-    const char *dir = getenv("SHMEMEXT_LOCK_DIR");
     shx_block_open(&a, name, SHX_KIND_VALUE, 64, 0, 0600, &err);
-    shx_os_name(name, 0, os_name, sizeof os_name, &err);
-    snprintf(path, sizeof path, "%s/%s.live", dir && *dir ? dir : "/tmp/.shmemext", os_name + 1);
-    int fd = open(path, O_WRONLY | O_TRUNC);
+    int fd = open(lock_file_path(name, ".live"), O_WRONLY | O_TRUNC);
     CHECK(fd >= 0 && write(fd, "someone-else", 12) == 12, "the live file's name record can be replaced");
     if (fd >= 0)
         close(fd);
