@@ -835,6 +835,9 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
                 drop_unused_lock_files(m);   /* the gate file we may have made anew */
 #endif
         }
+        /* Stop counting before the gate opens: a detacher waiting for it must
+         * not find our shared lock still there, or neither of us removes the name. */
+        (void)live_lock(m->fd, F_UNLCK, 0);
         gate_leave(m);
     }
     if (!at_exit)
