@@ -40,7 +40,10 @@ def extension():
             compile_args.append("/WX")
         libraries.append("advapi32")
     else:
-        sources.append("ext/platform_posix.c")
+        # What POSIX systems share, and the backend of this one: System V
+        # memory the kernel frees by itself on Linux, lock files elsewhere.
+        lock_files = not sys.platform.startswith("linux") or os.environ.get("SHMEMEXT_LOCK_FILES") == "1"
+        sources += ["ext/platform_posix.c", "ext/platform_lockfiles.c" if lock_files else "ext/platform_sysv.c"]
         compile_args = ["-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"]
         if os.environ.get("SHMEMEXT_WERROR") == "1":
             compile_args.append("-Werror")
@@ -55,7 +58,7 @@ def extension():
     return Extension(
         "shmemext._shmemext",
         sources=sources,
-        depends=["ext/platform.h", "ext/segment.h", "ext/capi.h", "shmemext/include/shmemext.h"],
+        depends=["ext/platform.h", "ext/platform_posix.h", "ext/segment.h", "ext/capi.h", "shmemext/include/shmemext.h"],
         include_dirs=["ext"],
         define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)] + lock_files,
         extra_compile_args=compile_args,

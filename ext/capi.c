@@ -18,7 +18,7 @@ _Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_
                    SHMEMEXT_E_NOTOWNER == SHX_E_NOTOWNER && SHMEMEXT_E_BADVALUE == SHX_E_BADVALUE &&
                    SHMEMEXT_E_CLOSED == SHX_E_CLOSED && SHMEMEXT_E_RANGE == SHX_E_RANGE &&
                    SHMEMEXT_E_BUFFER == SHX_E_BUFFER && SHMEMEXT_E_ENCODING == SHX_E_ENCODING &&
-                   SHMEMEXT_E_INTERRUPTED == SHX_E_INTERRUPTED,
+                   SHMEMEXT_E_INTERRUPTED == SHX_E_INTERRUPTED && SHMEMEXT_E_PERSIST == SHX_E_PERSIST,
                "public result codes match the core's");
 _Static_assert(SHMEMEXT_VALUE == SHX_KIND_VALUE && SHMEMEXT_SEGMENT == SHX_KIND_SEGMENT, "kinds match");
 _Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST && SHMEMEXT_GLOBAL == SHX_GLOBAL, "flags match");

@@ -1,8 +1,10 @@
 /* The operating-system services the block core needs, and nothing more.
  *
  * Plain C, no Python.h: every call here may run without the GIL and is
- * driven directly by tests/c/test_core.c.  One implementation per OS family
- * (platform_posix.c, platform_win32.c) is chosen by setup.py.
+ * driven directly by tests/c/test_core.c.  One file per mechanism, chosen by
+ * setup.py: platform_posix.c (what every POSIX system shares) with either
+ * platform_sysv.c (Linux: System V memory the kernel frees with its last
+ * attachment) or platform_lockfiles.c (macOS, the BSDs); platform_win32.c.
  */
 #ifndef SHMEMEXT_PLATFORM_H
 #define SHMEMEXT_PLATFORM_H
@@ -21,6 +23,14 @@
 #else
 #define SHX_LOCK_FILES 0
 #endif
+/* Linux: the memory is a System V segment marked for removal at creation, so
+ * the kernel frees it when its last attachment goes, however that process
+ * ends; a small entry in /dev/shm names it. */
+#if !defined(_WIN32) && !SHX_LOCK_FILES
+#define SHX_SYSV 1
+#else
+#define SHX_SYSV 0
+#endif
 
 /* Which backend this build uses, for diagnostics and tests. */
 #if defined(_WIN32)
@@ -28,8 +38,20 @@
 #elif SHX_LOCK_FILES
 #define SHX_BACKEND "posix-lockfiles"
 #else
-#define SHX_BACKEND "posix-ofd"
+#define SHX_BACKEND "linux-sysv"
 #endif
+
+/* Where the System V backend keeps, inside the block's header, the random
+ * token that its name entry repeats: an entry whose segment id was recycled
+ * is told from a live one by it.  The core leaves these 8 bytes alone. */
+#define SHX_TOKEN_OFFSET 48
+/* What a backend may read of a header it does not attach (to list blocks, or
+ * to tell a dead holder's leftover from a block meant to persist): the magic
+ * at offset 0 and the persist bit of the flags word. */
+#define SHX_MAGIC "SHMEMEXT"
+#define SHX_FLAGS_OFFSET 40
+#define SHX_PERSIST_BIT 1u
+#define SHX_PEEK_BYTES 512
 
 /* Outcome of a core or platform call.  SHX_OK is zero; everything else is
  * an error whose details are in a shx_error. */
@@ -52,7 +74,8 @@ typedef enum shx_status {
     SHX_E_RANGE,     /* offset + length a is beyond the size b */
     SHX_E_BUFFER,    /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
     SHX_E_ENCODING,  /* text that UTF-8 cannot carry: detail */
-    SHX_E_INTERRUPTED /* a wait was given up because the caller's interrupted() hook said so */
+    SHX_E_INTERRUPTED, /* a wait was given up because the caller's interrupted() hook said so */
+    SHX_E_PERSIST     /* persist asked of a block that exists without it, where the OS cannot change that */
 } shx_status;
 
 typedef struct shx_error {
@@ -78,21 +101,23 @@ typedef struct shx_os_map {
     void *mutex;        /* writer-lock mutex HANDLE */
     void *wake;         /* wake-up semaphore HANDLE: set() releases one token per waiter */
     unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
+#elif SHX_SYSV
+    int shmid;          /* the System V segment; -1 once detached */
+    uint64_t token;     /* the random token of its name entry and header */
+    struct shx_os_map *next_attached;  /* process registry, for exit */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
-    int object_fd;      /* the shared-memory object while attaching (fd itself with OFD locks) */
+    int object_fd;      /* the shared-memory object while attaching */
     int fork_fd;        /* during fork(): the descriptor the child will own */
     int keep_name;      /* never unlink: set when a fork child could not get its own lock */
     uint64_t dev, ino;  /* identity of the liveness file, to reopen it after fork() */
     struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
-#if SHX_LOCK_FILES
     int gate_fd;        /* the attach/detach gate file while it is held */
     int writer_fd;      /* the writer-lock file */
     int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
     unsigned mode;      /* permissions for lock files made anew */
     pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
     struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
-#endif
 #endif
     char os_name[256];  /* the name as the OS sees it */
 } shx_os_map;
@@ -111,6 +136,12 @@ typedef int (*shx_keep_name_fn)(const shx_os_map *m);
 
 #define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
 #define SHX_OPEN_GLOBAL 2u          /* Windows: the Global\ namespace, seen by every session */
+#define SHX_OPEN_PERSIST 4u         /* a new object outlives its last holder (until unlink) */
+
+/* Whether an object made without SHX_OPEN_PERSIST can be made persistent by a
+ * later attach.  Not where the kernel frees it by itself (System V memory
+ * marked for removal cannot be unmarked). */
+#define SHX_OS_PERSIST_LATER (!SHX_SYSV)
 
 /* Attaches to (creating if absent) the object `name`.  `size` is used when
  * creating.  `security`, when not NULL, is a Windows SDDL security descriptor
@@ -133,6 +164,33 @@ int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_er
 int shx_os_unlink(const char *name, shx_error *err);
 /* *alone = 1 when no other process holds this object. */
 int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err);
+/* *count = how many attachments the object has (this one included; a fork()
+ * child's inherited one counts), or -1 where the OS cannot tell. */
+int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err);
+
+/* What the OS knows of one name of this user's, for listing and sweeping.
+ * `header` points at a read-only copy of the block's first bytes while the
+ * callback runs (NULL when its memory is gone or cannot be read). */
+typedef struct shx_os_info {
+    const char *name;         /* the block's name as the user gave it */
+    uint64_t size;            /* bytes of memory, header included; 0 when gone */
+    int64_t holders;          /* attachments, -1 where the OS cannot tell */
+    int persist;              /* 1, 0, or -1 where the OS cannot tell */
+    int alive;                /* the memory exists (a dead entry's does not) */
+    uint32_t creator_pid;
+    int64_t created;          /* Unix time of creation, 0 if unknown */
+    const void *header;
+    size_t header_len;
+} shx_os_info;
+typedef void (*shx_os_info_fn)(void *ctx, const shx_os_info *info);
+
+/* Calls fn for each block name this user has (SHX_E_OS, ENOSYS, where the OS
+ * keeps no list).  Changes nothing. */
+int shx_os_list(shx_os_info_fn fn, void *ctx, shx_error *err);
+/* Removes what is left of dead blocks of this user's: name entries whose
+ * memory is gone, and memory nothing names or holds.  fn is called for each
+ * thing removed (alive = 0 for a name entry, 1 for memory). */
+int shx_os_sweep(shx_os_info_fn fn, void *ctx, shx_error *err);
 
 /* The writer lock.  `area` is SHX_LOCK_AREA bytes inside the header; a backend
  * may keep its lock there or beside the mapping. */

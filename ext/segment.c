@@ -15,11 +15,16 @@ _Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the seco
 _Static_assert(offsetof(shx_header, version) == 192, "version has its own cache line");
 _Static_assert(offsetof(shx_header, slot) == 256, "slots start on their own cache lines");
 _Static_assert(offsetof(shx_header, wake_seq) % 4 == 0, "the futex word is 4-byte aligned");
+_Static_assert(offsetof(shx_header, token) == SHX_TOKEN_OFFSET, "the backend's token where platform.h says");
+_Static_assert(offsetof(shx_header, flags) == SHX_FLAGS_OFFSET, "the flags where platform.h says");
+_Static_assert(SHX_FLAG_PERSIST == SHX_PERSIST_BIT, "the persist bit as platform.h says");
+_Static_assert(sizeof(shx_header) <= SHX_PEEK_BYTES, "a peek sees the whole header");
 _Static_assert(sizeof(shx_slot) == 64, "one slot header per cache line");
 _Static_assert(sizeof(shx_header) <= SHX_HEADER_SIZE, "header fits its page");
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free to work across processes");
 
 static const char MAGIC[8] = {'S', 'H', 'M', 'E', 'M', 'E', 'X', 'T'};
+_Static_assert(sizeof SHX_MAGIC - 1 == sizeof MAGIC, "one magic");
 
 /* A reader retries this often before it takes the writer lock instead, so
  * that a large value under heavy writing cannot starve it. */
@@ -165,8 +170,11 @@ static int on_attach(void *vrq, shx_os_map *m, int state, shx_error *err)
         return shx_fail(err, SHX_E_KIND, kind, rq->kind, NULL);
     if (rq->capacity_given && rq->capacity > capacity)
         return shx_fail(err, SHX_E_CAPACITY, rq->capacity, capacity, NULL);
-    if (rq->flags & SHX_PERSIST)
+    if ((rq->flags & SHX_PERSIST) && !(atomic_load_explicit(&h->flags, memory_order_relaxed) & SHX_FLAG_PERSIST)) {
+        if (!SHX_OS_PERSIST_LATER)
+            return shx_fail(err, SHX_E_PERSIST, 0, 0, NULL);
         atomic_fetch_or_explicit(&h->flags, SHX_FLAG_PERSIST, memory_order_relaxed);
+    }
     adopt(rq->b, m, kind, capacity);
     return SHX_OK;
 }
@@ -193,7 +201,7 @@ int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64
 
     open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
     unsigned os_flags = ((flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0) |
-                        ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0);
+                        ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0) | ((flags & SHX_PERSIST) ? SHX_OPEN_PERSIST : 0);
     rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags, security,
                        on_attach, &rq, &b->created, err);
     if (rc != SHX_OK)
@@ -236,6 +244,53 @@ int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err)
     if (!b->attached)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
     return shx_os_sole_holder(&b->map, alone, err);
+}
+
+int shx_block_holders(shx_block *b, int64_t *count, shx_error *err)
+{
+    if (!b->attached)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    return shx_os_holders(&b->map, count, err);
+}
+
+typedef struct info_request {
+    shx_block_info_fn fn;
+    void *ctx;
+} info_request;
+
+/* Adds what the header copy says, if it is a header of ours. */
+static void with_header(void *vrq, const shx_os_info *os)
+{
+    info_request *rq = (info_request *)vrq;
+    shx_block_info info;
+    memset(&info, 0, sizeof info);
+    info.os = *os;
+    shx_header h;
+    if (os->header != NULL && os->header_len >= sizeof h) {
+        memcpy(&h, os->header, sizeof h);
+        if (memcmp(h.magic, MAGIC, sizeof MAGIC) == 0 && h.layout == SHX_LAYOUT &&
+            (h.kind == SHX_KIND_VALUE || h.kind == SHX_KIND_SEGMENT) && h.capacity <= SHX_MAX_CAPACITY) {
+            info.kind = h.kind;
+            info.capacity = h.capacity;
+            if (info.os.creator_pid == 0)
+                info.os.creator_pid = h.creator_pid;
+        }
+    }
+    info.os.header = NULL;
+    info.os.header_len = 0;
+    rq->fn(rq->ctx, &info);
+}
+
+int shx_list(shx_block_info_fn fn, void *ctx, shx_error *err)
+{
+    info_request rq = {fn, ctx};
+    return shx_os_list(with_header, &rq, err);
+}
+
+int shx_sweep(shx_block_info_fn fn, void *ctx, shx_error *err)
+{
+    info_request rq = {fn, ctx};
+    return shx_os_sweep(with_header, &rq, err);
 }
 
 /* ---- lock and copies ---------------------------------------------------- */
@@ -740,6 +795,8 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_OS:
         if (err->op != NULL && err->win32)
             snprintf(buf, size, "%s failed: Windows error %d", err->op, err->os_error);
+        else if (err->op != NULL && err->detail != NULL && err->a != 0)
+            snprintf(buf, size, "%s of %llu bytes failed: %s: %s", err->op, a, strerror(err->os_error), err->detail);
         else if (err->op != NULL && err->detail != NULL)
             snprintf(buf, size, "%s", err->detail);
         else if (err->op != NULL && err->a != 0)
@@ -786,6 +843,11 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         break;
     case SHX_E_CLOSED:
         snprintf(buf, size, "is closed");
+        break;
+    case SHX_E_PERSIST:
+        snprintf(buf, size, "is already open without persist=True, and the kernel frees it with its last holder: "
+                 "that cannot be undone while it is held; open it with persist=True before anyone else, "
+                 "or keep it alive with `python -m shmemext hold`");
         break;
     case SHX_E_INUSE:
         snprintf(buf, size, "handle is still attached to a block");

@@ -62,7 +62,8 @@ typedef struct shx_header {
     uint32_t creator_pid;
     _Atomic uint32_t flags;        /* SHX_FLAG_* */
     uint32_t reserved0;
-    unsigned char pad0[16];
+    uint64_t token;                /* 48: the backend's (SHX_TOKEN_OFFSET); the core never writes it */
+    unsigned char pad0[8];
     unsigned char lock_area[SHX_LOCK_AREA];   /* 64: the writer lock */
     _Atomic uint64_t version;                 /* 192: committed sets; slot = version & 1 */
     _Atomic uint32_t wake_seq;                /* 200: bumped by every set; waiters sleep on it */
@@ -140,6 +141,21 @@ int shx_unlink(const char *name, shx_error *err);
 int shx_block_is_persistent(const shx_block *b);
 /* Whether no other process holds the block. */
 int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err);
+/* How many attachments the block has (this one included), or -1 where the OS cannot tell. */
+int shx_block_holders(shx_block *b, int64_t *count, shx_error *err);
+
+/* One block of this user's as shx_list / shx_sweep see it: what the OS
+ * knows, and the kind and capacity its header gives (0 when unreadable). */
+typedef struct shx_block_info {
+    shx_os_info os;
+    uint32_t kind;
+    uint64_t capacity;
+} shx_block_info;
+typedef void (*shx_block_info_fn)(void *ctx, const shx_block_info *info);
+/* Lists this user's blocks, changing nothing. */
+int shx_list(shx_block_info_fn fn, void *ctx, shx_error *err);
+/* Removes what dead blocks left (see shx_os_sweep); fn is told of each. */
+int shx_sweep(shx_block_info_fn fn, void *ctx, shx_error *err);
 
 /* Number of committed sets. */
 static inline uint64_t shx_value_version(const shx_block *b)

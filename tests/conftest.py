@@ -1,5 +1,8 @@
+import contextlib
+import ctypes
 import itertools
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -145,3 +148,72 @@ def block_exists(block):
         return False
     os.close(fd)
     return True
+
+
+# The name entry a Linux (System V) block keeps in /dev/shm: see ext/platform_sysv.c.
+ENTRY = struct.Struct("<8sIiQQQII8xq")
+
+
+def sysv_backend():
+    from shmemext import _shmemext
+
+    return _shmemext._BACKEND == "linux-sysv"
+
+
+def read_entry(block):
+    """The fields of a block's name entry (System V backend)."""
+    with open(shm_path(block), "rb") as f:
+        magic, version, shmid, token, size, ipc_ns, uid, pid, created = ENTRY.unpack(f.read(ENTRY.size))
+    assert magic == b"SHXENTRY", magic
+    return {"shmid": shmid, "token": token, "size": size, "ipc_ns": ipc_ns, "uid": uid, "pid": pid}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+if hasattr(_libc, "shmat"):
+    _libc.shmat.restype = ctypes.c_void_p
+    _libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    _libc.shmdt.argtypes = [ctypes.c_void_p]
+
+
+@contextlib.contextmanager
+def block_bytes(block):
+    """A writable view of all of a block's memory, header included, as another
+    process that may write the block sees it (Linux)."""
+    if sysv_backend():
+        entry = read_entry(block)
+        addr = _libc.shmat(entry["shmid"], None, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "shmat", block)
+        try:
+            view = memoryview((ctypes.c_char * entry["size"]).from_address(addr)).cast("B")
+            yield view
+            view.release()
+        finally:
+            _libc.shmdt(ctypes.c_void_p(addr))
+    else:
+        import mmap
+
+        with open(shm_path(block), "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            view = memoryview(m)
+            yield view
+            view.release()
+
+
+def shmem_kib():
+    """Shmem of /proc/meminfo: every page of shared memory the system holds."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1])
+    raise AssertionError("no Shmem line in /proc/meminfo")
+
+
+def maps_of(block):
+    """How many mappings of the block this process has (Linux)."""
+    with open("/proc/self/maps") as f:
+        lines = f.read().splitlines()
+    if sysv_backend():
+        # A System V segment shows as /SYSV<key> with the segment id as its inode.
+        shmid = str(read_entry(block)["shmid"])
+        return sum(1 for line in lines if "/SYSV" in line and line.split()[4] == shmid)
+    return sum(1 for line in lines if line.endswith("/" + block) or line.endswith("/" + block + " (deleted)"))

@@ -6,7 +6,7 @@ import signal
 import time
 
 import shmemext
-from conftest import TEST_PREFIX, linux_only, spawn
+from conftest import TEST_PREFIX, block_bytes, linux_only, spawn
 
 _spec = importlib.util.spec_from_file_location(
     "torn_reads", os.path.join(os.path.dirname(__file__), "stress", "torn_reads.py")
@@ -83,9 +83,8 @@ def test_writer_killed_mid_set_leaves_a_whole_value_and_a_usable_lock(name):
 
 def _slot_seq(block, index):
     """The sequence counter of a slot, read from the block's bytes (odd: a write never finished)."""
-    with open(f"/dev/shm/{block}", "rb") as f:
-        f.seek(256 + 64 * index)
-        return int.from_bytes(f.read(8), "little")
+    with block_bytes(block) as memory:
+        return int.from_bytes(memory[256 + 64 * index : 264 + 64 * index], "little")
 
 
 def test_soak_with_random_kills_reads_nothing_torn_and_leaves_nothing():

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmemext
-from conftest import SHM_DIR, python
+from conftest import SHM_DIR, maps_of, python
 
 NOBODY = 65534
 
@@ -296,7 +296,8 @@ def test_every_operation_and_error_path_leaks_nothing(name):
 
     def snapshot():
         gc.collect()
-        return (sys.getallocatedblocks(), _rss_kib(), len(os.listdir("/proc/self/fd")), _maps_mentioning(name))
+        return (sys.getallocatedblocks(), _rss_kib(), len(os.listdir("/proc/self/fd")),
+                maps_of(name) + maps_of(name + "-seg"))
 
     for _ in range(300):
         once()

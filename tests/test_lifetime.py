@@ -9,7 +9,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import block_exists, ours, os_name, python, spawn
+from conftest import block_exists, ours, os_name, python, spawn, sysv_backend
 
 
 # The seed's lifetime holds for both kinds of block: the same tests, parametrized.
@@ -214,9 +214,15 @@ def test_unlink_while_in_use_gives_newcomers_a_new_block(name):
             assert old.get() == "old"
 
 
-def test_persist_flag_given_later_sticks(name):
+def test_persist_flag_given_later_sticks_or_is_refused(name):
     with shmemext.Value(name) as v:
         assert not v.persist
+        if sysv_backend():
+            # The kernel frees this block with its last holder, and that cannot be undone.
+            with pytest.raises(ValueError, match="already open without persist=True"):
+                shmemext.Value(name, persist=True)
+            assert not v.persist
+            return
         with shmemext.Value(name, persist=True):
             assert v.persist
     assert block_exists(name)

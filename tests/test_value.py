@@ -6,7 +6,7 @@ import os
 import pytest
 
 import shmemext
-from conftest import linux_only, shm_path
+from conftest import block_bytes, linux_only, shm_path
 
 
 def test_new_block_reads_empty_str(name):
@@ -198,8 +198,8 @@ def test_foreign_object_is_refused_not_overwritten(name):
 
 
 def _poke(block, offset, data):
-    with open(shm_path(block), "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
-        m[offset : offset + len(data)] = data
+    with block_bytes(block) as memory:
+        memory[offset : offset + len(data)] = data
 
 
 SLOT0 = 4096  # data of slot 0; header page first

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import linux_only, python, shm_path, spawn
+from conftest import block_bytes, linux_only, python, spawn
 
 WAITER = """
 import sys, time, shmemext
@@ -76,11 +76,10 @@ def test_waiter_times_out_when_the_last_other_holder_dies(name):
 
 @linux_only
 def test_wake_counter_wrap_around(name):
-    import mmap
 
     with shmemext.Value(name) as v:
-        with open(shm_path(name), "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
-            m[200:204] = (0xFFFFFFFF).to_bytes(4, "little")   # the 32-bit word waiters sleep on
+        with block_bytes(name) as memory:
+            memory[200:204] = (0xFFFFFFFF).to_bytes(4, "little")   # the 32-bit word waiters sleep on
         results = []
         t = threading.Thread(target=lambda: results.append(v.wait(timeout=10)))
         t.start()
@@ -88,9 +87,8 @@ def test_wake_counter_wrap_around(name):
         v.set("wrapped")
         t.join(timeout=10)
         assert results == [1]
-        with open(shm_path(name), "rb") as f:
-            f.seek(200)
-            assert int.from_bytes(f.read(4), "little") == 0
+        with block_bytes(name) as memory:
+            assert int.from_bytes(memory[200:204], "little") == 0
 
 
 def test_an_infinite_timeout_waits_forever(name):

@@ -63,6 +63,8 @@ extern "C" {
 #define SHMEMEXT_E_BUFFER 16    /* the caller's buffer is too small: *len says how much is needed */
 #define SHMEMEXT_E_ENCODING 17  /* text that is not valid UTF-8 */
 #define SHMEMEXT_E_INTERRUPTED 18 /* reserved: a lock wait given up (never returned by this table's calls) */
+#define SHMEMEXT_E_PERSIST 19   /* SHMEMEXT_PERSIST asked of a block that exists without it, on an OS
+                                   (Linux) whose kernel frees such a block with its last holder */
 
 /* Block kinds for open(). */
 #define SHMEMEXT_VALUE 1

@@ -1,0 +1,865 @@
+/* Linux backend: System V shared memory that the kernel frees with its last
+ * attachment, found by name through a small entry in /dev/shm.
+ *
+ * Memory: a segment made with shmget(IPC_PRIVATE) and marked IPC_RMID at
+ * once (unless it is to persist).  The kernel then destroys it when its
+ * attach count reaches zero, however the last holder ended (detach, exit,
+ * os._exit, a signal, a crash), and Linux still lets later processes attach
+ * a marked segment by id while it lives.  fork() children inherit
+ * attachments and are counted by the kernel: nothing to do around fork.
+ * (PostgreSQL's sysv_shmem.c reads the attach count as its liveness test;
+ * X11 MIT-SHM clients attach and mark for removal at once.)
+ *
+ * Name: /dev/shm/NAME, made with shm_open, holds a 64-byte entry: the
+ * segment id, its size, its creator's uid and IPC namespace, and a random
+ * token that the block's header repeats.  A crash leaves only that entry,
+ * which the next attach of the name (or `sweep`) finds dead: the id no longer
+ * exists, or belongs to another segment (size, creator or token differ).
+ * An open-file-description lock on the entry's first byte is the gate that
+ * attach, detach and unlink hold, so that "create it, or attach the live
+ * one" and "the last holder removes the name" are decided once.
+ *
+ * Writer lock: a robust process-shared pthread mutex in the header.
+ */
+#define _GNU_SOURCE
+#include "platform_posix.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/shm.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef F_OFD_SETLK
+#error "this backend needs open file description locks (F_OFD_SETLK, Linux 3.15+)"
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23   /* Linux 5.14 */
+#endif
+
+#define OS_NAME_MAX 255   /* NAME_MAX of /dev/shm */
+#define SHM_DIR "/dev/shm"
+
+/* ---- names ---------------------------------------------------------------- */
+
+int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_error *err)
+{
+    (void)flags;
+    size_t n = strlen(name);
+    int written = 1 + n <= OS_NAME_MAX ? snprintf(out, size, "/%s", name) : -1;
+    if (written < 0 || (size_t)written >= size)
+        return shx_fail(err, SHX_E_NAME, n, OS_NAME_MAX - 1, "is too long for this system");
+    return SHX_OK;
+}
+
+/* ---- the name entry ------------------------------------------------------ */
+
+static const char ENTRY_MAGIC[8] = {'S', 'H', 'X', 'E', 'N', 'T', 'R', 'Y'};
+#define ENTRY_VERSION 1
+
+/* Written once by the block's creator, under the gate; read by everyone.
+ * Nothing in it is a pointer: a scribbled entry can only name a wrong
+ * segment, which the checks below then refuse or find dead. */
+typedef struct name_entry {
+    char magic[8];
+    uint32_t version;
+    int32_t shmid;
+    uint64_t token;          /* repeated at SHX_TOKEN_OFFSET in the block */
+    uint64_t size;           /* bytes of the segment */
+    uint64_t ipc_namespace;  /* inode of the creator's IPC namespace; 0 unknown */
+    uint32_t creator_uid;
+    uint32_t creator_pid;
+    uint32_t reserved[2];
+    int64_t created;         /* Unix time */
+} name_entry;
+
+_Static_assert(sizeof(name_entry) == 64, "a name entry is 64 bytes on every ABI");
+
+/* Which IPC namespace this process is in: System V ids mean nothing in another. */
+static uint64_t ipc_namespace(void)
+{
+    struct stat st;
+    return stat("/proc/self/ns/ipc", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+static int lock_gate(int fd, short type, int wait)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = 0;
+    fl.l_len = 1;
+    for (;;) {
+        if (fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* Opens the entry of os_name (creating an empty one if asked) and takes its
+ * gate.  An entry unlinked while we waited for its gate is worthless: open
+ * the name again.  Returns the descriptor, or -1 with errno set (EAGAIN when
+ * wait is 0 and somebody else holds the gate). */
+static int open_gated(const char *os_name, int create, unsigned mode, int wait, struct stat *st)
+{
+    for (;;) {
+        int fd;
+        do {
+            fd = shm_open(os_name, O_RDWR | (create ? O_CREAT : 0), (mode_t)mode);
+        } while (fd < 0 && errno == EINTR);
+        if (fd < 0)
+            return -1;
+        if (lock_gate(fd, F_WRLCK, wait) != 0 || fstat(fd, st) != 0) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        if (st->st_nlink > 0)
+            return fd;
+        close(fd);
+    }
+}
+
+/* What the readers below return besides errors: never a shx_status (those are >= 0) nor SHX_REINIT. */
+enum { ENTRY_EMPTY = -10, ENTRY_FOUND = -11, SEGMENT_LIVE = -12, SEGMENT_DEAD = -13 };
+
+/* Reads a name entry: ENTRY_EMPTY for an empty file (a creator that died
+ * before writing it, or ours just made), ENTRY_FOUND, or an error for
+ * anything that is not an entry of ours. */
+static int read_entry(int fd, const struct stat *st, name_entry *e, shx_error *err)
+{
+    if (st->st_size == 0)
+        return ENTRY_EMPTY;
+    if (st->st_size == (off_t)sizeof *e) {
+        ssize_t got;
+        do {
+            got = pread(fd, e, sizeof *e, 0);
+        } while (got < 0 && errno == EINTR);
+        if (got < 0)
+            return shx_fail_os(err, "read of the name entry");
+        if (got == (ssize_t)sizeof *e && memcmp(e->magic, ENTRY_MAGIC, sizeof ENTRY_MAGIC) == 0) {
+            if (e->version > ENTRY_VERSION)
+                return shx_fail(err, SHX_E_NEWER, e->version, ENTRY_VERSION, NULL);
+            if (e->size < SHX_PEEK_BYTES || e->size > (uint64_t)SIZE_MAX)
+                return shx_fail(err, SHX_E_CORRUPT, e->size, 0, "has a name entry with an impossible size");
+            return ENTRY_FOUND;
+        }
+    }
+    char head[8];
+    if (st->st_size >= 8 && pread(fd, head, sizeof head, 0) == 8 && memcmp(head, SHX_MAGIC, 8) == 0)
+        return shx_fail(err, SHX_E_FOREIGN, 0, 0,
+                        "is a block of an older shmemext, kept in /dev/shm itself: remove it with shmemext.unlink()");
+    return shx_fail(err, SHX_E_FOREIGN, 0, 0, "is not a shmemext name entry");
+}
+
+static int write_entry(int fd, const name_entry *e, shx_error *err)
+{
+    ssize_t put;
+    do {
+        put = pwrite(fd, e, sizeof *e, 0);
+    } while (put < 0 && errno == EINTR);
+    if (put != (ssize_t)sizeof *e) {
+        if (put >= 0)
+            errno = ENOSPC;
+        return shx_fail_os(err, "write of the name entry");
+    }
+    return SHX_OK;
+}
+
+static int foreign_namespace(const name_entry *e)
+{
+    uint64_t here = ipc_namespace();
+    return e->ipc_namespace != 0 && here != 0 && e->ipc_namespace != here;
+}
+
+static int fail_namespace(shx_error *err)
+{
+    errno = EXDEV;
+    shx_fail_os(err, "the name entry");
+    err->detail = "belongs to a block of another IPC namespace (another container?), whose memory cannot be "
+                  "reached from here: give each namespace its own /dev/shm, or use another name";
+    return SHX_E_OS;
+}
+
+/* ---- the segment behind an entry ------------------------------------------- */
+
+/* Whether the entry's segment still exists and is the one the entry made:
+ * the kernel's own record of its size and creator must match.  (The token
+ * is checked once attached.)  An id we may not even look at is dead if the
+ * entry is ours (it was recycled for somebody else), refused otherwise. */
+static int segment_state(int entry_fd, const name_entry *e, struct shmid_ds *ds, shx_error *err)
+{
+    if (shmctl(e->shmid, IPC_STAT, ds) != 0) {
+        if (errno == EINVAL || errno == EIDRM)
+            return SEGMENT_DEAD;
+        struct stat st;
+        if (errno == EACCES && fstat(entry_fd, &st) == 0 && st.st_uid == geteuid())
+            return SEGMENT_DEAD;
+        return shx_fail_os(err, "shmctl");
+    }
+    if ((uint64_t)ds->shm_segsz != e->size || ds->shm_perm.cuid != e->creator_uid)
+        return SEGMENT_DEAD;
+    return SEGMENT_LIVE;
+}
+
+static int token_matches(const void *base, uint64_t token)
+{
+    uint64_t seen;
+    memcpy(&seen, (const unsigned char *)base + SHX_TOKEN_OFFSET, sizeof seen);
+    return seen == token;
+}
+
+static uint64_t random_token(void)
+{
+    uint64_t token = 0;
+    while (token == 0) {
+        ssize_t got = getrandom(&token, sizeof token, 0);
+        if (got != (ssize_t)sizeof token && !(got < 0 && errno == EINTR)) {
+            /* No entropy source: time and pid still tell ids apart well. */
+            token = shx_os_monotonic_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL);
+        }
+    }
+    return token;
+}
+
+/* shmget's errors name the limit that stood in the way. */
+static int fail_shmget(shx_error *err, size_t size)
+{
+    int code = errno;
+    shx_fail_os(err, "shmget");
+    err->a = (uint64_t)size;
+    if (code == EINVAL)
+        err->detail = "the size is beyond kernel.shmmax (/proc/sys/kernel/shmmax)";
+    else if (code == ENOSPC)
+        err->detail = "kernel.shmmni segments or kernel.shmall pages are used up (/proc/sys/kernel/shmmni, shmall)";
+    else if (code == ENOMEM)
+        err->detail = "the system cannot commit that much memory";
+    return SHX_E_OS;
+}
+
+/* Gives a new segment real memory now, so that a shortage is an error here
+ * rather than an out-of-memory kill at some later write. */
+static int prefault(void *base, size_t size, shx_error *err)
+{
+    int rc;
+    do {
+        rc = madvise(base, size, MADV_POPULATE_WRITE);
+    } while (rc != 0 && errno == EINTR);
+    if (rc == 0)
+        return SHX_OK;
+    if (errno == EINVAL) {   /* a kernel before 5.14: touch every page (fresh memory is zeros) */
+        long page = sysconf(_SC_PAGESIZE);
+        for (size_t off = 0; off < size; off += (size_t)(page > 0 ? page : 4096))
+            ((volatile unsigned char *)base)[off] = 0;
+        return SHX_OK;
+    }
+    shx_fail_os(err, "madvise(MADV_POPULATE_WRITE)");
+    err->a = (uint64_t)size;
+    return SHX_E_OS;
+}
+
+static void forget_segment(int shmid, void *base)
+{
+    if (base != NULL)
+        (void)shmdt(base);
+    if (shmid >= 0)
+        (void)shmctl(shmid, IPC_RMID, NULL);
+}
+
+/* ---- attach / detach --------------------------------------------------- */
+
+/* Makes the block anew, under the gate: a segment (marked for removal at
+ * once unless it is to persist, so that no crash from here on can leave it
+ * behind), its memory, its header (prepare), then the entry that names it. */
+static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t size, unsigned mode, unsigned flags,
+                        shx_prepare_fn prepare, void *ctx, shx_error *err)
+{
+    int rc;
+    int shmid = shmget(IPC_PRIVATE, size, IPC_CREAT | IPC_EXCL | (int)(mode & 0777));
+    if (shmid < 0)
+        return fail_shmget(err, size);
+    void *base = shmat(shmid, NULL, 0);
+    if (base == (void *)-1) {
+        rc = shx_fail_os(err, "shmat");
+        forget_segment(shmid, NULL);
+        return rc;
+    }
+    if (!(flags & SHX_OPEN_PERSIST) && shmctl(shmid, IPC_RMID, NULL) != 0) {
+        rc = shx_fail_os(err, "shmctl(IPC_RMID)");
+        forget_segment(shmid, base);
+        return rc;
+    }
+    if ((rc = prefault(base, size, err)) != SHX_OK) {
+        forget_segment(shmid, base);
+        return rc;
+    }
+    uint64_t token = random_token();
+    memcpy((unsigned char *)base + SHX_TOKEN_OFFSET, &token, sizeof token);
+    m->base = base;
+    m->size = size;
+    m->shmid = shmid;
+    m->token = token;
+    rc = prepare(ctx, m, SHX_ATTACH_FRESH, err);
+    if (rc == SHX_OK) {
+        name_entry e;
+        memset(&e, 0, sizeof e);
+        memcpy(e.magic, ENTRY_MAGIC, sizeof e.magic);
+        e.version = ENTRY_VERSION;
+        e.shmid = shmid;
+        e.token = token;
+        e.size = (uint64_t)size;
+        e.ipc_namespace = ipc_namespace();
+        e.creator_uid = (uint32_t)geteuid();
+        e.creator_pid = (uint32_t)getpid();
+        e.created = (int64_t)time(NULL);
+        rc = write_entry(fd, &e, err);
+    }
+    if (rc != SHX_OK) {
+        forget_segment(shmid, base);
+        m->base = NULL;
+        m->size = 0;
+        m->shmid = -1;
+        return rc;
+    }
+    /* shm_open applied the umask to a new entry; the caller's mode is what was asked for. */
+    if (st->st_uid == geteuid() && (st->st_mode & 0777) != (mode & 0777))
+        (void)fchmod(fd, (mode_t)(mode & 0777));
+    return SHX_OK;
+}
+
+/* Attaches the segment an entry names.  SHX_REINIT when it turns out dead
+ * (gone, or its id recycled for another segment), or is ours alone and must
+ * start afresh (prepare says so): then the caller makes a new block. */
+static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags, shx_prepare_fn prepare, void *ctx,
+                      shx_error *err)
+{
+    struct shmid_ds ds;
+    int rc = segment_state(fd, e, &ds, err);
+    if (rc != SEGMENT_LIVE)
+        return rc == SEGMENT_DEAD ? SHX_REINIT : rc;
+    if ((flags & SHX_OPEN_REQUIRE_OWNER) && ds.shm_perm.uid != geteuid())
+        return shx_fail(err, SHX_E_NOTOWNER, (uint64_t)ds.shm_perm.uid, (uint64_t)geteuid(), NULL);
+    void *base = shmat(e->shmid, NULL, 0);
+    if (base == (void *)-1) {
+        if (errno == EINVAL || errno == EIDRM)
+            return SHX_REINIT;   /* its last holder went just now */
+        return shx_fail_os(err, "shmat");
+    }
+    if (!token_matches(base, e->token) || shmctl(e->shmid, IPC_STAT, &ds) != 0) {
+        (void)shmdt(base);
+        return SHX_REINIT;
+    }
+    m->base = base;
+    m->size = (size_t)e->size;
+    m->shmid = e->shmid;
+    m->token = e->token;
+    rc = prepare(ctx, m, ds.shm_nattch <= 1 ? SHX_ATTACH_ALONE : SHX_ATTACH_SHARED, err);
+    if (rc == SHX_REINIT)   /* nobody else holds it: it goes with our shmdt */
+        (void)shmctl(e->shmid, IPC_RMID, NULL);
+    if (rc != SHX_OK) {
+        (void)shmdt(base);
+        m->base = NULL;
+        m->size = 0;
+        m->shmid = -1;
+    }
+    return rc;
+}
+
+static void clear_map(shx_os_map *m)
+{
+    memset(m, 0, sizeof *m);
+    m->shmid = -1;
+}
+
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
+                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+{
+    int rc;
+    clear_map(m);
+    *created = 0;
+    if (security != NULL) {
+        errno = EINVAL;
+        return shx_fail_os(err, "security descriptors are a Windows option");
+    }
+    if ((rc = shx_os_name(name, flags, m->os_name, sizeof m->os_name, err)) != SHX_OK)
+        return rc;
+    if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
+        return rc;
+    struct stat st;
+    int fd = open_gated(m->os_name, 1, mode, 1, &st);
+    if (fd < 0) {
+        rc = shx_fail_os(err, "shm_open");
+        shx_posix_registry_leave();
+        return rc;
+    }
+    name_entry e;
+    if ((flags & SHX_OPEN_REQUIRE_OWNER) && st.st_uid != geteuid()) {
+        rc = shx_fail(err, SHX_E_NOTOWNER, (uint64_t)st.st_uid, (uint64_t)geteuid(), NULL);
+    } else if ((rc = read_entry(fd, &st, &e, err)) == ENTRY_FOUND) {
+        rc = foreign_namespace(&e) ? fail_namespace(err) : join_block(m, fd, &e, flags, prepare, ctx, err);
+    } else if (rc == ENTRY_EMPTY) {
+        rc = SHX_REINIT;
+    }
+    if (rc == SHX_REINIT) {
+        rc = create_block(m, fd, &st, size, mode, flags, prepare, ctx, err);
+        if (rc == SHX_OK)
+            *created = 1;
+        else   /* the entry was empty or dead, and we hold its gate: leave nothing behind */
+            (void)shm_unlink(m->os_name);
+    }
+    close(fd);   /* opens the gate */
+    if (rc == SHX_OK)
+        shx_posix_registry_add(m);
+    shx_posix_registry_leave();
+    return rc;
+}
+
+/* Attachments this process left in place at exit (threads may still run in
+ * them), by segment id: the kernel still counts them, and a later detach at
+ * exit must not take them for other processes. */
+static int *lingering;
+static size_t lingering_count, lingering_size;
+
+static size_t own_attachments(int shmid)
+{
+    size_t n = 1;
+    for (size_t i = 0; i < lingering_count; i++)
+        n += lingering[i] == shmid;
+    return n;
+}
+
+static void linger(int shmid)
+{
+    if (lingering_count == lingering_size) {
+        size_t size = lingering_size ? 2 * lingering_size : 16;
+        int *grown = realloc(lingering, size * sizeof *grown);
+        if (grown == NULL)
+            return;   /* the name then stays: `sweep` or the next open removes it */
+        lingering = grown;
+        lingering_size = size;
+    }
+    lingering[lingering_count++] = shmid;
+}
+
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err)
+{
+    (void)keep_name;   /* the kernel knows which segments persist: those not marked for removal */
+    int rc;
+    if (m->shmid < 0)
+        return SHX_OK;
+    if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
+        return rc;
+    shx_posix_registry_remove(m);
+    struct stat st;
+    int fd = open_gated(m->os_name, 0, 0, 1, &st);
+    if (fd >= 0) {
+        /* The last holder removes the name, if it still names this block. */
+        name_entry e;
+        struct shmid_ds ds;
+        shx_error ignored;
+        if (read_entry(fd, &st, &e, &ignored) == ENTRY_FOUND && e.shmid == m->shmid && e.token == m->token &&
+            shmctl(m->shmid, IPC_STAT, &ds) == 0 && (ds.shm_perm.mode & SHM_DEST) &&
+            (size_t)ds.shm_nattch <= own_attachments(m->shmid) && shm_unlink(m->os_name) != 0)
+            rc = shx_fail_os(err, "shm_unlink");
+    }
+    if (at_exit)
+        linger(m->shmid);
+    else if (shmdt(m->base) != 0 && rc == SHX_OK)
+        rc = shx_fail_os(err, "shmdt");
+    if (fd >= 0)
+        close(fd);
+    m->shmid = -1;
+    if (!at_exit) {
+        m->base = NULL;
+        m->size = 0;
+    }
+    shx_posix_registry_leave();
+    return rc;
+}
+
+/* Whether what the name holds is a block of an older shmemext, which kept the
+ * whole block in /dev/shm: unlink may remove it. */
+static int older_block(int fd, const struct stat *st)
+{
+    char head[8];
+    return st->st_size >= 8 && pread(fd, head, sizeof head, 0) == 8 && memcmp(head, SHX_MAGIC, 8) == 0;
+}
+
+int shx_os_unlink(const char *name, shx_error *err)
+{
+    char os_name[256];
+    int rc;
+    if ((rc = shx_os_name(name, 0, os_name, sizeof os_name, err)) != SHX_OK)
+        return rc;
+    struct stat st;
+    int fd = open_gated(os_name, 0, 0, 1, &st);
+    if (fd < 0)
+        return shx_fail_os(err, "shm_open");
+    name_entry e;
+    struct shmid_ds ds;
+    rc = read_entry(fd, &st, &e, err);
+    if (rc == ENTRY_FOUND && !foreign_namespace(&e)) {
+        /* A persistent segment goes with its last holder from now on. */
+        rc = segment_state(fd, &e, &ds, err);
+        if (rc == SEGMENT_LIVE && !(ds.shm_perm.mode & SHM_DEST) && shmctl(e.shmid, IPC_RMID, NULL) != 0)
+            rc = shx_fail_os(err, "shmctl(IPC_RMID)");
+        else if (rc == SEGMENT_LIVE || rc == SEGMENT_DEAD)
+            rc = SHX_OK;
+    } else if (rc == ENTRY_FOUND || rc == ENTRY_EMPTY || (rc == SHX_E_FOREIGN && older_block(fd, &st))) {
+        rc = SHX_OK;
+    }
+    if (rc == SHX_OK && shm_unlink(os_name) != 0)
+        rc = shx_fail_os(err, "shm_unlink");
+    close(fd);
+    return rc;
+}
+
+int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
+{
+    struct shmid_ds ds;
+    if (m->shmid < 0)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    if (shmctl(m->shmid, IPC_STAT, &ds) != 0)
+        return shx_fail_os(err, "shmctl");
+    *count = (int64_t)ds.shm_nattch;
+    return SHX_OK;
+}
+
+int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
+{
+    int64_t count = 0;
+    int rc = shx_os_holders(m, &count, err);
+    *alone = rc == SHX_OK && count <= 1;
+    return rc;
+}
+
+/* Nothing to do around fork(): the kernel counts the child's inherited
+ * attachments, and no descriptor stays open between calls. */
+void shx_posix_fork_prepare(shx_os_map *m) { (void)m; }
+void shx_posix_fork_parent(shx_os_map *m) { (void)m; }
+void shx_posix_fork_child(shx_os_map *m) { (void)m; }
+void shx_posix_fork_child_done(void) {}
+
+/* ---- listing and sweeping ------------------------------------------------ */
+
+typedef int (*entry_fn)(void *ctx, const char *name, int fd, const name_entry *e);
+
+/* Calls fn for every name entry of this user's in /dev/shm (opened for
+ * writing, so that a sweep can take its gate). */
+static int each_entry(entry_fn fn, void *ctx, shx_error *err)
+{
+    DIR *dir = opendir(SHM_DIR);
+    if (dir == NULL)
+        return shx_fail_os(err, "opendir of " SHM_DIR);
+    int rc = SHX_OK;
+    for (struct dirent *d; rc == SHX_OK && (d = readdir(dir)) != NULL;) {
+        if (d->d_name[0] == '.')
+            continue;
+        int fd = openat(dirfd(dir), d->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+        if (fd < 0)
+            continue;
+        struct stat st;
+        name_entry e;
+        shx_error ignored;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
+            read_entry(fd, &st, &e, &ignored) == ENTRY_FOUND)
+            rc = fn(ctx, d->d_name, fd, &e);
+        close(fd);
+    }
+    closedir(dir);
+    return rc;
+}
+
+/* What the kernel knows of an entry's segment, and a copy of its header. */
+typedef struct segment_look {
+    int alive;                 /* 1 live, 0 dead, -1 in another IPC namespace */
+    struct shmid_ds ds;
+    unsigned char header[SHX_PEEK_BYTES];
+    size_t header_len;
+} segment_look;
+
+static void look_at_segment(int fd, const name_entry *e, segment_look *look)
+{
+    shx_error ignored;
+    memset(look, 0, sizeof *look);
+    if (foreign_namespace(e)) {
+        look->alive = -1;
+        return;
+    }
+    if (segment_state(fd, e, &look->ds, &ignored) != SEGMENT_LIVE)
+        return;
+    void *base = shmat(e->shmid, NULL, SHM_RDONLY);
+    if (base == (void *)-1) {
+        look->alive = !(errno == EINVAL || errno == EIDRM);
+        return;
+    }
+    look->alive = token_matches(base, e->token);
+    if (look->alive) {
+        memcpy(look->header, base, SHX_PEEK_BYTES);
+        look->header_len = SHX_PEEK_BYTES;
+    }
+    (void)shmdt(base);
+}
+
+static void describe(shx_os_info *info, const char *name, const name_entry *e, const segment_look *look)
+{
+    int known = look->alive == 1;
+    info->name = name;
+    info->size = known ? e->size : 0;
+    info->holders = known ? (int64_t)look->ds.shm_nattch : -1;
+    info->persist = known ? !(look->ds.shm_perm.mode & SHM_DEST) : -1;
+    info->alive = look->alive != 0;
+    info->creator_pid = known ? (uint32_t)look->ds.shm_cpid : e->creator_pid;
+    info->created = e->created;
+    info->header = look->header_len ? look->header : NULL;
+    info->header_len = look->header_len;
+}
+
+typedef struct walk {
+    shx_os_info_fn fn;
+    void *ctx;
+    struct { int shmid; uint64_t token; } *live;   /* sweep: the segments that live entries name */
+    size_t live_count, live_size;
+    shx_error *err;
+} walk;
+
+static int list_one(void *vw, const char *name, int fd, const name_entry *e)
+{
+    walk *w = (walk *)vw;
+    segment_look look;
+    shx_os_info info;
+    look_at_segment(fd, e, &look);
+    /* Our own look attached it once more; the count is read before that. */
+    describe(&info, name, e, &look);
+    w->fn(w->ctx, &info);
+    return SHX_OK;
+}
+
+int shx_os_list(shx_os_info_fn fn, void *ctx, shx_error *err)
+{
+    walk w = {fn, ctx, NULL, 0, 0, err};
+    return each_entry(list_one, &w, err);
+}
+
+/* Sweep, first pass: removes entries whose segment is gone (under the
+ * entry's gate, not waited for: an entry somebody is attaching is in use),
+ * and notes the segments the others name. */
+static int sweep_entry(void *vw, const char *name, int fd, const name_entry *seen)
+{
+    walk *w = (walk *)vw;
+    struct stat st;
+    name_entry e;
+    shx_error ignored;
+    (void)seen;
+    if (lock_gate(fd, F_WRLCK, 0) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0 ||
+        read_entry(fd, &st, &e, &ignored) != ENTRY_FOUND)
+        return SHX_OK;
+    segment_look look;
+    look_at_segment(fd, &e, &look);
+    if (look.alive) {
+        if (w->live_count == w->live_size) {
+            size_t size = w->live_size ? 2 * w->live_size : 64;
+            void *grown = realloc(w->live, size * sizeof *w->live);
+            if (grown == NULL)
+                return shx_fail(w->err, SHX_E_OS, 0, 0, NULL);   /* out of memory */
+            w->live = grown;
+            w->live_size = size;
+        }
+        w->live[w->live_count].shmid = e.shmid;
+        w->live[w->live_count].token = e.token;
+        w->live_count++;
+        return SHX_OK;
+    }
+    char os_name[OS_NAME_MAX + 2];
+    snprintf(os_name, sizeof os_name, "/%s", name);
+    if (shm_unlink(os_name) == 0) {
+        shx_os_info info;
+        describe(&info, name, &e, &look);
+        w->fn(w->ctx, &info);
+    }
+    return SHX_OK;
+}
+
+static int named_by_live_entry(const walk *w, int shmid, uint64_t token)
+{
+    for (size_t i = 0; i < w->live_count; i++) {
+        if (w->live[i].shmid == shmid && w->live[i].token == token)
+            return 1;
+    }
+    return 0;
+}
+
+/* Sweep, second pass: segments of this user's that carry a block header but
+ * that nothing attaches and no entry names (a persistent block whose entry
+ * was deleted by hand, or a creator killed between shmget and its entry). */
+static void sweep_orphans(walk *w)
+{
+    struct shm_info info;
+    int highest = shmctl(0, SHM_INFO, (struct shmid_ds *)(void *)&info);
+    for (int index = 0; index <= highest; index++) {
+        struct shmid_ds ds;
+        int shmid = shmctl(index, SHM_STAT, &ds);
+        if (shmid < 0 || ds.shm_perm.cuid != geteuid() || ds.shm_nattch != 0 || (ds.shm_perm.mode & SHM_DEST) ||
+            ds.shm_perm.__key != IPC_PRIVATE || ds.shm_segsz < SHX_PEEK_BYTES)
+            continue;
+        void *base = shmat(shmid, NULL, SHM_RDONLY);
+        if (base == (void *)-1)
+            continue;
+        uint64_t token;
+        memcpy(&token, (const unsigned char *)base + SHX_TOKEN_OFFSET, sizeof token);
+        int orphan = memcmp(base, SHX_MAGIC, 8) == 0 && !named_by_live_entry(w, shmid, token);
+        segment_look look = {1, ds, {0}, SHX_PEEK_BYTES};
+        memcpy(look.header, base, SHX_PEEK_BYTES);
+        (void)shmdt(base);
+        if (orphan && shmctl(shmid, IPC_RMID, NULL) == 0) {
+            char label[32];
+            snprintf(label, sizeof label, "(shmid %d)", shmid);
+            shx_os_info out = {label, (uint64_t)ds.shm_segsz, 0, 1, 1, (uint32_t)ds.shm_cpid, (int64_t)ds.shm_ctime,
+                               look.header, look.header_len};
+            w->fn(w->ctx, &out);
+        }
+    }
+}
+
+int shx_os_sweep(shx_os_info_fn fn, void *ctx, shx_error *err)
+{
+    walk w = {fn, ctx, NULL, 0, 0, err};
+    int rc = each_entry(sweep_entry, &w, err);
+    if (rc == SHX_OK)
+        sweep_orphans(&w);
+    free(w.live);
+    return rc;
+}
+
+/* ---- the writer lock: a robust pthread mutex in the header (Linux) ---- */
+
+_Static_assert(sizeof(pthread_mutex_t) <= SHX_LOCK_AREA, "pthread mutex does not fit the lock area");
+
+static int init_mutex(pthread_mutex_t *mutex)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0)
+        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    /* Error-checking, so a relock by its holder or an unlock by another thread
+     * is an error the caller can report instead of a deadlock. */
+    if (rc == 0)
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+    if (rc == 0)
+        rc = pthread_mutex_init(mutex, &attr);
+    (void)pthread_mutexattr_destroy(&attr);
+    return rc;
+}
+
+#ifdef __GLIBC__
+/* The mutex lives in memory any process with access can overwrite, and glibc
+ * trusts it: a scribbled type (say, priority-protect) ends in an assertion
+ * inside pthread_mutex_lock.  The type never changes after init, so a lock
+ * whose type differs from the one our attributes give is refused instead. */
+static int expected_kind;
+static pthread_once_t expected_kind_once = PTHREAD_ONCE_INIT;
+
+static void find_expected_kind(void)
+{
+    pthread_mutex_t probe;
+    if (init_mutex(&probe) == 0) {
+        expected_kind = probe.__data.__kind;
+        (void)pthread_mutex_destroy(&probe);
+    } else {
+        expected_kind = -1;
+    }
+}
+
+static int mutex_intact(const pthread_mutex_t *mutex)
+{
+    (void)pthread_once(&expected_kind_once, find_expected_kind);
+    return mutex->__data.__kind == expected_kind;
+}
+#else
+static int mutex_intact(const pthread_mutex_t *mutex)
+{
+    (void)mutex;
+    return 1;
+}
+#endif
+
+int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)m;
+    int rc = init_mutex((pthread_mutex_t *)area);
+    if (rc != 0) {
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_init");
+    }
+    return SHX_OK;
+}
+
+int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
+{
+    (void)m;
+    pthread_mutex_t *mutex = (pthread_mutex_t *)area;
+    int rc;
+    *owner_died = 0;
+    if (!mutex_intact(mutex))
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
+    if (timeout_ns == 0) {
+        rc = pthread_mutex_trylock(mutex);
+        if (rc == EBUSY)
+            return shx_fail(err, SHX_E_TIMEOUT, 0, 0, NULL);
+    } else if (timeout_ns < 0) {
+        rc = pthread_mutex_lock(mutex);
+    } else {
+        struct timespec deadline;
+        if (clock_gettime(CLOCK_REALTIME, &deadline) != 0)
+            return shx_fail_os(err, "clock_gettime");
+        deadline.tv_sec += (time_t)(timeout_ns / 1000000000);
+        deadline.tv_nsec += (long)(timeout_ns % 1000000000);
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        do {
+            rc = pthread_mutex_timedlock(mutex, &deadline);
+        } while (rc == EINTR);
+        if (rc == ETIMEDOUT)
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+    }
+    if (rc == EOWNERDEAD) {
+        *owner_died = 1;
+        rc = pthread_mutex_consistent(mutex);
+    }
+    if (rc != 0) {
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_lock");
+    }
+    return SHX_OK;
+}
+
+int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
+{
+    (void)m;
+    if (!mutex_intact((pthread_mutex_t *)area))
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
+    int rc = pthread_mutex_unlock((pthread_mutex_t *)area);
+    if (rc != 0) {
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_unlock");
+    }
+    return SHX_OK;
+}
+
+
