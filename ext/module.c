@@ -415,6 +415,20 @@ static PyObject *block_sole_holder(BlockObject *self, PyObject *Py_UNUSED(ignore
     return PyBool_FromLong(alone);
 }
 
+/* An int, or None for a count the OS cannot tell (-1). */
+static PyObject *optional_int(int64_t value) { return value < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(value); }
+
+static PyObject *block_get_holders(BlockObject *self, void *Py_UNUSED(c))
+{
+    if (block_check_open(self) < 0)
+        return NULL;
+    int64_t count = -1;
+    shx_error err;
+    if (shx_block_holders(&self->block, &count, &err) != SHX_OK)
+        return raise_block_error(&err, self->block.name);
+    return optional_int(count);
+}
+
 static PyObject *block_get_name(BlockObject *self, void *Py_UNUSED(c))
 {
     return PyUnicode_FromString(self->block.name);
@@ -455,7 +469,10 @@ static PyObject *block_get_persist(BlockObject *self, void *Py_UNUSED(c))
     {"created", (getter)block_get_created, NULL,                                                    \
      "True if this process created (or re-created) the block.", NULL},                              \
     {"closed", (getter)block_get_closed, NULL, "True after close().", NULL},                        \
-    {"persist", (getter)block_get_persist, NULL, "True if the block outlives its last process.", NULL}
+    {"persist", (getter)block_get_persist, NULL, "True if the block outlives its last process.", NULL},         \
+    {"holders", (getter)block_get_holders, NULL,                                                    \
+     "How many attachments the block has, this one included (a fork() child's counts), or None\n"  \
+     "where the OS cannot tell.", NULL}
 
 /* ---- Value ------------------------------------------------------------------- */
 
@@ -1152,12 +1169,67 @@ static PyObject *mod_unlink(PyObject *Py_UNUSED(module), PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* ---- listing and sweeping ---------------------------------------------------- */
+
+typedef struct {
+    PyObject *list;
+    int failed;
+} info_sink;
+
+static void append_info(void *ctx, const shx_block_info *info)
+{
+    info_sink *sink = (info_sink *)ctx;
+    if (sink->failed)
+        return;
+    const char *kind = info->kind == SHX_KIND_VALUE ? "value" : info->kind == SHX_KIND_SEGMENT ? "segment" : NULL;
+    PyObject *d = Py_BuildValue(
+        "{s:s,s:z,s:K,s:N,s:N,s:N,s:O,s:N,s:N}", "name", info->os.name, "kind", kind, "size",
+        (unsigned long long)info->os.size, "capacity",
+        info->kind ? PyLong_FromUnsignedLongLong(info->capacity) : Py_NewRef(Py_None), "holders",
+        optional_int(info->os.holders), "persist",
+        info->os.persist < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(info->os.persist), "alive",
+        info->os.alive ? Py_True : Py_False, "creator_pid",
+        info->os.creator_pid ? PyLong_FromUnsignedLong(info->os.creator_pid) : Py_NewRef(Py_None), "created",
+        info->os.created > 0 ? PyFloat_FromDouble((double)info->os.created) : Py_NewRef(Py_None));
+    if (d == NULL || PyList_Append(sink->list, d) < 0)
+        sink->failed = 1;
+    Py_XDECREF(d);
+}
+
+static PyObject *collect_blocks(int (*walk)(shx_block_info_fn, void *, shx_error *))
+{
+    info_sink sink = {PyList_New(0), 0};
+    if (sink.list == NULL)
+        return NULL;
+    shx_error err;
+    int rc = walk(append_info, &sink, &err);
+    if (sink.failed) {
+        Py_DECREF(sink.list);
+        return NULL;
+    }
+    if (rc != SHX_OK) {
+        Py_DECREF(sink.list);
+        return raise_block_error(&err, "*");
+    }
+    return sink.list;
+}
+
+static PyObject *mod_blocks(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored)) { return collect_blocks(shx_list); }
+static PyObject *mod_sweep(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored)) { return collect_blocks(shx_sweep); }
+
 static PyMethodDef module_methods[] = {
     {"get", mod_get, METH_NOARGS, "get()\n--\n\nReturn the default block's committed value (str or bytes)."},
     {"set", mod_set, METH_O, "set(value, /)\n--\n\nCommit value (str or bytes-like) to the default block."},
     {"wait", (PyCFunction)(void (*)(void))mod_wait, METH_FASTCALL | METH_KEYWORDS,
      "wait(version=None, timeout=None)\n--\n\nBlock until the default block's version differs from `version`\n"
      "(default: the version now); return the new version. TimeoutError after `timeout` seconds."},
+    {"blocks", mod_blocks, METH_NOARGS,
+     "blocks()\n--\n\nThis user's blocks as the OS sees them, one dict each (name, kind, size,\n"
+     "capacity, holders, persist, alive, creator_pid, created); a value the OS cannot tell is None.\n"
+     "Changes nothing."},
+    {"sweep", mod_sweep, METH_NOARGS,
+     "sweep()\n--\n\nRemove what dead blocks of this user's left behind (a name whose memory is\n"
+     "gone; memory that nothing names or holds); return what was removed, as blocks() describes it."},
     {"unlink", mod_unlink, METH_O,
      "unlink(name, /)\n--\n\nRemove the name of a block (a persistent one, typically). Processes\n"
      "that have it open keep it; the next open of the name creates a new block."},

@@ -1,14 +1,16 @@
-"""Command line: python -m shmemext {demo,get,set,info,hold,watch,unlink,bench}."""
+"""Command line: python -m shmemext {demo,get,set,info,hold,watch,ls,sweep,unlink,bench}."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 import shmemext
 
@@ -106,6 +108,75 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return 0
 
 
+def _size_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _age_text(created: float | None) -> str:
+    if created is None:
+        return "-"
+    seconds = max(0, int(time.time() - created))
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds // span}{unit}"
+    return f"{seconds}s"
+
+
+def _print_blocks(rows: list[Any], empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    header = ("NAME", "KIND", "CAPACITY", "MEMORY", "PERSIST", "HOLDERS", "CREATOR", "AGE", "STATE")
+    table = [header]
+    for r in rows:
+        table.append((
+            r["name"], r["kind"] or "-", _size_text(r["capacity"]), _size_text(r["size"] or None),
+            "-" if r["persist"] is None else ("yes" if r["persist"] else "no"),
+            "-" if r["holders"] is None else str(r["holders"]),
+            "-" if r["creator_pid"] is None else str(r["creator_pid"]), _age_text(r["created"]),
+            "live" if r["alive"] else "dead",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = [dict(r) for r in shmemext.blocks()]
+    own = shmemext.default.name if shmemext.default is not None else None
+    for r in rows:
+        # This command's own attachment to the default block is not a holder worth showing.
+        if r["name"] == own and r["holders"] is not None:
+            r["holders"] -= 1
+    rows.sort(key=lambda r: r["name"])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_blocks(rows, "no blocks of this user's")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    removed = [dict(r) for r in shmemext.sweep()]
+    if args.json:
+        print(json.dumps(removed, indent=2))
+        return 0
+    if not removed:
+        print("nothing to sweep: every name of this user's has its memory, and all memory is named or held")
+    for r in removed:
+        if r["alive"]:
+            print(f"removed {_size_text(r['size'])} of memory {r['name']} that no name or process held")
+        else:
+            print(f"removed the name '{r['name']}', whose memory was already gone")
+    return 0
+
+
 def cmd_unlink(args: argparse.Namespace) -> int:
     shmemext.unlink(args.block)
     return 0
@@ -138,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("watch", parents=[common], help="print each new value as it is committed, until Ctrl-C").set_defaults(func=cmd_watch)
     sub.add_parser("bench", add_help=False,
                    help="a quick benchmark against the peers (--full for the whole suite, --help for options)")
+    p = sub.add_parser("ls", help="list this user's blocks: kind, size, persist, holders, creator, age")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("sweep", help="remove names whose memory is gone, and memory nothing names or holds")
+    p.add_argument("--json", action="store_true", help="print what was removed as a JSON list")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
     p.add_argument("block", metavar="NAME")
     p.set_defaults(func=cmd_unlink)

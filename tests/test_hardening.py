@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmemext
-from conftest import SHM_DIR, maps_of, python
+from conftest import SHM_DIR, maps_of, python, read_entry, sysv_backend
 
 NOBODY = 65534
 
@@ -58,7 +58,7 @@ def test_anything_over_the_capacity_is_refused_and_the_old_value_stays(name):
 # Python and shmemext are imported as root (their files may sit in a directory
 # only root can read), then the child drops to nobody for good.
 AS_NOBODY = """
-import errno, importlib.util, json, os, sys
+import ctypes, errno, importlib.util, json, os, sys
 import shmemext
 extension = importlib.util.find_spec("shmemext._shmemext")
 os.setgroups([]); os.setgid(%d); os.setuid(%d)
@@ -74,6 +74,15 @@ attempt("open private", lambda: shmemext.Value(private))
 attempt("open private as a segment", lambda: shmemext.Segment(private, 64))
 attempt("read the private object", lambda: open("/dev/shm/" + private, "rb").read())
 attempt("unlink private", lambda: shmemext.unlink(private))
+if len(sys.argv) > 3:
+    # The memory itself, reached by its System V id as any process could try.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    def attach_by_id():
+        if libc.shmat(int(sys.argv[3]), None, 0) in (None, ctypes.c_void_p(-1).value):
+            raise PermissionError(ctypes.get_errno(), "shmat")
+    attempt("attach the private memory by id", attach_by_id)
 attempt("open shared without a mode", lambda: shmemext.Value(shared))
 def use_shared():
     v = shmemext.Value(shared, mode=0o666)
@@ -105,9 +114,11 @@ def test_another_user_cannot_open_read_or_unlink_a_private_block(name):
     try:
         private.set("secret")
         shared.set("for everyone")
-        proc = python(AS_NOBODY, name, shared_name, env={"SHMEMEXT_SIZE": "0"}, cwd="/")
+        by_id = [str(read_entry(name)["shmid"])] if sysv_backend() else []
+        proc = python(AS_NOBODY, name, shared_name, *by_id, env={"SHMEMEXT_SIZE": "0"}, cwd="/")
         out = json.loads(proc.stdout)
-        for what in ("open private", "open private as a segment", "read the private object", "unlink private"):
+        for what in ("open private", "open private as a segment", "read the private object", "unlink private",
+                     *(["attach the private memory by id"] if by_id else [])):
             assert out[what].startswith("refused"), (what, out[what])
         assert name in out["open private"], "the message names the block"
         # Joining another user's block takes an explicit mode too: the default

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import shmemext
+
 from conftest import block_exists, linux_only, python, shm_path, sysv_backend
 
 
@@ -77,7 +79,7 @@ def test_import_fails_with_oserror_when_the_block_cannot_be_opened(name):
         assert proc.returncode != 0
         assert "PermissionError" in proc.stderr and name in proc.stderr.strip().splitlines()[-1]
     finally:
-        os.unlink(shm_path(name))
+        shmemext.unlink(name)
 
 
 def test_reimport_gives_a_new_module_with_its_own_default_block(name):
