@@ -104,3 +104,58 @@ def test_writer_killed_holding_the_lock_is_an_owner_death(name):
     finally:
         holder.kill()
         holder.communicate()
+
+
+REAPED_HOLDER = """
+import signal, sys, shmemext
+s = shmemext.Segment(sys.argv[1], 1 << 20, persist=sys.argv[2] == "persist")
+s.write(b"x" * (1 << 20))
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+@lock_files
+@pytest.mark.parametrize("persist", [False, True])
+def test_a_dead_holders_block_is_reaped_by_the_next_attach_of_any_name(name, persist):
+    victim = spawn(REAPED_HOLDER, name, "persist" if persist else "")
+    assert victim.stdout.readline() == "ready\n", victim.stderr.read()
+    victim.kill()
+    victim.wait(timeout=30)
+    for f in (victim.stdin, victim.stdout, victim.stderr):
+        f.close()
+    assert block_exists(name), "no kernel here frees it by itself"
+    rows = {r["name"]: r for r in shmemext.blocks()}
+    assert rows[name]["alive"] is persist and rows[name]["holders"] in (0, None)
+    python("import sys, shmemext; shmemext.Value(sys.argv[1]).close()", name + "-other")
+    if persist:
+        assert block_exists(name), "a persistent block is never reaped"
+        shmemext.unlink(name)
+    else:
+        assert not block_exists(name), "another name's attach gave the dead block's memory back"
+    assert not any(n.startswith(short_form(name) + ".") for n in os.listdir(lock_dir()))
+
+
+@lock_files
+def test_sweep_reaps_dead_blocks_on_the_lock_file_path(name):
+    victim = spawn(REAPED_HOLDER, name, "")
+    assert victim.stdout.readline() == "ready\n", victim.stderr.read()
+    victim.kill()
+    victim.wait(timeout=30)
+    for f in (victim.stdin, victim.stdout, victim.stderr):
+        f.close()
+    removed = [r for r in shmemext.sweep() if r["name"] == name]
+    assert len(removed) == 1 and removed[0]["kind"] == "segment" and removed[0]["capacity"] == 1 << 20
+    assert not block_exists(name)
+
+
+def test_blocks_lists_a_held_block(name):
+    with shmemext.Segment(name, 4096) as s, shmemext.Segment(name, 1) as again:
+        rows = {r["name"]: r for r in shmemext.blocks()}
+        row = rows[name]
+        assert row["kind"] == "segment" and row["capacity"] == 4096 and row["alive"]
+        assert row["persist"] is False and row["creator_pid"] == os.getpid()
+        if _shmemext._BACKEND == "linux-sysv":
+            assert row["holders"] == s.holders == again.holders == 2
+        else:
+            assert s.holders is None   # flock() tells held or not, never by how many
