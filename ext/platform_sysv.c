@@ -84,11 +84,22 @@ typedef struct name_entry {
 
 _Static_assert(sizeof(name_entry) == 64, "a name entry is 64 bytes on every ABI");
 
-/* Which IPC namespace this process is in: System V ids mean nothing in another. */
+/* Which IPC namespace this process is in: System V ids mean nothing in
+ * another.  Read from /proc once per process (a fork() child of ours shares
+ * the namespace unless it unshares, which then execs or is a new pid); only
+ * setns()/unshare() inside a running process would make the cached one stale. */
 static uint64_t ipc_namespace(void)
 {
+    static _Atomic uint64_t cached_ns;
+    static _Atomic uint32_t cached_pid;
+    uint32_t pid = (uint32_t)getpid();
+    if (__atomic_load_n(&cached_pid, __ATOMIC_ACQUIRE) == pid)
+        return __atomic_load_n(&cached_ns, __ATOMIC_RELAXED);
     struct stat st;
-    return stat("/proc/self/ns/ipc", &st) == 0 ? (uint64_t)st.st_ino : 0;
+    uint64_t ns = stat("/proc/self/ns/ipc", &st) == 0 ? (uint64_t)st.st_ino : 0;
+    __atomic_store_n(&cached_ns, ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&cached_pid, pid, __ATOMIC_RELEASE);
+    return ns;
 }
 
 static int lock_gate(int fd, short type, int wait)
@@ -357,7 +368,7 @@ static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags
             return SHX_REINIT;   /* its last holder went just now */
         return shx_fail_os(err, "shmat");
     }
-    if (!token_matches(base, e->token) || shmctl(e->shmid, IPC_STAT, &ds) != 0) {
+    if (!token_matches(base, e->token)) {
         (void)shmdt(base);
         return SHX_REINIT;
     }
@@ -365,7 +376,9 @@ static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags
     m->size = (size_t)e->size;
     m->shmid = e->shmid;
     m->token = e->token;
-    rc = prepare(ctx, m, ds.shm_nattch <= 1 ? SHX_ATTACH_ALONE : SHX_ATTACH_SHARED, err);
+    /* Counted before our shmat: holders come only under the gate we hold,
+     * and one that goes meanwhile only makes "shared" too careful. */
+    rc = prepare(ctx, m, ds.shm_nattch == 0 ? SHX_ATTACH_ALONE : SHX_ATTACH_SHARED, err);
     if (rc == SHX_REINIT)   /* nobody else holds it: it goes with our shmdt */
         (void)shmctl(e->shmid, IPC_RMID, NULL);
     if (rc != SHX_OK) {

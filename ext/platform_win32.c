@@ -242,6 +242,36 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
     return SHX_OK;
 }
 
+int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
+{
+    if (m->mapping == NULL)
+        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+    *count = -1;   /* the kernel counts the handles, but tells nobody how many */
+    return SHX_OK;
+}
+
+/* Windows keeps no list of named mappings that a process may read, and needs
+ * no sweep: the kernel frees a mapping with its last handle, names included. */
+int shx_os_list(shx_os_info_fn fn, void *ctx, shx_error *err)
+{
+    (void)fn;
+    (void)ctx;
+    shx_fail(err, SHX_E_OS, 0, 0, NULL);
+    err->os_error = ENOSYS;
+    err->op = "listing blocks";
+    err->detail = "Windows keeps no list of named file mappings: there is nothing to list or sweep, since the "
+                  "kernel frees a block and its name with its last handle";
+    return SHX_E_OS;
+}
+
+int shx_os_sweep(shx_os_info_fn fn, void *ctx, shx_error *err)
+{
+    (void)fn;
+    (void)ctx;
+    (void)err;
+    return SHX_OK;   /* nothing is ever left behind */
+}
+
 /* ---- the writer lock: a named mutex ------------------------------------- */
 
 int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)

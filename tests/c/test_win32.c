@@ -177,6 +177,38 @@ static void test_lifetime_follows_handles(const char *name)
     CloseHandle(go);
 }
 
+/* Whether a named mapping of this name still exists. */
+static int mapping_exists(const char *name)
+{
+    char os_name[256];
+    shx_error err;
+    if (shx_os_name(name, 0, os_name, sizeof os_name, &err) != SHX_OK)
+        return 0;
+    HANDLE h = OpenFileMappingA(FILE_MAP_READ, FALSE, os_name);
+    if (h != NULL)
+        CloseHandle(h);
+    return h != NULL;
+}
+
+static void test_killed_sole_holder(const char *name)
+{
+    shx_error err;
+    HANDLE ready = event(name, "ready"), go = event(name, "go");
+    HANDLE proc = start_child("hold", name);
+    CHECK(WaitForSingleObject(ready, 30000) == WAIT_OBJECT_0 && mapping_exists(name), "the only holder has the block");
+    TerminateProcess(proc, 1);
+    wait_exit(proc);
+    CHECK(!mapping_exists(name), "TerminateProcess of the only holder: the kernel frees the block and its name");
+    shx_block a = {0};
+    int64_t holders = 0;
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              strcmp(text_of(&a), "") == 0, "and the next open starts from zeros");
+    CHECK(shx_block_holders(&a, &holders, &err) == SHX_OK && holders == -1, "holders: Windows cannot tell (-1)");
+    shx_block_close(&a, 0, &err);
+    CloseHandle(ready);
+    CloseHandle(go);
+}
+
 static void test_lock_owner_death(const char *name)
 {
     shx_block a = {0};
@@ -293,8 +325,8 @@ int main(int argc, char **argv)
     GetModuleFileNameA(NULL, self_path, sizeof self_path);
     if (argc == 4 && strcmp(argv[1], "child") == 0)
         return child(argv[2], argv[3]);
-    char names[7][64];
-    for (int i = 0; i < 7; i++)
+    char names[8][64];
+    for (int i = 0; i < 8; i++)
         snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
     test_create_open(names[0]);
     test_two_processes(names[1]);
@@ -303,6 +335,7 @@ int main(int argc, char **argv)
     test_value_protocol(names[4]);
     test_wake_up(names[5]);
     test_global_and_sddl(names[6]);
+    test_killed_sole_holder(names[7]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
