@@ -90,8 +90,8 @@ _Static_assert(sizeof(name_entry) == 64, "a name entry is 64 bytes on every ABI"
  * setns()/unshare() inside a running process would make the cached one stale. */
 static uint64_t ipc_namespace(void)
 {
-    static _Atomic uint64_t cached_ns;
-    static _Atomic uint32_t cached_pid;
+    static uint64_t cached_ns;
+    static uint32_t cached_pid;
     uint32_t pid = (uint32_t)getpid();
     if (__atomic_load_n(&cached_pid, __ATOMIC_ACQUIRE) == pid)
         return __atomic_load_n(&cached_ns, __ATOMIC_RELAXED);
@@ -281,6 +281,20 @@ static int prefault(void *base, size_t size, shx_error *err)
     return SHX_E_OS;
 }
 
+/* With kernel.shm_rmid_forced set, Linux destroys every segment that no
+ * process attaches once its creator is gone: persist cannot be kept there. */
+static int rmid_forced(void)
+{
+    char c = '0';
+    int fd = open("/proc/sys/kernel/shm_rmid_forced", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, &c, 1) != 1)
+            c = '0';
+        close(fd);
+    }
+    return c == '1';
+}
+
 static void forget_segment(int shmid, void *base)
 {
     if (base != NULL)
@@ -298,6 +312,13 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
                         shx_prepare_fn prepare, void *ctx, shx_error *err)
 {
     int rc;
+    if ((flags & SHX_OPEN_PERSIST) && rmid_forced()) {
+        errno = EINVAL;
+        shx_fail_os(err, "shmget");
+        err->detail = "persist=True cannot be kept: kernel.shm_rmid_forced is 1, so the kernel frees every "
+                      "block with its last holder (set it to 0, or keep a holder: python -m shmemext hold)";
+        return SHX_E_OS;
+    }
     int shmid = shmget(IPC_PRIVATE, size, IPC_CREAT | IPC_EXCL | (int)(mode & 0777));
     if (shmid < 0)
         return fail_shmget(err, size);

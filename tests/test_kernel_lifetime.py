@@ -13,7 +13,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import TEST_PREFIX, python, shm_path, shmem_kib, spawn, sysv_backend
+from conftest import TEST_PREFIX, python, read_entry, shm_path, shmem_kib, spawn, sysv_backend
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not sysv_backend(),
@@ -55,6 +55,26 @@ signal.pause()   # sigkill: the test kills us
 KINDS = pytest.mark.parametrize("kind", ["value", "segment"])
 
 
+def live_segments():
+    """The ids of every System V segment the kernel holds (/proc/sysvipc/shm)."""
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[1]) for line in f.readlines()[1:]}
+
+
+def wait_released(shmids, held_kib, size, timeout=1.0):
+    """Waits until the kernel has freed the segments; returns (seconds, Shmem drop in KiB).
+    The drop is measured from a reading taken while they were held, so it is
+    the block's memory coming back, not an absolute level others could move."""
+    t0 = time.monotonic()
+    while (set(shmids) & live_segments()) and time.monotonic() - t0 < timeout:
+        time.sleep(0.005)
+    elapsed = time.monotonic() - t0
+    assert not set(shmids) & live_segments(), f"segments {shmids} still exist after {elapsed:.2f} s"
+    drop = held_kib - wait_for_shmem(lambda kib: held_kib - kib >= 0.9 * size / 1024, timeout=1.0)
+    assert drop >= 0.9 * size / 1024, f"Shmem dropped by only {drop} KiB of {size >> 10} KiB"
+    return elapsed, drop
+
+
 def wait_for_shmem(predicate, timeout=1.0):
     """Polls Shmem until predicate(kib) holds; returns the last reading."""
     deadline = time.monotonic() + timeout
@@ -81,12 +101,17 @@ def drop(block):
 
 
 def start_holder(name, kind, persist=False):
-    base = shmem_kib()
+    """A holder process with every page of its block written; returns it, the
+    segment's id and a Shmem reading taken while it is held."""
     p = spawn(HOLDER, name, kind, "persist" if persist else "")
-    assert p.stdout.readline() == "ready\n", p.stderr.read()
-    held = shmem_kib()
-    assert held - base >= 0.9 * SIZE / 1024, f"Shmem grew by {held - base} KiB, expected about {SIZE >> 10}"
-    return p, base
+    line = p.stdout.readline()
+    if line != "ready\n":
+        p.kill()
+        finish(p)
+        raise AssertionError(f"the holder did not start: {line!r}")
+    shmid = read_entry(name)["shmid"]
+    assert shmid in live_segments()
+    return p, shmid, shmem_kib()
 
 
 def finish(p):
@@ -98,19 +123,19 @@ def finish(p):
 @KINDS
 @pytest.mark.parametrize("how", ["sigkill", "os_exit", "sigterm", "segfault"])
 def test_only_holder_ending_gives_the_memory_back_at_once(name, kind, how):
-    p, base = start_holder(name, kind)
-    if how == "sigkill":
+    p, shmid, held = start_holder(name, kind)
+    try:
+        if how == "sigkill":
+            p.kill()
+        else:
+            p.stdin.write(how + "\n")
+            p.stdin.flush()
+        wait_released([shmid], held, SIZE)
+    finally:
         p.kill()
-    else:
-        p.stdin.write(how + "\n")
-        p.stdin.flush()
-    t0 = time.monotonic()
-    after = wait_for_shmem(lambda kib: kib - base < 0.1 * SIZE / 1024)
-    elapsed = time.monotonic() - t0
-    finish(p)
+        finish(p)
     expected = {"sigkill": -9, "os_exit": 0, "sigterm": -15, "segfault": -11}[how]
     assert p.returncode == expected
-    assert after - base < 0.1 * SIZE / 1024, f"{how}: Shmem still {after - base} KiB above the start after {elapsed:.2f} s"
     assert entry_is_small(name)
     drop(name)
 
@@ -140,20 +165,22 @@ if __name__ == "__main__":
 @KINDS
 @pytest.mark.parametrize("how", ["close", "terminate"])
 def test_fork_pool_workers_that_keep_blocks_give_them_back(name, kind, how):
-    base = shmem_kib()
     p = spawn(POOL, name, kind)
-    assert p.stdout.readline() == "ready\n", p.stderr.read()
-    held = shmem_kib()
-    assert held - base >= 2 * 0.9 * SIZE / 1024, "two workers, a block each"
-    p.stdin.write(how + "\n")
-    p.stdin.flush()
-    assert p.stdout.readline() == "joined\n"
-    after = wait_for_shmem(lambda kib: kib - base < 0.1 * SIZE / 1024)
-    p.stdin.write("\n")
-    p.stdin.flush()
-    finish(p)
-    assert after - base < 0.1 * SIZE / 1024, f"pool {how}: Shmem still {after - base} KiB above the start"
-    workers = [n for n in os.listdir("/dev/shm") if n.startswith(name + "-w")]
+    try:
+        assert p.stdout.readline() == "ready\n"
+        workers = [n for n in os.listdir("/dev/shm") if n.startswith(name + "-w")]
+        assert len(workers) == 2, "two workers, a block each"
+        shmids = [read_entry(w)["shmid"] for w in workers]
+        held = shmem_kib()
+        p.stdin.write(how + "\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "joined\n"
+        wait_released(shmids, held, 2 * SIZE)
+        p.stdin.write("\n")
+        p.stdin.flush()
+    finally:
+        p.kill()
+        finish(p)
     assert all(entry_is_small(w) for w in workers)
     for w in workers:
         drop(w)
@@ -176,27 +203,29 @@ sys.stdin.readline()
 
 @KINDS
 def test_a_forked_child_that_ends_last_gives_the_memory_back(name, kind):
-    base = shmem_kib()
     p = spawn(FORK_LAST, name, kind)
-    assert p.stdout.readline() == "ready\n", p.stderr.read()
-    p.stdin.write("\n")
-    p.stdin.flush()
-    p.wait(timeout=30)
-    assert p.stdout.readline() == "alone\n"
-    assert shmem_kib() - base >= 0.9 * SIZE / 1024, "the child still holds it after its parent exited"
-    p.stdin.write("\n")   # the child's stdin is the same pipe
-    p.stdin.flush()
-    after = wait_for_shmem(lambda kib: kib - base < 0.1 * SIZE / 1024)
-    for f in (p.stdin, p.stdout, p.stderr):
-        f.close()
-    assert after - base < 0.1 * SIZE / 1024, f"Shmem still {after - base} KiB above the start"
+    try:
+        assert p.stdout.readline() == "ready\n"
+        shmid = read_entry(name)["shmid"]
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(timeout=30)
+        assert p.stdout.readline() == "alone\n"
+        assert shmid in live_segments(), "the child still holds it after its parent exited"
+        held = shmem_kib()
+        p.stdin.write("\n")   # the child's stdin is the same pipe
+        p.stdin.flush()
+        wait_released([shmid], held, SIZE)
+    finally:
+        p.kill()
+        finish(p)
     assert entry_is_small(name)
     drop(name)
 
 
 @KINDS
 def test_a_survivor_keeps_the_data_when_another_holder_dies(name, kind):
-    p, base = start_holder(name, kind)
+    p, shmid, _ = start_holder(name, kind)
     if kind == "value":
         survivor = shmemext.Value(name)
         expected = b"b" * survivor.capacity
@@ -213,20 +242,20 @@ def test_a_survivor_keeps_the_data_when_another_holder_dies(name, kind):
         time.sleep(0.01)
     assert survivor.holders == 1
     assert read() == expected, "the data outlives the holder that wrote it"
-    assert shmem_kib() - base >= 0.9 * SIZE / 1024
+    assert shmid in live_segments()
+    held = shmem_kib()
     survivor.close()
-    after = wait_for_shmem(lambda kib: kib - base < 0.1 * SIZE / 1024)
-    assert after - base < 0.1 * SIZE / 1024
+    wait_released([shmid], held, SIZE)
     assert not os.path.exists(shm_path(name)), "the last detach removes the name too"
 
 
 @KINDS
 def test_a_persistent_block_survives_sigkill_of_every_holder_until_unlinked(name, kind):
-    p, base = start_holder(name, kind, persist=True)
+    p, shmid, _ = start_holder(name, kind, persist=True)
     p.kill()
     finish(p)
     time.sleep(0.2)
-    assert shmem_kib() - base >= 0.9 * SIZE / 1024, "persist=True outlives every holder"
+    assert shmid in live_segments(), "persist=True outlives every holder"
     code = OPEN + """
 b = shmemext.Value(sys.argv[1]) if sys.argv[2] == "value" else shmemext.Segment(sys.argv[1], 1)
 data = b.get() if sys.argv[2] == "value" else b.read()
@@ -234,9 +263,9 @@ print(b.created, b.persist, b.holders, data[:1], len(set(data)))
 """
     out = python(code, name, kind).stdout.split()
     assert out == ["False", "True", "1", "b'b'" if kind == "value" else "b's'", "1"]
+    held = shmem_kib()
     shmemext.unlink(name)
-    after = wait_for_shmem(lambda kib: kib - base < 0.1 * SIZE / 1024)
-    assert after - base < 0.1 * SIZE / 1024, "unlink gives the memory back"
+    wait_released([shmid], held, SIZE)   # unlink gives the memory back
     assert not os.path.exists(shm_path(name))
 
 
@@ -273,12 +302,13 @@ def test_ls_shows_live_blocks_with_holders_and_sweep_removes_a_dead_entry(name):
 def test_sweep_gives_back_memory_nothing_names(name):
     # A persistent block whose name entry was deleted by hand: nothing can reach it any more.
     python("import sys, shmemext; shmemext.Segment(sys.argv[1], 1 << 20, persist=True).write(b'x' * (1 << 20))", name)
-    base = shmem_kib()
+    shmid = read_entry(name)["shmid"]
     os.unlink(shm_path(name))
+    assert shmid in live_segments()
     removed = json.loads(cli("sweep", "--json"))
-    orphans = [r for r in removed if r["alive"] and r["kind"] == "segment" and r["capacity"] == 1 << 20]
-    assert len(orphans) == 1, removed
-    assert base - shmem_kib() >= 900
+    orphans = [r for r in removed if r["alive"] and r["name"] == f"(shmid {shmid})"]
+    assert len(orphans) == 1 and orphans[0]["kind"] == "segment" and orphans[0]["capacity"] == 1 << 20, removed
+    assert shmid not in live_segments()
 
 
 def _can_unshare_ipc():
@@ -338,3 +368,52 @@ def test_another_ipc_namespace_gets_a_clear_error_not_a_second_block(name):
 def test_no_leftovers_of_this_module():
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(TEST_PREFIX) and not n.endswith("-default")]
     assert leftovers == []
+
+
+FEW_DESCRIPTORS = """
+import os, resource, sys, time, shmemext
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+before = len(os.listdir("/proc/self/fd"))
+blocks = [shmemext.Value(f"{sys.argv[1]}-{i}", 64) for i in range(200)]
+for i, b in enumerate(blocks):
+    b.set(str(i))
+assert len(os.listdir("/proc/self/fd")) == before, "a block keeps no descriptor open"
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:
+        time.sleep(0.01)
+    ok = all(b.get() == str(i) and b.holders == 1 for i, b in enumerate(blocks))
+    again = shmemext.Value(f"{sys.argv[1]}-7")
+    print("ok" if ok and not again.created and again.get() == "7" else "lost", flush=True)
+    again.close()
+    for b in blocks:
+        b.close()
+    os._exit(0)
+"""
+
+
+def test_a_fork_child_short_of_descriptors_keeps_every_block(name):
+    proc = subprocess.Popen([sys.executable, "-c", FEW_DESCRIPTORS, name], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SHMEMEXT_SIZE="0"))
+    out = proc.stdout.readline()   # the forked child's, after its parent exited
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert out == "ok\n"
+    deadline = time.monotonic() + 10
+    while any(n.startswith(name + "-") for n in os.listdir("/dev/shm")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(n.startswith(name + "-") for n in os.listdir("/dev/shm")), "the child's detaches removed the names"
+
+
+def test_persist_is_refused_where_the_kernel_would_not_keep_it(name):
+    if not _can_unshare_ipc():
+        pytest.skip("a new IPC namespace needs root")
+    code = ("import sys, shmemext\nopen('/proc/sys/kernel/shm_rmid_forced', 'w').write('1')\n"
+            "try:\n    shmemext.Value(sys.argv[1], persist=True)\nexcept OSError as e:\n    print(e)\n"
+            "v = shmemext.Value(sys.argv[1]); v.set('fine'); print(v.get())\n")
+    proc = subprocess.run(["unshare", "-i", sys.executable, "-c", code, name], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, SHMEMEXT_SIZE="0"))
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert "kernel.shm_rmid_forced is 1" in first and name in first
+    assert second == "fine"
