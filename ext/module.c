@@ -205,21 +205,58 @@ static int mode_arg(int mode)
 
 /* Parses an optional `timeout` (None or seconds >= 0; None -> -1) from a
  * fastcall; leaves *timeout alone when it is not given. */
-static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                       double *timeout)
+/* The one argument parser of every METH_FASTCALL method: up to `n` arguments
+ * named names[], the first `required` of them required, by position or by
+ * keyword, into vals[] (NULL when absent).  Keywords are compared as objects,
+ * so a name that UTF-8 cannot carry is an error message, never a crash. */
+static int parse_fastcall(const char *fname, const char *const names[], int n, int required, PyObject *const *args,
+                          Py_ssize_t nargs, PyObject *kwnames, PyObject *vals[])
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw > 1 ||
-        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0)) {
-        PyErr_Format(PyExc_TypeError, "%s() takes one optional argument, timeout", fname);
+    for (int i = 0; i < n; i++)
+        vals[i] = i < nargs ? args[i] : NULL;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d argument%s (%zd given)", fname, n, n == 1 ? "" : "s",
+                     nargs);
         return -1;
     }
-    if (nargs + nkw == 0)
-        return 0;
-    PyObject *obj = args[0];
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int slot = -1;
+        for (int i = 0; i < n && slot < 0; i++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0)
+                slot = i;
+        }
+        if (slot < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname, key);
+            return -1;
+        }
+        if (vals[slot] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname, names[slot]);
+            return -1;
+        }
+        vals[slot] = args[nargs + k];
+    }
+    for (int i = 0; i < required; i++) {
+        if (vals[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A timeout argument's value: None (-1: no deadline) or seconds >= 0. */
+static int timeout_value(const char *fname, PyObject *obj, double *timeout)
+{
     if (obj == Py_None) {
         *timeout = -1;
         return 0;
+    }
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj) || !PyNumber_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s() argument 'timeout' must be None or a number of seconds, not %.100s",
+                     fname, Py_TYPE(obj)->tp_name);
+        return -1;
     }
     double t = PyFloat_AsDouble(obj);
     if (t == -1 && PyErr_Occurred())
@@ -231,6 +268,17 @@ static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t narg
     /* Beyond ~31 years (infinity included) is no deadline: it would overflow nanoseconds. */
     *timeout = t > 1e9 ? -1 : t;
     return 0;
+}
+
+/* Parses an optional `timeout` alone; leaves *timeout alone when it is not given. */
+static int timeout_arg(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       double *timeout)
+{
+    static const char *const names[] = {"timeout"};
+    PyObject *obj;
+    if (parse_fastcall(fname, names, 1, 0, args, nargs, kwnames, &obj) < 0)
+        return -1;
+    return obj == NULL ? 0 : timeout_value(fname, obj, timeout);
 }
 
 /* Waits run in slices so that signals (Ctrl-C) are handled in between.
@@ -245,31 +293,6 @@ static int64_t next_slice(double timeout, uint64_t start)
     return left <= 0 ? 0 : left < slice_ns ? left : slice_ns;
 }
 
-/* Collects up to two optional arguments, by position or by the keywords in
- * names[], into vals[] (left NULL when absent). */
-static int two_optional_args(const char *fname, const char *const names[2], PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames, PyObject *vals[2])
-{
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    vals[0] = vals[1] = NULL;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most 2 arguments (%zd given)", fname, nargs + nkw);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nargs; i++)
-        vals[i] = args[i];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
-        int slot = key && strcmp(key, names[0]) == 0 ? 0 : key && strcmp(key, names[1]) == 0 ? 1 : -1;
-        if (slot < 0 || vals[slot] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated keyword argument '%s'", fname,
-                         key ? key : "?");
-            return -1;
-        }
-        vals[slot] = args[nargs + i];
-    }
-    return 0;
-}
 
 /* ---- what Value and Segment share ------------------------------------------ */
 
@@ -631,13 +654,16 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
 {
     static const char *const names[] = {"version", "timeout"};
     PyObject *vals[2];
-    if (two_optional_args("wait", names, args, nargs, kwnames, vals) < 0)
+    if (parse_fastcall("wait", names, 2, 0, args, nargs, kwnames, vals) < 0)
         return NULL;
     if (block_check_open(self) < 0)
         return NULL;
     uint64_t seen;
     if (vals[0] == NULL || vals[0] == Py_None) {
         seen = shx_value_version(&self->block);
+    } else if (!PyLong_Check(vals[0])) {
+        return PyErr_Format(PyExc_TypeError, "wait() argument 'version' must be an int or None, not %.100s",
+                            Py_TYPE(vals[0])->tp_name);
     } else {
         seen = PyLong_AsUnsignedLongLong(vals[0]);
         if (seen == (uint64_t)-1 && PyErr_Occurred()) {
@@ -649,7 +675,7 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
         }
     }
     double timeout = -1;
-    if (vals[1] != NULL && timeout_arg("wait", &vals[1], 1, NULL, &timeout) < 0)
+    if (vals[1] != NULL && timeout_value("wait", vals[1], &timeout) < 0)
         return NULL;
     uint64_t start = shx_os_monotonic_ns(), now = seen;
     shx_error err;
@@ -791,7 +817,7 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
 {
     static const char *const names[] = {"n", "offset"};
     PyObject *vals[2];
-    if (two_optional_args("read", names, args, nargs, kwnames, vals) < 0)
+    if (parse_fastcall("read", names, 2, 0, args, nargs, kwnames, vals) < 0)
         return NULL;
     if (block_check_open(self) < 0)
         return NULL;
@@ -825,25 +851,11 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
 
 static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *data = nargs > 0 ? args[0] : NULL, *offset_obj = nargs > 1 ? args[1] : NULL;
-    if (nargs > 2 || nargs + nkw < 1) {
-        PyErr_Format(PyExc_TypeError, "write() takes 1 or 2 arguments (%zd given)", nargs + nkw);
+    static const char *const names[] = {"data", "offset"};
+    PyObject *vals[2];
+    if (parse_fastcall("write", names, 2, 1, args, nargs, kwnames, vals) < 0)
         return NULL;
-    }
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
-        PyObject **slot = key && strcmp(key, "data") == 0 ? &data : key && strcmp(key, "offset") == 0 ? &offset_obj : NULL;
-        if (slot == NULL || *slot != NULL) {
-            PyErr_Format(PyExc_TypeError, "write() got an unexpected or repeated keyword argument '%s'", key);
-            return NULL;
-        }
-        *slot = args[nargs + i];
-    }
-    if (data == NULL) {
-        PyErr_SetString(PyExc_TypeError, "write() missing required argument 'data'");
-        return NULL;
-    }
+    PyObject *data = vals[0], *offset_obj = vals[1];
     if (block_check_open(self) < 0)
         return NULL;
     if (self->readonly)

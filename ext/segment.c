@@ -382,10 +382,22 @@ static void end_long_copy(const shx_hooks *hooks, int began)
         hooks->blocking_end(hooks->ctx);
 }
 
+/* Whether [a, a+n) and [b, b+n) share a byte: a segment written from a view
+ * of itself.  (Two mappings of one block at different addresses alias too,
+ * and no address test can see that.) */
+static int overlaps(const void *a, const void *b, size_t n)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + n && y < x + n;
+}
+
 static void copy_bytes(void *dst, const void *src, size_t n, const shx_hooks *hooks)
 {
     int began = begin_long_copy(hooks, n);
-    copy_streaming((unsigned char *)dst, (const unsigned char *)src, n);
+    if (overlaps(dst, src, n))
+        memmove(dst, src, n);
+    else
+        copy_streaming((unsigned char *)dst, (const unsigned char *)src, n);
     end_long_copy(hooks, began);
 }
 

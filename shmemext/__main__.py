@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import shmemext
 
+# Not taken from a docstring: python -OO drops those.
+DESCRIPTION = "Named shared memory that lives exactly as long as some process holds it."
 DEMO_TEXT = "This is a test string"
 DEMO_CHILD = 'import shmemext; print("Child process read from shared memory:", shmemext.get(), flush=True)'
 
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     persist = argparse.ArgumentParser(add_help=False)
     persist.add_argument("--persist", action="store_true", help="keep the block after the last process detaches")
 
-    parser = argparse.ArgumentParser(prog="python -m shmemext", description=shmemext.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shmemext", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"shmemext {shmemext.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("demo", parents=[common], help="write a string and read it back from a child process").set_defaults(func=cmd_demo)

@@ -966,7 +966,7 @@ def parse_kinds(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None, quick_default: bool) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="shmemext bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="shmemext bench", description=(__doc__ or "The benchmark suite.").splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", default=quick_default, help="a short run (under 30 s)")
     mode.add_argument("--full", dest="quick", action="store_false", help="every size, kind and section")

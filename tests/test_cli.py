@@ -85,3 +85,11 @@ def test_version_flag():
     import shmemext
 
     assert cli("--version").stdout.strip() == f"shmemext {shmemext.__version__}"
+
+
+def test_the_cli_works_without_docstrings():
+    # python -OO drops docstrings; the parser once built its description from one.
+    for args in (["--version"], ["ls"], ["bench", "--help"]):
+        proc = subprocess.run([sys.executable, "-OO", "-m", "shmemext", *args], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, SHMEMEXT_SIZE="0"))
+        assert proc.returncode == 0, (args, proc.stderr)

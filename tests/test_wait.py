@@ -54,8 +54,12 @@ def test_timeouts(name):
             v.wait(timeout=0)
         with pytest.raises(ValueError, match="timeout must be None or a number of seconds >= 0"):
             v.wait(timeout=-1)
-        with pytest.raises(TypeError, match="unexpected or repeated keyword"):
+        with pytest.raises(TypeError, match=r"wait\(\) got an unexpected keyword argument 'seen'"):
             v.wait(seen=0)
+        with pytest.raises(TypeError, match=r"wait\(\) argument 'timeout' must be None or a number of seconds, not str"):
+            v.wait(timeout="1")
+        with pytest.raises(TypeError, match=r"wait\(\) argument 'version' must be an int or None, not str"):
+            v.wait("1")
 
 
 def test_waiter_times_out_when_the_last_other_holder_dies(name):
