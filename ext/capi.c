@@ -25,6 +25,67 @@ _Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST && SHMEMEXT_GLOBAL == SHX_GLOBAL,
 
 static shx_block *block_of(ShmemExt_Block *handle) { return (shx_block *)handle; }
 
+/* The handles open() made and close() has not freed yet.  close() frees only
+ * what it finds here, so a second close() of a handle is SHMEMEXT_E_CLOSED,
+ * never a double free.  A short list: C extensions keep few handles. */
+static int report(ShmemExt_Error *out, const shx_error *err, const char *name);
+
+static PyThread_type_lock open_handles_lock;
+static shx_block **open_handles;
+static size_t open_count, open_size;
+
+static int remember_handle(shx_block *b)
+{
+    if (open_handles_lock == NULL)   /* first made under the GIL, at module import */
+        return -1;
+    PyThread_acquire_lock(open_handles_lock, WAIT_LOCK);
+    int rc = 0;
+    if (open_count == open_size) {
+        size_t size = open_size ? 2 * open_size : 16;
+        shx_block **grown = (shx_block **)realloc(open_handles, size * sizeof *grown);
+        if (grown == NULL)
+            rc = -1;
+        else {
+            open_handles = grown;
+            open_size = size;
+        }
+    }
+    if (rc == 0)
+        open_handles[open_count++] = b;
+    PyThread_release_lock(open_handles_lock);
+    return rc;
+}
+
+/* Takes b out of the list; 0 when it was not there (closed already, or not open()'s). */
+static int forget_handle(const ShmemExt_Block *handle)
+{
+    int found = 0;
+    if (open_handles_lock == NULL)
+        return 0;
+    PyThread_acquire_lock(open_handles_lock, WAIT_LOCK);
+    for (size_t i = 0; i < open_count; i++) {
+        if ((const ShmemExt_Block *)open_handles[i] == handle) {
+            open_handles[i] = open_handles[--open_count];
+            found = 1;
+            break;
+        }
+    }
+    PyThread_release_lock(open_handles_lock);
+    return found;
+}
+
+/* A handle whose block was closed (by close() of a Python object, or at exit). */
+static int closed(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    shx_block *b = block_of(handle);
+    if (b != NULL && b->attached)
+        return 0;
+    shx_error err;
+    shx_fail(&err, SHX_E_CLOSED, 0, 0, NULL);
+    report(perr, &err, b ? b->name : "?");
+    return 1;
+}
+
 /* Fills the public error from a core one; returns its code. */
 static int report(ShmemExt_Error *out, const shx_error *err, const char *name)
 {
@@ -64,6 +125,12 @@ static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, 
         return report(perr, &err, name);
     }
     b->heap_owned = 1;
+    if (remember_handle(b) != 0) {
+        (void)shx_block_close(b, 0, &err);
+        free(b);
+        shx_fail(&err, SHX_E_OS, 0, 0, "out of memory");
+        return report(perr, &err, name);
+    }
     if (created != NULL)
         *created = b->created;
     *out = (ShmemExt_Block *)b;
@@ -74,10 +141,11 @@ static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
     shx_block *b = block_of(handle);
     shx_error err;
-    if (b == NULL || !b->heap_owned) {
-        /* The default block and Python objects' blocks belong to Python. */
+    if (b == NULL || !forget_handle(handle)) {
+        /* Closed already, or the default block or a Python object's block,
+         * which belong to Python: nothing of it is touched. */
         shx_fail(&err, SHX_E_CLOSED, 0, 0, NULL);
-        return report(perr, &err, b ? b->name : "?");
+        return report(perr, &err, "?");
     }
     int rc = shx_block_close(b, 0, &err);
     if (rc != SHX_OK)
@@ -88,6 +156,8 @@ static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
 
 static int capi_set_bytes(ShmemExt_Block *handle, const void *data, size_t len, ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_value_set(block_of(handle), SHX_TYPE_BYTES, data, len, NULL, &err);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
@@ -95,6 +165,8 @@ static int capi_set_bytes(ShmemExt_Block *handle, const void *data, size_t len, 
 
 static int capi_set_utf8(ShmemExt_Block *handle, const char *text, size_t len, ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_value_set_utf8(block_of(handle), text, len, NULL, &err);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
@@ -103,13 +175,18 @@ static int capi_set_utf8(ShmemExt_Block *handle, const char *text, size_t len, S
 static int capi_get(ShmemExt_Block *handle, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
                     ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     size_t ignored;
     int rc = shx_value_get_utf8(block_of(handle), buf, cap, len ? len : &ignored, is_text, version, NULL, &err);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
-static uint64_t capi_version(ShmemExt_Block *handle) { return shx_value_version(block_of(handle)); }
+static uint64_t capi_version(ShmemExt_Block *handle)
+{
+    return closed(handle, NULL) ? 0 : shx_value_version(block_of(handle));
+}
 
 static void *capi_data(ShmemExt_Block *handle, size_t *size)
 {
@@ -126,6 +203,8 @@ static void *capi_data(ShmemExt_Block *handle, size_t *size)
 
 static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died, ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     int died = 0;
     int rc = shx_block_lock(block_of(handle), timeout_ns, &died, NULL, &err);
@@ -136,6 +215,8 @@ static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died
 
 static int capi_unlock(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_block_unlock(block_of(handle), &err);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
@@ -143,6 +224,8 @@ static int capi_unlock(ShmemExt_Block *handle, ShmemExt_Error *perr)
 
 static int capi_wait(ShmemExt_Block *handle, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *perr)
 {
+    if (closed(handle, perr))
+        return SHMEMEXT_E_CLOSED;
     shx_error err;
     uint64_t ignored;
     int rc = shx_value_wait(block_of(handle), seen, timeout_ns, now ? now : &ignored, &err);
@@ -172,4 +255,9 @@ static ShmemExt_CAPI table = {
     capi_wait,
 };
 
-PyObject *shmemext_capi_capsule(void) { return PyCapsule_New(&table, SHMEMEXT_CAPSULE_NAME, NULL); }
+PyObject *shmemext_capi_capsule(void)
+{
+    if (open_handles_lock == NULL && (open_handles_lock = PyThread_allocate_lock()) == NULL)
+        return PyErr_NoMemory();
+    return PyCapsule_New(&table, SHMEMEXT_CAPSULE_NAME, NULL);
+}

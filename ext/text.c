@@ -95,7 +95,9 @@ static void *prepare_utf8(void *ctx, uint32_t type, size_t nbytes)
             return NULL;
         }
         d->needed = 0;
-        return d->buf;
+        /* An empty value needs no buffer: buf may be NULL with cap 0. */
+        static unsigned char nothing;
+        return d->buf != NULL ? (void *)d->buf : (void *)&nothing;
     }
     d->needed = 0;
     d->scratch = (unsigned char *)malloc(nbytes ? nbytes : 1);

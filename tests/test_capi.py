@@ -166,3 +166,28 @@ def test_ctrl_c_interrupts_a_set_waiting_for_the_writer_lock(consumer, name):
         assert v.get() == "before" and v.version == 1
         v.set("after")   # the lock is free and whole
         assert v.get() == "after"
+
+
+def test_misuse_through_the_c_api_is_a_result_code_not_a_crash(consumer, name):
+    E_CLOSED, E_OK = 13, 0
+    first, second, empty_get, length = consumer.misuse(name)
+    assert (first, second) == (E_OK, E_CLOSED), "a second close() is refused, not a double free"
+    assert (empty_get, length) == (E_OK, 0), "an empty value needs no buffer"
+    v = shmemext.Value(name + "-py")
+    v.set(b"abc")
+    assert consumer.after_close(v) == (E_CLOSED, E_CLOSED, 0), "a block Python closed is E_CLOSED to C"
+
+
+def test_the_import_error_of_a_consumer_names_the_real_cause(consumer):
+    code = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("consumer", sys.argv[1])
+try:
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+except ImportError as e:
+    print(type(e.__cause__).__name__, "|", e)
+"""
+    proc = python(code, consumer.__file__, env={"SHMEMEXT_NAME": "bad/name"})
+    cause, _, message = proc.stdout.partition(" | ")
+    assert cause == "ValueError", proc.stdout
+    assert "importing shmemext failed" in message and "bad/name" in message, message

@@ -96,7 +96,10 @@ typedef struct ShmemExt_CAPI {
     int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode,
                 ShmemExt_Block **out, int *created, ShmemExt_Error *err);
     /* [no GIL] Detaches and frees a handle from open(); the last process to
-     * detach releases the block. */
+     * detach releases the block.  A second close() of the same handle, or
+     * close() of a handle open() did not make, is SHMEMEXT_E_CLOSED and
+     * touches nothing.  Any other use of a handle after its close() is
+     * undefined, as for free(): drop the pointer. */
     int (*close)(ShmemExt_Block *block, ShmemExt_Error *err);
     /* [GIL] The default block of the calling interpreter's shmemext module, or
      * NULL with RuntimeError set when it is disabled.  Owned by the module:
@@ -111,12 +114,16 @@ typedef struct ShmemExt_CAPI {
     int (*set_bytes)(ShmemExt_Block *block, const void *data, size_t len, ShmemExt_Error *err);
     int (*set_utf8)(ShmemExt_Block *block, const char *text, size_t len, ShmemExt_Error *err);
     /* [no GIL] Copies one committed value into buf (capacity `cap`): bytes as
-     * they are, str as UTF-8 (not NUL-terminated).  *len is set to the value's
-     * length; SHMEMEXT_E_BUFFER when it exceeds cap.  *is_text (may be NULL)
+     * they are, str as UTF-8 (not NUL-terminated).  *len (may be NULL) is set
+     * to the value's length; SHMEMEXT_E_BUFFER when it exceeds cap.  buf may be
+     * NULL with cap 0: then an empty value succeeds, any other is E_BUFFER with
+     * the length needed.  *is_text (may be NULL)
      * tells str from bytes.  *version (may be NULL) is the value's version. */
     int (*get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text,
                uint64_t *version, ShmemExt_Error *err);
-    /* [no GIL] How many values have been committed to a value cell. */
+    /* Every call below on a block that was closed (a Python object's, by its
+     * close(); the default block, at exit) is SHMEMEXT_E_CLOSED. */
+    /* [no GIL] How many values have been committed to a value cell (0 once closed). */
     uint64_t (*value_version)(ShmemExt_Block *block);
 
     /* [no GIL] A raw segment's memory and size (NULL for a value cell). */
@@ -148,14 +155,40 @@ static ShmemExt_CAPI *ShmemExtAPI = NULL;
 /* Imports the API into ShmemExtAPI.  Returns 0, or -1 with ImportError set. */
 static inline int ShmemExt_Import(void)
 {
-    ShmemExt_CAPI *api = (ShmemExt_CAPI *)PyCapsule_Import(SHMEMEXT_CAPSULE_NAME, 0);
+    /* The package first: PyCapsule_Import would put its own words over the
+     * reason an import of shmemext failed. */
+    ShmemExt_CAPI *api = NULL;
+    PyObject *package = PyImport_ImportModule("shmemext");
+    if (package != NULL) {
+        Py_DECREF(package);
+        api = (ShmemExt_CAPI *)PyCapsule_Import(SHMEMEXT_CAPSULE_NAME, 0);
+    }
     if (api == NULL) {
-        PyObject *type, *value, *tb;
+        /* Say what went wrong (shmemext missing, or its own import failing:
+         * a bad SHMEMEXT_NAME, say), with the real error as the cause. */
+        PyObject *type, *value, *tb, *ntype, *nvalue, *ntb;
         PyErr_Fetch(&type, &value, &tb);
-        PyErr_Format(PyExc_ImportError, "cannot import the shmemext C API (%s): is shmemext installed?",
-                     SHMEMEXT_CAPSULE_NAME);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (value == NULL) {
+            PyErr_Format(PyExc_ImportError, "cannot import the shmemext C API (%s)", SHMEMEXT_CAPSULE_NAME);
+        } else {
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            if (PyErr_GivenExceptionMatches(type, PyExc_ModuleNotFoundError))
+                PyErr_Format(PyExc_ImportError, "cannot import the shmemext C API (%s): is shmemext installed? (%S)",
+                             SHMEMEXT_CAPSULE_NAME, value);
+            else
+                PyErr_Format(PyExc_ImportError, "cannot import the shmemext C API (%s): importing shmemext failed: %S",
+                             SHMEMEXT_CAPSULE_NAME, value);
+            PyErr_Fetch(&ntype, &nvalue, &ntb);
+            PyErr_NormalizeException(&ntype, &nvalue, &ntb);
+            if (nvalue != NULL)
+                PyException_SetCause(nvalue, value);   /* steals value */
+            else
+                Py_DECREF(value);
+            PyErr_Restore(ntype, nvalue, ntb);
+        }
         Py_XDECREF(type);
-        Py_XDECREF(value);
         Py_XDECREF(tb);
         return -1;
     }

@@ -133,6 +133,44 @@ static PyObject *close_foreign(PyObject *self, PyObject *obj)
     return Py_BuildValue("(is)", rc, err.message);
 }
 
+/* misuse(name) -> (first close, second close, empty get, its length): what
+ * a careless consumer does; every answer must be a result code, not a crash. */
+static PyObject *misuse(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL)
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    if (ShmemExtAPI->open(name, SHMEMEXT_VALUE, 64, 0, 0600, &b, NULL, &err) != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    size_t len = 99;
+    int got = ShmemExtAPI->get(b, NULL, 0, &len, NULL, NULL, &err);
+    int first = ShmemExtAPI->close(b, &err);
+    int second = ShmemExtAPI->close(b, &err);
+    return Py_BuildValue("(iiin)", first, second, got, (Py_ssize_t)len);
+}
+
+/* after_close(value_object) -> (get, set, version): the object was closed by Python. */
+static PyObject *after_close(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethod(obj, "close", NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    char buf[8];
+    size_t len;
+    ShmemExt_Error err;
+    int got = ShmemExtAPI->get(b, buf, sizeof buf, &len, NULL, NULL, &err);
+    int set = ShmemExtAPI->set_bytes(b, "x", 1, &err);
+    return Py_BuildValue("(iiK)", got, set, (unsigned long long)ShmemExtAPI->value_version(b));
+}
+
 /* lock_for(value_object, seconds): holds the block's writer lock that long, without the GIL. */
 static PyObject *lock_for(PyObject *self, PyObject *args)
 {
@@ -196,6 +234,8 @@ static PyMethodDef methods[] = {
     {"object_set", object_set, METH_VARARGS, NULL},
     {"segment_fill", segment_fill, METH_VARARGS, NULL},
     {"close_foreign", close_foreign, METH_O, NULL},
+    {"misuse", misuse, METH_O, NULL},
+    {"after_close", after_close, METH_O, NULL},
     {"threaded_copies", consumer_threaded_copies, METH_VARARGS, NULL},
     {"bench", consumer_bench, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL}};
