@@ -19,9 +19,11 @@
  * (-DSHX_FORCE_LOCK_FILES) so that it is tested where it is developed. */
 #if !defined(_WIN32) && (defined(SHX_FORCE_LOCK_FILES) || !defined(__linux__))
 #define SHX_LOCK_FILES 1
-#include <pthread.h>
 #else
 #define SHX_LOCK_FILES 0
+#endif
+#ifndef _WIN32
+#include <pthread.h>
 #endif
 /* Linux: the memory is a System V segment marked for removal at creation, so
  * the kernel frees it when its last attachment goes, however that process
@@ -101,23 +103,27 @@ typedef struct shx_os_map {
     void *mutex;        /* writer-lock mutex HANDLE */
     void *wake;         /* wake-up semaphore HANDLE: set() releases one token per waiter */
     unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
-#elif SHX_SYSV
+#else
+    struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
+    /* A writer lock the kernel keeps on a descriptor (flock() or an OFD byte
+     * lock), where the block's lock is not a robust mutex in shared memory. */
+    int kernel_lock;    /* the writer lock is the kernel's (below), not a robust mutex in the header */
+    int writer_fd;      /* the descriptor it is taken on (-1 in a fork child that could not get its own) */
+    int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
+    pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
+    struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
+#if SHX_SYSV
     int shmid;          /* the System V segment; -1 once detached */
     uint64_t token;     /* the random token of its name entry and header */
-    struct shx_os_map *next_attached;  /* process registry, for exit */
 #else
     int fd;             /* holds the liveness lock; -1 once detached */
     int object_fd;      /* the shared-memory object while attaching */
     int fork_fd;        /* during fork(): the descriptor the child will own */
     int keep_name;      /* never unlink: set when a fork child could not get its own lock */
     uint64_t dev, ino;  /* identity of the liveness file, to reopen it after fork() */
-    struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
     int gate_fd;        /* the attach/detach gate file while it is held */
-    int writer_fd;      /* the writer-lock file */
-    int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
     unsigned mode;      /* permissions for lock files made anew */
-    pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
-    struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
+#endif
 #endif
     char os_name[256];  /* the name as the OS sees it */
 } shx_os_map;

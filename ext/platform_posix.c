@@ -117,6 +117,166 @@ void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name)
     }
 }
 
+/* ---- a writer lock the kernel keeps on a descriptor ------------------------ */
+
+/* What the header's lock area holds with lock files: a marker, so that a
+ * scribbled or foreign area is refused, and the pid of the holder, cleared
+ * before every release: found set by the next holder, it means that a writer
+ * died holding the lock and the protected data may need repair. */
+typedef struct file_writer_area {
+    char marker[8];
+    uint32_t owner;
+} file_writer_area;
+
+static const char WRITER_MARKER[8] = {'s', 'h', 'x', 'f', 'l', 'o', 'c', 'k'};
+
+_Static_assert(sizeof(file_writer_area) <= SHX_LOCK_AREA, "writer area fits the lock area");
+
+/* Between tries for a lock that has no way to wait with a timeout: yields
+ * first, then sleeps, doubling from 20 us to 1 ms.  0 once the time is up. */
+static int wait_to_retry(int attempt, uint64_t start, int64_t timeout_ns)
+{
+    if (timeout_ns >= 0 && (int64_t)(shx_os_monotonic_ns() - start) >= timeout_ns)
+        return 0;
+    if (attempt < 8) {
+        sched_yield();
+    } else {
+        long ns = attempt < 14 ? 20000L << (attempt - 8) : 1000000L;
+        struct timespec ts = {0, ns};
+        (void)nanosleep(&ts, NULL);
+    }
+    return 1;
+}
+
+/* A robust mutex is handed on as an owner death when its holder thread ends,
+ * not only when its process does.  The same here: each thread keeps the
+ * writer locks it holds in a thread-specific list, whose destructor (run at
+ * thread exit) releases them with the owner word left set. */
+static pthread_key_t held_key;
+static pthread_once_t held_key_once = PTHREAD_ONCE_INIT;
+
+static void release_abandoned(void *head)
+{
+    for (shx_os_map *m = (shx_os_map *)head, *next; m != NULL; m = next) {
+        next = m->next_held;
+        m->next_held = NULL;
+        shx_posix_writer_release(m->writer_fd);
+        (void)pthread_mutex_unlock(&m->local_writer);
+    }
+}
+
+static void make_held_key(void) { (void)pthread_key_create(&held_key, release_abandoned); }
+
+/* In a fork() child: the locks were the parent's, and are not held here. */
+void shx_posix_forget_all_held(void)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    (void)pthread_setspecific(held_key, NULL);
+}
+
+static void remember_held(shx_os_map *m)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    m->next_held = (shx_os_map *)pthread_getspecific(held_key);
+    (void)pthread_setspecific(held_key, m);
+}
+
+/* Whether the calling thread holds m's writer lock: its own list says, which
+ * no other thread writes, so there is nothing to race with. */
+static int held_by_this_thread(const shx_os_map *m)
+{
+    (void)pthread_once(&held_key_once, make_held_key);
+    for (const shx_os_map *p = (const shx_os_map *)pthread_getspecific(held_key); p != NULL; p = p->next_held) {
+        if (p == m)
+            return 1;
+    }
+    return 0;
+}
+
+static void forget_held(shx_os_map *m)
+{
+    shx_os_map *head = (shx_os_map *)pthread_getspecific(held_key);
+    for (shx_os_map **p = &head; *p != NULL; p = &(*p)->next_held) {
+        if (*p == m) {
+            *p = m->next_held;
+            break;
+        }
+    }
+    m->next_held = NULL;
+    (void)pthread_setspecific(held_key, head);
+}
+
+int shx_posix_file_lock_init(void *area, shx_error *err)
+{
+    (void)err;
+    file_writer_area *a = (file_writer_area *)area;
+    memcpy(a->marker, WRITER_MARKER, sizeof WRITER_MARKER);
+    __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
+    return SHX_OK;
+}
+
+int shx_posix_file_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
+{
+    file_writer_area *a = (file_writer_area *)area;
+    uint64_t start = shx_os_monotonic_ns();
+    int rc;
+    *owner_died = 0;
+    if (memcmp(a->marker, WRITER_MARKER, sizeof WRITER_MARKER) != 0)
+        return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
+    if (m->writer_fd < 0) {
+        errno = EBADF;
+        return shx_fail_os(err, "the writer lock file (not reopened after fork)");
+    }
+    for (int attempt = 0;; attempt++) {
+        rc = pthread_mutex_trylock(&m->local_writer);
+        if (rc == 0)
+            break;
+        if (rc != EBUSY) {
+            errno = rc;
+            return shx_fail_os(err, "pthread_mutex_trylock");
+        }
+        if (held_by_this_thread(m)) {
+            errno = EDEADLK;
+            return shx_fail_os(err, "writer lock");
+        }
+        if (!wait_to_retry(attempt, start, timeout_ns))
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+    }
+    for (int attempt = 0;; attempt++) {
+        if (shx_posix_writer_try(m->writer_fd) == 0)
+            break;
+        if (errno != EINTR && !shx_posix_busy(errno)) {
+            rc = shx_fail_os(err, "writer lock");
+            (void)pthread_mutex_unlock(&m->local_writer);
+            return rc;
+        }
+        if (!wait_to_retry(attempt, start, timeout_ns)) {
+            (void)pthread_mutex_unlock(&m->local_writer);
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
+        }
+    }
+    *owner_died = __atomic_exchange_n(&a->owner, shx_os_pid(), __ATOMIC_ACQ_REL) != 0;
+    remember_held(m);
+    return SHX_OK;
+}
+
+int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err)
+{
+    file_writer_area *a = (file_writer_area *)area;
+    if (!held_by_this_thread(m)) {
+        errno = EPERM;
+        return shx_fail_os(err, "writer unlock");
+    }
+    __atomic_store_n(&a->owner, 0, __ATOMIC_RELEASE);
+    forget_held(m);
+    shx_posix_writer_release(m->writer_fd);
+    int rc = SHX_OK;
+    (void)pthread_mutex_unlock(&m->local_writer);
+    return rc;
+}
+
+
+
 /* ---- clock and CPUs ------------------------------------------------------ */
 
 static int cpu_count;

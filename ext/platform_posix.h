@@ -24,6 +24,20 @@ void shx_posix_fork_parent(shx_os_map *m);
 void shx_posix_fork_child(shx_os_map *m);
 void shx_posix_fork_child_done(void);
 
+/* A writer lock the kernel keeps on m->writer_fd (released at death), plus
+ * m->local_writer between this process's threads; the header's lock area
+ * holds a marker and the holder's pid, which tells the next holder that a
+ * writer died.  A thread that ends holding it hands it on as an owner death.
+ * The backend supplies the descriptor lock: try (0, or -1 with errno) and
+ * release. */
+int shx_posix_writer_try(int fd);
+void shx_posix_writer_release(int fd);
+int shx_posix_file_lock_init(void *area, shx_error *err);
+int shx_posix_file_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err);
+int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err);
+/* In a fork() child: what the parent's threads held is not held here. */
+void shx_posix_forget_all_held(void);
+
 /* Whether errno value e means "held by someone else" for a lock that was only tried. */
 int shx_posix_busy(int e);
 

@@ -19,7 +19,14 @@
  * attach, detach and unlink hold, so that "create it, or attach the live
  * one" and "the last holder removes the name" are decided once.
  *
- * Writer lock: a robust process-shared pthread mutex in the header.
+ * Writer lock: for a block private to its user (no group or other bits in
+ * its mode), a robust process-shared pthread mutex in the header.  glibc
+ * keeps robust-list pointers inside such a mutex and follows them at unlock,
+ * so a block that other users may write gets a lock whose state the kernel
+ * keeps instead: an OFD lock on the entry's second byte, on a descriptor of
+ * the entry each attachment keeps (see platform_posix.c for the rest).  Which
+ * one a block has is read from the segment's mode, which the kernel keeps,
+ * never from the block's bytes.
  */
 #define _GNU_SOURCE
 #include "platform_posix.h"
@@ -102,13 +109,15 @@ static uint64_t ipc_namespace(void)
     return ns;
 }
 
-static int lock_gate(int fd, short type, int wait)
+enum { GATE_BYTE = 0, WRITER_BYTE = 1 };
+
+static int lock_byte(int fd, short type, off_t byte, int wait)
 {
     struct flock fl;
     memset(&fl, 0, sizeof fl);
     fl.l_type = type;
     fl.l_whence = SEEK_SET;
-    fl.l_start = 0;
+    fl.l_start = byte;
     fl.l_len = 1;
     for (;;) {
         if (fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) == 0)
@@ -117,6 +126,8 @@ static int lock_gate(int fd, short type, int wait)
             return -1;
     }
 }
+
+static int lock_gate(int fd, short type, int wait) { return lock_byte(fd, type, GATE_BYTE, wait); }
 
 /* Opens the entry of os_name (creating an empty one if asked) and takes its
  * gate.  An entry unlinked while we waited for its gate is worthless: open
@@ -305,6 +316,38 @@ static void forget_segment(int shmid, void *base)
 
 /* ---- attach / detach --------------------------------------------------- */
 
+/* A block others may write: its writer lock is the OFD lock on the entry's
+ * WRITER_BYTE, on a descriptor of the entry of its own (a new description:
+ * the gate's is closed when attach ends). */
+static int use_file_lock(shx_os_map *m, int entry_fd, shx_error *err)
+{
+    char path[40];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", entry_fd);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return shx_fail_os(err, "open of the name entry for the writer lock");
+    int rc = pthread_mutex_init(&m->local_writer, NULL);
+    if (rc != 0) {
+        close(fd);
+        errno = rc;
+        return shx_fail_os(err, "pthread_mutex_init");
+    }
+    m->writer_fd = fd;
+    m->kernel_lock = 1;
+    return SHX_OK;
+}
+
+static void drop_file_lock(shx_os_map *m)
+{
+    if (!m->kernel_lock)
+        return;
+    if (m->writer_fd >= 0)
+        close(m->writer_fd);
+    m->writer_fd = -1;
+    m->kernel_lock = 0;
+    (void)pthread_mutex_destroy(&m->local_writer);
+}
+
 /* Makes the block anew, under the gate: a segment (marked for removal at
  * once unless it is to persist, so that no crash from here on can leave it
  * behind), its memory, its header (prepare), then the entry that names it. */
@@ -343,6 +386,13 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
     m->size = size;
     m->shmid = shmid;
     m->token = token;
+    if ((mode & 077) != 0 && (rc = use_file_lock(m, fd, err)) != SHX_OK) {
+        forget_segment(shmid, base);
+        m->base = NULL;
+        m->size = 0;
+        m->shmid = -1;
+        return rc;
+    }
     rc = prepare(ctx, m, SHX_ATTACH_FRESH, err);
     if (rc == SHX_OK) {
         name_entry e;
@@ -359,6 +409,7 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
         rc = write_entry(fd, &e, err);
     }
     if (rc != SHX_OK) {
+        drop_file_lock(m);
         forget_segment(shmid, base);
         m->base = NULL;
         m->size = 0;
@@ -397,12 +448,19 @@ static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags
     m->size = (size_t)e->size;
     m->shmid = e->shmid;
     m->token = e->token;
+    if ((ds.shm_perm.mode & 077) != 0 && (rc = use_file_lock(m, fd, err)) != SHX_OK) {
+        (void)shmdt(base);
+        m->base = NULL;
+        m->shmid = -1;
+        return rc;
+    }
     /* Counted before our shmat: holders come only under the gate we hold,
      * and one that goes meanwhile only makes "shared" too careful. */
     rc = prepare(ctx, m, ds.shm_nattch == 0 ? SHX_ATTACH_ALONE : SHX_ATTACH_SHARED, err);
     if (rc == SHX_REINIT)   /* nobody else holds it: it goes with our shmdt */
         (void)shmctl(e->shmid, IPC_RMID, NULL);
     if (rc != SHX_OK) {
+        drop_file_lock(m);
         (void)shmdt(base);
         m->base = NULL;
         m->size = 0;
@@ -415,6 +473,7 @@ static void clear_map(shx_os_map *m)
 {
     memset(m, 0, sizeof *m);
     m->shmid = -1;
+    m->writer_fd = m->writer_fork_fd = -1;
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
@@ -508,10 +567,16 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
             (size_t)ds.shm_nattch <= own_attachments(m->shmid) && shm_unlink(m->os_name) != 0)
             rc = shx_fail_os(err, "shm_unlink");
     }
-    if (at_exit)
+    if (at_exit) {
         linger(m->shmid);
-    else if (shmdt(m->base) != 0 && rc == SHX_OK)
-        rc = shx_fail_os(err, "shmdt");
+        if (m->writer_fd >= 0)   /* other threads may still be inside the lock calls: keep the mutex */
+            close(m->writer_fd);
+        m->writer_fd = -1;
+    } else {
+        if (shmdt(m->base) != 0 && rc == SHX_OK)
+            rc = shx_fail_os(err, "shmdt");
+        drop_file_lock(m);
+    }
     if (fd >= 0)
         close(fd);
     m->shmid = -1;
@@ -579,12 +644,45 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
     return rc;
 }
 
-/* Nothing to do around fork(): the kernel counts the child's inherited
- * attachments, and no descriptor stays open between calls. */
-void shx_posix_fork_prepare(shx_os_map *m) { (void)m; }
-void shx_posix_fork_parent(shx_os_map *m) { (void)m; }
-void shx_posix_fork_child(shx_os_map *m) { (void)m; }
-void shx_posix_fork_child_done(void) {}
+/* fork(): the kernel counts the child's inherited attachments.  Only a
+ * kernel-kept writer lock needs care: its OFD lock belongs to the open file
+ * description, which a child shares, so that both would hold the lock at
+ * once.  Before fork() a new description is opened for the child, which
+ * keeps it; without one the child must not write (shx_os_lock refuses). */
+void shx_posix_fork_prepare(shx_os_map *m)
+{
+    m->writer_fork_fd = -1;
+    if (m->writer_fd >= 0) {
+        char path[40];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", m->writer_fd);
+        m->writer_fork_fd = open(path, O_RDWR | O_CLOEXEC);
+    }
+}
+
+void shx_posix_fork_parent(shx_os_map *m)
+{
+    if (m->writer_fork_fd >= 0)
+        close(m->writer_fork_fd);
+    m->writer_fork_fd = -1;
+}
+
+void shx_posix_fork_child(shx_os_map *m)
+{
+    if (!m->kernel_lock)
+        return;
+    if (m->writer_fd >= 0)
+        close(m->writer_fd);
+    m->writer_fd = m->writer_fork_fd;
+    m->writer_fork_fd = -1;
+    /* Only the forking thread lives on: whatever other threads held is free. */
+    (void)pthread_mutex_init(&m->local_writer, NULL);
+    m->next_held = NULL;
+}
+
+void shx_posix_fork_child_done(void) { shx_posix_forget_all_held(); }
+
+int shx_posix_writer_try(int fd) { return lock_byte(fd, F_WRLCK, WRITER_BYTE, 0); }
+void shx_posix_writer_release(int fd) { (void)lock_byte(fd, F_UNLCK, WRITER_BYTE, 0); }
 
 /* ---- listing and sweeping ------------------------------------------------ */
 
@@ -833,7 +931,8 @@ static int mutex_intact(const pthread_mutex_t *mutex)
 
 int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
 {
-    (void)m;
+    if (m->kernel_lock)
+        return shx_posix_file_lock_init(area, err);
     int rc = init_mutex((pthread_mutex_t *)area);
     if (rc != 0) {
         errno = rc;
@@ -844,7 +943,8 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
 
 int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
 {
-    (void)m;
+    if (m->kernel_lock)
+        return shx_posix_file_lock(m, area, timeout_ns, owner_died, err);
     pthread_mutex_t *mutex = (pthread_mutex_t *)area;
     int rc;
     *owner_died = 0;
@@ -885,7 +985,8 @@ int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, 
 
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
 {
-    (void)m;
+    if (m->kernel_lock)
+        return shx_posix_file_unlock(m, area, err);
     if (!mutex_intact((pthread_mutex_t *)area))
         return shx_fail(err, SHX_E_CORRUPT, 0, 0, "has an overwritten writer lock");
     int rc = pthread_mutex_unlock((pthread_mutex_t *)area);

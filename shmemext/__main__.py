@@ -150,7 +150,7 @@ def _print_blocks(rows: list[Any], empty: str) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = [dict(r) for r in shmemext.blocks()]
+    rows: list[dict[str, Any]] = [dict(r) for r in shmemext.blocks()]
     own = shmemext.default.name if shmemext.default is not None else None
     for r in rows:
         # This command's own attachment to the default block is not a holder worth showing.
@@ -165,7 +165,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    removed = [dict(r) for r in shmemext.sweep()]
+    removed: list[dict[str, Any]] = [dict(r) for r in shmemext.sweep()]
     if args.json:
         print(json.dumps(removed, indent=2))
         return 0

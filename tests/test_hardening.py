@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmemext
-from conftest import SHM_DIR, maps_of, python, read_entry, sysv_backend
+from conftest import SHM_DIR, block_bytes, maps_of, python, read_entry, spawn, sysv_backend
 
 NOBODY = 65534
 
@@ -361,3 +361,82 @@ def test_ctrl_c_during_long_sets_leaves_a_whole_value(name):
         out, _ = child.communicate(timeout=60)
         assert out == "consistent\nafter\n"
         assert reader.get() == "after"
+
+
+# ---- blocks other users may write: the writer lock is the kernel's ---------------
+
+LOCK_HOLDER = """
+import sys, shmemext
+seg = shmemext.Segment(sys.argv[1], 1, mode=0o666)
+lock = seg.lock()
+lock.acquire()
+print("held", flush=True)
+sys.stdin.readline()
+lock.release()
+seg.write(b"after", 0)
+print("released", flush=True)
+"""
+
+SCRIBBLER = """
+import sys, shmemext
+seg = shmemext.Segment(sys.argv[1], 1, mode=0o666)
+print("attached", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes the block's header as another process")
+def test_a_scribbled_lock_area_cannot_steer_a_shared_blocks_lock_holder(name):
+    # glibc follows pointers kept inside a robust mutex when it unlocks; in a
+    # block others may write, those bytes are theirs.  Such blocks take a lock
+    # the kernel keeps, so nothing scribbled there is ever followed.
+
+
+    with shmemext.Segment(name, 4096, mode=0o666) as seg:
+        holder = spawn(LOCK_HOLDER, name)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            with block_bytes(name) as memory:
+                memory[64 + 16 : 64 + 128] = b"\x41" * 112   # all of the lock area but its marker and owner
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "released\n"
+            assert holder.wait(timeout=30) == 0, holder.stderr.read()
+        finally:
+            holder.kill()
+            holder.wait()
+            for f in (holder.stdin, holder.stdout, holder.stderr):
+                f.close()
+        assert seg.read(5) == b"after"
+        with seg.lock() as lock:
+            assert not lock.owner_died
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kills a lock holder")
+def test_a_shared_blocks_kernel_lock_reports_its_holders_death(name):
+    with shmemext.Segment(name, 4096, mode=0o666) as seg:
+        holder = spawn(LOCK_HOLDER, name)
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(TimeoutError):
+            seg.lock(timeout=0.05).__enter__()
+        holder.kill()
+        holder.wait()
+        for f in (holder.stdin, holder.stdout, holder.stderr):
+            f.close()
+        with seg.lock(timeout=5) as lock:
+            assert lock.owner_died, "the next holder learns that the last one died holding it"
+        with seg.lock(timeout=5) as lock:
+            assert not lock.owner_died
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes the block's header as another process")
+def test_odd_sequences_in_a_shared_value_send_get_to_the_kernel_lock_not_a_crash(name):
+
+
+    with shmemext.Value(name, 64, mode=0o666) as v:
+        v.set("committed")
+        with block_bytes(name) as memory:
+            memory[256:264] = (1).to_bytes(8, "little")   # both slots' sequence words odd: a writer mid-write
+            memory[320:328] = (3).to_bytes(8, "little")
+        assert v.get() == "committed"
+        v.set("next")
+        assert v.get() == "next"
