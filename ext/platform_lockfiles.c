@@ -244,13 +244,14 @@ static void drop_unused_lock_files(shx_os_map *m)
 /* Long names share a short form with every other name of the same prefix and
  * hash.  The live file remembers the full name of its block, so a collision
  * is an error instead of two names silently sharing one block. */
-static int check_full_name(int fd, const char *name, shx_error *err)
+static int check_full_name(int fd, const char *name, int *recorded, shx_error *err)
 {
     char stored[256];
     size_t n = strlen(name);
     ssize_t got = pread(fd, stored, sizeof stored - 1, 0);
     if (got < 0)
         return shx_fail_os(err, "read of the live lock file");
+    *recorded = got > 0;
     if (got == 0) {
         if (pwrite(fd, name, n, 0) != (ssize_t)n && errno != EBADF)
             return shx_fail_os(err, "write of the live lock file");
@@ -471,6 +472,12 @@ static int stat_size(const struct stat *st, size_t *out, shx_error *err)
     return SHX_OK;
 }
 
+static int starts_with_magic(int fd)
+{
+    char head[8];
+    return pread(fd, head, sizeof head, 0) == (ssize_t)sizeof head && memcmp(head, SHX_MAGIC, sizeof head) == 0;
+}
+
 /* One attempt under the gate.  Returns SHX_OK, an error, or SHX_REINIT when
  * the object was unlinked under us and the caller should start again. */
 static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
@@ -488,10 +495,17 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         return shx_fail(err, SHX_E_NOTOWNER, (uint64_t)object.st_uid, (uint64_t)geteuid(), NULL);
     m->dev = (uint64_t)live.st_dev;
     m->ino = (uint64_t)live.st_ino;
-    if ((rc = check_full_name(m->fd, name, err)) != SHX_OK)
+    int recorded = 0;
+    if ((rc = check_full_name(m->fd, name, &recorded, err)) != SHX_OK)
         return rc;
     if ((rc = stat_size(&object, &existing, err)) != SHX_OK)
         return rc;
+    if (!recorded && existing > 0 && !starts_with_magic(m->object_fd)) {
+        /* No attach of ours ever knew this name (its live file is new), yet
+         * an object is there: another program's, never an unfinished block
+         * of ours to start afresh, whatever its first bytes. */
+        return shx_fail(err, SHX_E_FOREIGN, 0, 0, "was made by another program");
+    }
 
     if (live_lock(m->fd, F_WRLCK, 0) != 0) {
         if (!shx_posix_busy(errno))

@@ -265,3 +265,22 @@ def test_a_windows_security_descriptor_is_refused_with_a_pointer_to_mode(name):
             make()
     with pytest.raises(TypeError):
         shmemext.Value(name, security=3)
+
+
+def test_a_shared_memory_block_of_another_library_is_refused_never_wiped(name):
+    # multiprocessing.shared_memory's blocks start with whatever their user put
+    # there: zeros, often, which once read as an unfinished block of ours.
+    from multiprocessing import shared_memory
+
+    other = shared_memory.SharedMemory(name, create=True, size=8192)
+    try:
+        other.buf[100:104] = b"data"
+        for opener in (lambda: shmemext.Value(name), lambda: shmemext.Segment(name, 64)):
+            with pytest.raises(ValueError, match="is not a shmemext|another program"):
+                opener()
+        assert bytes(other.buf[100:104]) == b"data" and bytes(other.buf[:8]) == bytes(8)
+        again = shared_memory.SharedMemory(name)   # still there under its name
+        again.close()
+    finally:
+        other.close()
+        other.unlink()
