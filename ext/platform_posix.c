@@ -165,18 +165,20 @@ static void release_abandoned(void *head)
     }
 }
 
-static void make_held_key(void) { (void)pthread_key_create(&held_key, release_abandoned); }
+static int held_key_error;
+
+static void make_held_key(void) { held_key_error = pthread_key_create(&held_key, release_abandoned); }
 
 /* In a fork() child: the locks were the parent's, and are not held here. */
 void shx_posix_forget_all_held(void)
 {
     (void)pthread_once(&held_key_once, make_held_key);
-    (void)pthread_setspecific(held_key, NULL);
+    if (held_key_error == 0)
+        (void)pthread_setspecific(held_key, NULL);
 }
 
 static void remember_held(shx_os_map *m)
 {
-    (void)pthread_once(&held_key_once, make_held_key);
     m->next_held = (shx_os_map *)pthread_getspecific(held_key);
     (void)pthread_setspecific(held_key, m);
 }
@@ -186,6 +188,8 @@ static void remember_held(shx_os_map *m)
 static int held_by_this_thread(const shx_os_map *m)
 {
     (void)pthread_once(&held_key_once, make_held_key);
+    if (held_key_error != 0)
+        return 0;
     for (const shx_os_map *p = (const shx_os_map *)pthread_getspecific(held_key); p != NULL; p = p->next_held) {
         if (p == m)
             return 1;
@@ -226,6 +230,12 @@ int shx_posix_file_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owne
     if (m->writer_fd < 0) {
         errno = EBADF;
         return shx_fail_os(err, "the writer lock file (not reopened after fork)");
+    }
+    (void)pthread_once(&held_key_once, make_held_key);
+    if (held_key_error != 0) {
+        /* Without the per-thread list a thread's death could not hand the lock on. */
+        errno = held_key_error;
+        return shx_fail_os(err, "pthread_key_create");
     }
     for (int attempt = 0;; attempt++) {
         rc = pthread_mutex_trylock(&m->local_writer);
@@ -343,7 +353,14 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     struct timespec ts;
     ts.tv_sec = (time_t)(timeout_ns / 1000000000);
     ts.tv_nsec = (long)(timeout_ns % 1000000000);
+#if defined(SYS_futex_time64) && !defined(__LP64__) && !defined(_LP64)
+    /* A 32-bit ABI whose struct timespec has a 64-bit time_t: the plain
+     * futex call would read it as the old 32-bit layout. */
+    long rc = sizeof ts.tv_sec == 8 ? syscall(SYS_futex_time64, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0)
+                                    : syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+#else
     long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+#endif
     if (rc != 0 && errno == ETIMEDOUT)
         return SHX_E_TIMEOUT;
     return SHX_OK;   /* woken, EAGAIN (already changed) or EINTR: the caller looks again */

@@ -897,37 +897,53 @@ static int init_mutex(pthread_mutex_t *mutex)
     return rc;
 }
 
-#ifdef __GLIBC__
-/* The mutex lives in memory any process with access can overwrite, and glibc
- * trusts it: a scribbled type (say, priority-protect) ends in an assertion
- * inside pthread_mutex_lock.  The type never changes after init, so a lock
- * whose type differs from the one our attributes give is refused instead. */
-static int expected_kind;
-static pthread_once_t expected_kind_once = PTHREAD_ONCE_INIT;
+/* The mutex lives in memory that any process allowed to write the block can
+ * overwrite, and the C library trusts it: a scribbled type (say,
+ * priority-protect) ends in an assertion inside pthread_mutex_lock.  The type
+ * never changes after init, so a lock whose type word differs from what our
+ * attributes write is refused.  Which word holds the type is found without
+ * naming the library's private fields: the words in which a mutex of our
+ * type and one of another type differ. */
+#define MUTEX_WORDS (sizeof(pthread_mutex_t) / sizeof(uint32_t))
+static uint32_t expected_words[MUTEX_WORDS];
+static unsigned char type_word[MUTEX_WORDS];   /* 1 where the type is kept */
+static pthread_once_t type_word_once = PTHREAD_ONCE_INIT;
 
-static void find_expected_kind(void)
+static void find_type_word(void)
 {
-    pthread_mutex_t probe;
-    if (init_mutex(&probe) == 0) {
-        expected_kind = probe.__data.__kind;
-        (void)pthread_mutex_destroy(&probe);
-    } else {
-        expected_kind = -1;
+    pthread_mutex_t ours, other;
+    pthread_mutexattr_t attr;
+    memset(&ours, 0, sizeof ours);
+    memset(&other, 0, sizeof other);
+    if (init_mutex(&ours) != 0)
+        return;
+    int ok = pthread_mutexattr_init(&attr) == 0;
+    ok = ok && pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED) == 0 &&
+         pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST) == 0 &&
+         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL) == 0 && pthread_mutex_init(&other, &attr) == 0;
+    if (ok) {
+        memcpy(expected_words, &ours, sizeof expected_words);
+        uint32_t words[MUTEX_WORDS];
+        memcpy(words, &other, sizeof words);
+        for (size_t i = 0; i < MUTEX_WORDS; i++)
+            type_word[i] = words[i] != expected_words[i];
+        (void)pthread_mutex_destroy(&other);
     }
+    (void)pthread_mutexattr_destroy(&attr);
+    (void)pthread_mutex_destroy(&ours);
 }
 
 static int mutex_intact(const pthread_mutex_t *mutex)
 {
-    (void)pthread_once(&expected_kind_once, find_expected_kind);
-    return mutex->__data.__kind == expected_kind;
-}
-#else
-static int mutex_intact(const pthread_mutex_t *mutex)
-{
-    (void)mutex;
+    (void)pthread_once(&type_word_once, find_type_word);
+    uint32_t words[MUTEX_WORDS];
+    memcpy(words, (const void *)mutex, sizeof words);
+    for (size_t i = 0; i < MUTEX_WORDS; i++) {
+        if (type_word[i] && words[i] != expected_words[i])
+            return 0;
+    }
     return 1;
 }
-#endif
 
 int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
 {
