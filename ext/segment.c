@@ -29,6 +29,12 @@ _Static_assert(sizeof SHX_MAGIC - 1 == sizeof MAGIC, "one magic");
 /* A reader retries this often before it takes the writer lock instead, so
  * that a large value under heavy writing cannot starve it. */
 #define READ_TRIES 32
+/* How long such a reader waits for the lock at most: more than any writer of
+ * a value of that size needs (one copy), with a wide margin. */
+#ifndef READ_LOCK_WAIT_NS
+#define READ_LOCK_WAIT_NS INT64_C(2000000000)
+#endif
+#define READ_LOCK_NS_PER_BYTE 20
 
 int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *detail)
 {
@@ -696,11 +702,20 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         return SHX_OK;
     }
 
-    /* Writers keep outrunning our copy: hold them off with the lock. */
+    /* Writers keep outrunning our copy: hold them off with the lock.  The
+     * wait is bounded: a lock word and sequence counters that another process
+     * wrote can look like a writer that never finishes. */
     count(&b->locked_reads);
     int owner_died, rc;
-    if ((rc = shx_block_lock(b, -1, &owner_died, hooks, err)) != SHX_OK)
+    int64_t bound = READ_LOCK_WAIT_NS + (int64_t)(b->capacity < (UINT64_C(1) << 40) ? b->capacity : (UINT64_C(1) << 40)) *
+                                            READ_LOCK_NS_PER_BYTE;
+    if ((rc = shx_block_lock(b, bound, &owner_died, hooks, err)) != SHX_OK) {
+        if (rc == SHX_E_TIMEOUT)
+            shx_fail(err, SHX_E_TIMEOUT, (uint64_t)bound, 0,
+                     "get() waited that long for a writer to finish: one that never does, or a lock and "
+                     "counters another process scribbled over");
         return rc;
+    }
     uint64_t version = atomic_load_explicit(&h->version, memory_order_relaxed);
     unsigned index = (unsigned)(version & 1);
     shx_slot *s = &h->slot[index];
@@ -844,7 +859,10 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         snprintf(buf, size, "value of %llu bytes does not fit the capacity of %llu bytes", a, b);
         break;
     case SHX_E_TIMEOUT:
-        snprintf(buf, size, "timed out");
+        if (err->detail != NULL)
+            snprintf(buf, size, "timed out after %.3g s: %s", (double)a / 1e9, err->detail);
+        else
+            snprintf(buf, size, "timed out");
         break;
     case SHX_E_NOTOWNER:
         snprintf(buf, size, "is a private block owned by another user (uid %llu, you are %llu); "

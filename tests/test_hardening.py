@@ -440,3 +440,29 @@ def test_odd_sequences_in_a_shared_value_send_get_to_the_kernel_lock_not_a_crash
         assert v.get() == "committed"
         v.set("next")
         assert v.get() == "next"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes the block's header as another process")
+def test_a_reader_never_waits_unboundedly_on_a_scribbled_lock(name):
+    with shmemext.Value(name, 64) as v:
+        v.set("committed")
+        with block_bytes(name) as memory:
+            saved = bytes(memory[64:192])
+            memory[256:264] = (1).to_bytes(8, "little")   # both sequence words odd: get() needs the lock
+            memory[320:328] = (3).to_bytes(8, "little")
+            if shmemext._shmemext._BACKEND == "linux-sysv":
+                memory[64:68] = (0x3FFFFFFF).to_bytes(4, "little")   # "held" by a thread that does not exist
+            else:
+                memory[72:76] = (1).to_bytes(4, "little")
+        if shmemext._shmemext._BACKEND != "linux-sysv":
+            pytest.skip("the lock-file lock is the kernel's: a scribbled word cannot hold it")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="scribbled"):
+            v.get()
+        assert time.monotonic() - t0 < 10
+        with block_bytes(name) as memory:
+            memory[64:192] = saved
+            memory[256:264] = (2).to_bytes(8, "little")
+            memory[320:328] = (2).to_bytes(8, "little")
+        v.set("again")
+        assert v.get() == "again"
