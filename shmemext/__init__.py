@@ -11,12 +11,62 @@ from types import ModuleType as _ModuleType
 from ._version import __version__
 
 
+def _name_owner(name: str) -> "int | None":
+    """The uid that owns the OS object of a block's name, if it can be seen."""
+    import os
+
+    try:
+        return os.stat(os.path.join("/dev/shm", name)).st_uid   # Linux: the name is a file there
+    except OSError:
+        pass
+    try:
+        import _posixshmem
+
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0)
+    except (ImportError, OSError):
+        return None
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+
+
+def _denied_default(denied: PermissionError) -> PermissionError:
+    """The import error when another user holds the default block's name:
+    who holds it, and how to get past it."""
+    import os
+
+    name = denied.filename
+    owner = _name_owner(name) if isinstance(name, str) else None
+    if owner is None or owner == os.geteuid():
+        return denied
+    try:
+        import pwd
+
+        who = f"uid {owner} ({pwd.getpwuid(owner).pw_name})"
+    except (ImportError, KeyError):
+        who = f"uid {owner}"
+    return PermissionError(
+        denied.errno,
+        f"the default block's name '{name}' is held by {who}, not by you (uid {os.geteuid()}): another user "
+        f"created it first, so this user's default block cannot be made there. Import with "
+        f"SHMEMEXT_NAME set to a name of your own (e.g. SHMEMEXT_NAME={name}-1), or with SHMEMEXT_SIZE=0 to "
+        f"do without the default block; an administrator can remove the other user's name "
+        f"(python -m shmemext unlink {name}, run as that user or root)",
+        name,
+    )
+
+
 def _load_extension() -> _ModuleType:
+    import os
+
     try:
         from . import _shmemext
+    except PermissionError as denied:
+        if os.environ.get("SHMEMEXT_NAME"):
+            raise
+        raise _denied_default(denied) from denied
     except ImportError as missing:
-        import os
-
         raise ImportError(
             f"shmemext's compiled module is missing from {os.path.dirname(__file__)}: this looks like "
             f"an unbuilt source tree. Install the package (pip install .) and run from another "

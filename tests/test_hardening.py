@@ -466,3 +466,33 @@ def test_a_reader_never_waits_unboundedly_on_a_scribbled_lock(name):
             memory[320:328] = (2).to_bytes(8, "little")
         v.set("again")
         assert v.get() == "again"
+
+
+SQUATTED = """
+import importlib.util, os, sys
+import shmemext
+extension = importlib.util.find_spec("shmemext._shmemext")
+os.setgroups([]); os.setgid(%d); os.setuid(%d)
+os.environ.pop("SHMEMEXT_NAME", None)
+os.environ.pop("SHMEMEXT_SIZE", None)
+try:
+    extension.loader.exec_module(importlib.util.module_from_spec(extension))
+    print("imported")
+except PermissionError as denied:
+    print(shmemext._denied_default(denied))
+""" % (NOBODY, NOBODY)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="squatting another user's default name needs root")
+def test_a_squatted_default_name_fails_the_import_saying_who_and_what_to_do():
+    squatted = os.path.join(SHM_DIR, f"shmemext-{NOBODY}")
+    assert not os.path.exists(squatted)
+    with open(squatted, "w"):
+        pass   # an empty file of root's is enough
+    try:
+        out = python(SQUATTED, env={"SHMEMEXT_SIZE": "0"}, cwd="/").stdout
+    finally:
+        os.unlink(squatted)
+    assert f"the default block's name 'shmemext-{NOBODY}' is held by uid 0 (root), not by you (uid {NOBODY})" in out
+    assert "SHMEMEXT_NAME" in out and "SHMEMEXT_SIZE=0" in out
