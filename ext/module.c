@@ -30,6 +30,11 @@ typedef struct {
     PyTypeObject *segment_type;
     PyTypeObject *lock_type;
     PyObject *default_value;   /* a Value, or NULL when disabled */
+    /* shmemext.Error (a ValueError) and its subclasses. */
+    PyObject *error;
+    PyObject *foreign_error;   /* the name holds something this shmemext cannot read */
+    PyObject *corrupt_error;   /* a block of ours whose header or value is not well formed */
+    PyObject *closed_error;    /* the handle was closed */
 } module_state;
 
 /* A Value or a Segment: one attachment, with what must be settled before it
@@ -77,8 +82,9 @@ static PyObject *raise_os_error(PyObject *type, int code, const char *msg, const
     return NULL;
 }
 
-/* Raises the exception for a core error about block `name`; returns NULL. */
-static PyObject *raise_block_error(const shx_error *err, const char *name)
+/* Raises the exception for a core error about block `name`; returns NULL.
+ * st gives shmemext.Error and its subclasses (NULL: plain ValueError). */
+static PyObject *raise_error_in(module_state *st, const shx_error *err, const char *name)
 {
     char msg[512];
     shx_strerror(err, msg, sizeof msg);
@@ -109,17 +115,30 @@ static PyObject *raise_block_error(const shx_error *err, const char *name)
     case SHX_E_NOTOWNER:
         return raise_os_error(PyExc_PermissionError, EACCES, msg, name);
     case SHX_E_NAME:
-        return PyErr_Format(PyExc_ValueError, "invalid block name '%s': %s", name, msg);
+        return PyErr_Format(st ? st->error : PyExc_ValueError, "invalid block name '%s': %s", name, msg);
     case SHX_E_TIMEOUT:
         return PyErr_Format(PyExc_TimeoutError, "block '%s': %s", name, msg);
     case SHX_E_INTERRUPTED:
         if (PyErr_Occurred())   /* the signal handler's exception */
             return NULL;
         return PyErr_Format(PyExc_InterruptedError, "block '%s': %s", name, msg);
+    case SHX_E_FOREIGN:
+    case SHX_E_NEWER:
+        return PyErr_Format(st ? st->foreign_error : PyExc_ValueError, "block '%s': %s", name, msg);
+    case SHX_E_CORRUPT:
+    case SHX_E_BADVALUE:
+        return PyErr_Format(st ? st->corrupt_error : PyExc_ValueError, "block '%s': %s", name, msg);
+    case SHX_E_CLOSED:
+        return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "block '%s': %s", name, msg);
     default:
-        return PyErr_Format(PyExc_ValueError, "block '%s': %s", name, msg);
+        return PyErr_Format(st ? st->error : PyExc_ValueError, "block '%s': %s", name, msg);
     }
 }
+
+static module_state *state_of_type(PyTypeObject *type) { return (module_state *)PyType_GetModuleState(type); }
+
+/* The same, for a block object's own block. */
+#define raise_block_error(err, name) raise_error_in(state_of_type(Py_TYPE(self)), (err), (name))
 
 /* ---- GIL hooks -------------------------------------------------------------- */
 
@@ -301,7 +320,9 @@ static const char *type_label(BlockObject *self) { return self->block.kind == SH
 static int block_check_open(BlockObject *self)
 {
     if (!self->block.attached || self->closing) {
-        PyErr_Format(PyExc_ValueError, "%s '%s' is closed", type_label(self), self->block.name);
+        module_state *st = state_of_type(Py_TYPE(self));
+        PyErr_Format(st ? st->closed_error : PyExc_ValueError, "%s '%s' is closed", type_label(self),
+                     self->block.name);
         return -1;
     }
     return 0;
@@ -1170,14 +1191,14 @@ static PyObject *mod_wait(PyObject *module, PyObject *const *args, Py_ssize_t na
     return v ? value_wait_impl(v, args, nargs, kwnames) : NULL;
 }
 
-static PyObject *mod_unlink(PyObject *Py_UNUSED(module), PyObject *arg)
+static PyObject *mod_unlink(PyObject *module, PyObject *arg)
 {
     const char *name = name_arg(arg, "name");
     if (name == NULL)
         return NULL;
     shx_error err;
     if (shx_unlink(name, &err) != SHX_OK)
-        return raise_block_error(&err, name);
+        return raise_error_in(get_state(module), &err, name);
     Py_RETURN_NONE;
 }
 
@@ -1208,7 +1229,7 @@ static void append_info(void *ctx, const shx_block_info *info)
     Py_XDECREF(d);
 }
 
-static PyObject *collect_blocks(int (*walk)(shx_block_info_fn, void *, shx_error *))
+static PyObject *collect_blocks(PyObject *module, int (*walk)(shx_block_info_fn, void *, shx_error *))
 {
     info_sink sink = {PyList_New(0), 0};
     if (sink.list == NULL)
@@ -1221,13 +1242,13 @@ static PyObject *collect_blocks(int (*walk)(shx_block_info_fn, void *, shx_error
     }
     if (rc != SHX_OK) {
         Py_DECREF(sink.list);
-        return raise_block_error(&err, "*");
+        return raise_error_in(get_state(module), &err, "*");
     }
     return sink.list;
 }
 
-static PyObject *mod_blocks(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored)) { return collect_blocks(shx_list); }
-static PyObject *mod_sweep(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored)) { return collect_blocks(shx_sweep); }
+static PyObject *mod_blocks(PyObject *module, PyObject *Py_UNUSED(ignored)) { return collect_blocks(module, shx_list); }
+static PyObject *mod_sweep(PyObject *module, PyObject *Py_UNUSED(ignored)) { return collect_blocks(module, shx_sweep); }
 
 static PyMethodDef module_methods[] = {
     {"get", mod_get, METH_NOARGS, "get()\n--\n\nReturn the default block's committed value (str or bytes)."},
@@ -1349,6 +1370,32 @@ static int open_default_block(module_state *st)
 
 static void detach_all_at_exit(void) { shx_detach_all_at_exit(); }
 
+/* shmemext.Error and its subclasses: ValueErrors, so that code catching
+ * ValueError keeps working, that a caller can tell apart. */
+static int add_error(PyObject *module, PyObject **slot, const char *qualified, const char *doc, PyObject *base)
+{
+    *slot = PyErr_NewExceptionWithDoc(qualified, doc, base, NULL);
+    return *slot == NULL ? -1 : PyModule_AddObjectRef(module, strrchr(qualified, '.') + 1, *slot);
+}
+
+static int add_errors(PyObject *module, module_state *st)
+{
+    if (add_error(module, &st->error, "shmemext.Error",
+                  "A shmemext failure that is not the operating system's: a bad name or size, a block of the\n"
+                  "wrong kind or too small, a value over the capacity. A ValueError.", PyExc_ValueError) < 0)
+        return -1;
+    if (add_error(module, &st->foreign_error, "shmemext.ForeignBlockError",
+                  "The name holds something this shmemext does not read: another program's object, or a\n"
+                  "block of a newer layout. It is never overwritten.", st->error) < 0)
+        return -1;
+    if (add_error(module, &st->corrupt_error, "shmemext.CorruptBlockError",
+                  "A block whose header or committed value is not well formed: bytes another process\n"
+                  "wrote over it. Nothing is built from them.", st->error) < 0)
+        return -1;
+    return add_error(module, &st->closed_error, "shmemext.ClosedError",
+                     "The Value, Segment or handle was closed.", st->error);
+}
+
 static int module_exec(PyObject *module)
 {
     static atomic_flag at_exit_registered = ATOMIC_FLAG_INIT;
@@ -1379,7 +1426,7 @@ static int module_exec(PyObject *module)
         PyErr_SetString(PyExc_RuntimeError, "no room to register the exit hook (Py_AtExit)");
         return -1;
     }
-    if (open_default_block(st) < 0)
+    if (add_errors(module, st) < 0 || open_default_block(st) < 0)
         return -1;
     return PyModule_AddObjectRef(module, "default", st->default_value ? st->default_value : Py_None);
 }
@@ -1391,6 +1438,10 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->segment_type);
     Py_VISIT(st->lock_type);
     Py_VISIT(st->default_value);
+    Py_VISIT(st->error);
+    Py_VISIT(st->foreign_error);
+    Py_VISIT(st->corrupt_error);
+    Py_VISIT(st->closed_error);
     return 0;
 }
 
@@ -1401,6 +1452,10 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->value_type);
     Py_CLEAR(st->segment_type);
     Py_CLEAR(st->lock_type);
+    Py_CLEAR(st->error);
+    Py_CLEAR(st->foreign_error);
+    Py_CLEAR(st->corrupt_error);
+    Py_CLEAR(st->closed_error);
     return 0;
 }
 

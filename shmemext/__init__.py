@@ -20,9 +20,9 @@ def _name_owner(name: str) -> "int | None":
     except OSError:
         pass
     try:
-        import _posixshmem
+        import importlib
 
-        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0)
+        fd = importlib.import_module("_posixshmem").shm_open("/" + name, os.O_RDONLY, 0)
     except (ImportError, OSError):
         return None
     try:
@@ -85,7 +85,11 @@ if _shmemext.__version__ != __version__:
 
 from ._shmemext import (  # noqa: E402
     _C_API,
+    ClosedError,
+    CorruptBlockError,
     DEFAULT_CAPACITY,
+    Error,
+    ForeignBlockError,
     MAX_CAPACITY,
     NAME_MAX,
     Segment,
@@ -101,7 +105,11 @@ from ._shmemext import (  # noqa: E402
 )
 
 __all__ = [
+    "ClosedError",
+    "CorruptBlockError",
     "DEFAULT_CAPACITY",
+    "Error",
+    "ForeignBlockError",
     "MAX_CAPACITY",
     "NAME_MAX",
     "Segment",

@@ -63,7 +63,7 @@ def test_import_fails_when_the_existing_default_block_is_too_small(name):
     try:
         proc = python("import shmemext", env={"SHMEMEXT_NAME": name}, check=False)
         assert proc.returncode != 0
-        assert f"ValueError: block '{name}': exists but is not a shmemext block" in proc.stderr
+        assert f"shmemext.ForeignBlockError: block '{name}': exists but is not a shmemext block" in proc.stderr
     finally:
         os.unlink(shm_path(name))
 

@@ -294,7 +294,8 @@ def test_ls_shows_live_blocks_with_holders_and_sweep_removes_a_dead_entry(name):
     rows = {r["name"]: r for r in json.loads(cli("ls", "--json"))}
     assert rows[dead]["alive"] is False and rows[dead]["holders"] is None
     removed = json.loads(cli("sweep", "--json"))
-    assert [r["name"] for r in removed if not r["alive"]] == [dead]
+    # Other dead entries of this user's may go too: sweep is for the whole user.
+    assert dead in [r["name"] for r in removed if not r["alive"]]
     assert not os.path.exists(shm_path(dead))
     assert "nothing to sweep" in cli("sweep")
 

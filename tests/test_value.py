@@ -189,7 +189,7 @@ def test_foreign_object_is_refused_not_overwritten(name):
     with open(shm_path(name), "wb") as f:
         f.write(b"somebody else's data" + b"\x01" * 9000)
     try:
-        with pytest.raises(ValueError, match="is not a shmemext block"):
+        with pytest.raises(shmemext.ForeignBlockError, match="is not a shmemext block"):
             shmemext.Value(name)
         with open(shm_path(name), "rb") as f:
             assert f.read(20) == b"somebody else's data"
@@ -284,3 +284,23 @@ def test_a_shared_memory_block_of_another_library_is_refused_never_wiped(name):
     finally:
         other.close()
         other.unlink()
+
+
+def test_errors_of_shmemext_are_value_errors_of_their_own_kind(name):
+    assert issubclass(shmemext.Error, ValueError)
+    for sub in (shmemext.ForeignBlockError, shmemext.CorruptBlockError, shmemext.ClosedError):
+        assert issubclass(sub, shmemext.Error)
+    v = shmemext.Value(name, 64)
+    with pytest.raises(shmemext.Error, match="does not fit the capacity"):
+        v.set(b"x" * 65)
+    with pytest.raises(shmemext.Error, match="is a value cell, not a raw segment"):
+        shmemext.Segment(name, 64)
+    v.set("abc")
+    _poke(name, SLOT0 + 64 + 1, b"\xe9")   # slot 1's data, now not ASCII
+    with pytest.raises(shmemext.CorruptBlockError, match="corrupt value"):
+        v.get()
+    v.close()
+    with pytest.raises(shmemext.ClosedError, match="is closed"):
+        v.get()
+    with pytest.raises(shmemext.ClosedError):
+        v.version
