@@ -44,11 +44,14 @@ typedef struct {
     shx_block block;
     int busy;              /* calls in progress that may run without the GIL */
     int closing;           /* close() waits for those calls: refuse new ones, end waits */
+    int close_deferred;    /* close() came from a call of this thread's (a signal handler): the last call detaches */
     Py_ssize_t exports;    /* buffers exported (Segment) */
-    /* The lock object through which a thread of this process holds the
-     * segment's lock (at most one can: it is a mutex), and that thread. */
-    void *lock_holder;
+    /* Whether a thread of this process holds the segment's lock through a
+     * SegmentLock (at most one can: it is a mutex), which thread, and the
+     * lock object (for identity only: it may be gone while the thread holds on). */
+    int lock_held;
     unsigned long lock_thread;
+    void *lock_holder;
     int readonly;
 } BlockObject;
 
@@ -151,6 +154,41 @@ static void gil_begin(void *ctx) { ((gil_release *)ctx)->saved = PyEval_SaveThre
 static void gil_end(void *ctx) { PyEval_RestoreThread(((gil_release *)ctx)->saved); }
 
 static int block_check_open(BlockObject *self);
+static void finish_close(BlockObject *self);
+static int detach(BlockObject *self, shx_error *err);
+
+/* Calls in progress on this thread, innermost last: a close() from a signal
+ * handler that interrupted one of them must not wait for it to end. */
+#define NESTED_CALLS 16
+static _Thread_local BlockObject *calls_here[NESTED_CALLS];
+static _Thread_local int calls_here_count;
+
+/* Around every call that may run without the GIL (copies, waits): close()
+ * lets those finish before it detaches. */
+static void call_begin(BlockObject *self)
+{
+    self->busy++;
+    if (calls_here_count < NESTED_CALLS)
+        calls_here[calls_here_count] = self;
+    calls_here_count++;
+}
+
+static void call_end(BlockObject *self)
+{
+    calls_here_count--;
+    if (--self->busy == 0 && self->close_deferred)
+        finish_close(self);
+}
+
+static int in_call_here(const BlockObject *self)
+{
+    int n = calls_here_count < NESTED_CALLS ? calls_here_count : NESTED_CALLS;
+    for (int i = 0; i < n; i++) {
+        if (calls_here[i] == self)
+            return 1;
+    }
+    return 0;
+}
 
 /* Between lock-wait slices, with the GIL held: a pending KeyboardInterrupt
  * (or any exception a signal handler raises), or a close() from another
@@ -387,7 +425,7 @@ static void block_dealloc(BlockObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     shx_error err;
-    (void)shx_block_close(&self->block, 0, &err);
+    (void)detach(self, &err);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -398,8 +436,70 @@ static int block_traverse(PyObject *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* Whether the segment's lock is held by a thread of ours that still runs.
+ * One that ended holding it handed it on (the kernel marks it), so it is
+ * forgotten here. */
+static int lock_held_by_live_thread(BlockObject *self)
+{
+    if (!self->lock_held)
+        return 0;
+    PyInterpreterState *interp = PyInterpreterState_Get();
+    for (PyThreadState *t = PyInterpreterState_ThreadHead(interp); t != NULL; t = PyThreadState_Next(t)) {
+        if (t->thread_id == self->lock_thread)
+            return 1;
+    }
+    self->lock_held = 0;
+    self->lock_holder = NULL;
+    return 0;
+}
+
+static int refuse_close_while_locked(BlockObject *self)
+{
+    if (!lock_held_by_live_thread(self))
+        return 0;
+    if (self->lock_thread == PyThread_get_thread_ident())
+        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this thread holds its lock; release it first",
+                     type_label(self), self->block.name);
+    else
+        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while another thread of this process (%lu) holds "
+                     "its lock; release it there first", type_label(self), self->block.name, self->lock_thread);
+    return -1;
+}
+
+/* Detaches, waiting for the attach gate (another process may hold it) without the GIL. */
+static int detach(BlockObject *self, shx_error *err)
+{
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shx_block_close(&self->block, 0, err);
+    Py_END_ALLOW_THREADS
+    return rc;
+}
+
+/* The detach a deferred close() left to the last call in progress. */
+static void finish_close(BlockObject *self)
+{
+    shx_error ignored;
+    self->close_deferred = 0;
+    if (!lock_held_by_live_thread(self))
+        (void)detach(self, &ignored);
+    self->closing = 0;
+}
+
 static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->closing) {
+        /* Another close() is under way: a signal handler's returns at once
+         * (the call it interrupted detaches as it ends), others wait for it. */
+        if (in_call_here(self) || self->close_deferred)
+            Py_RETURN_NONE;
+        while (self->closing) {
+            Py_BEGIN_ALLOW_THREADS
+            shx_os_pause_briefly();
+            Py_END_ALLOW_THREADS
+        }
+        Py_RETURN_NONE;
+    }
     if (!self->block.attached)
         Py_RETURN_NONE;
     if (self->exports > 0) {
@@ -408,27 +508,30 @@ static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
                      type_label(self), self->block.name, self->exports);
         return NULL;
     }
-    if (self->lock_holder != NULL) {
-        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this process holds its lock; release it first",
-                     type_label(self), self->block.name);
+    if (refuse_close_while_locked(self) < 0)
         return NULL;
-    }
     /* Other threads may be copying without the GIL: refuse new calls, let
-     * those finish (waits and lock waits end at their next slice), then detach. */
+     * those finish (waits and lock waits end at their next slice), then
+     * detach.  From a signal handler that interrupted a call of this very
+     * thread, waiting would never end: that call detaches as it leaves. */
     self->closing = 1;
+    if (in_call_here(self)) {
+        self->close_deferred = 1;
+        Py_RETURN_NONE;
+    }
     while (self->busy > 0) {
         Py_BEGIN_ALLOW_THREADS
         shx_os_pause_briefly();
         Py_END_ALLOW_THREADS
     }
-    self->closing = 0;
-    if (self->lock_holder != NULL) {   /* taken by a wait that ended just now */
-        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this process holds its lock; release it first",
-                     type_label(self), self->block.name);
+    if (refuse_close_while_locked(self) < 0) {   /* taken by a wait that ended just now */
+        self->closing = 0;
         return NULL;
     }
     shx_error err;
-    if (shx_block_close(&self->block, 0, &err) != SHX_OK)
+    int rc = detach(self, &err);
+    self->closing = 0;
+    if (rc != SHX_OK)
         return raise_block_error(&err, self->block.name);
     Py_RETURN_NONE;
 }
@@ -558,9 +661,9 @@ static PyObject *value_get_impl(BlockObject *self)
     shx_error err;
     uint32_t type;
     size_t nbytes;
-    self->busy++;
+    call_begin(self);
     int rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
-    self->busy--;
+    call_end(self);
     if (rc != SHX_OK) {
         Py_XDECREF(dst.obj);
         if (PyErr_Occurred())
@@ -615,9 +718,9 @@ static int value_set_impl(BlockObject *self, PyObject *value)
     gil_release release;
     shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
-    self->busy++;
+    call_begin(self);
     int rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
-    self->busy--;
+    call_end(self);
     if (have_view)
         PyBuffer_Release(&view);
     if (rc != SHX_OK) {
@@ -704,11 +807,11 @@ static PyObject *value_wait_impl(BlockObject *self, PyObject *const *args, Py_ss
         /* A passed deadline still looks once (a wait of 0), so timeout=0 is a poll. */
         int64_t wait = next_slice(timeout, start);
         int rc;
-        self->busy++;
+        call_begin(self);
         Py_BEGIN_ALLOW_THREADS
         rc = shx_value_wait(&self->block, seen, wait, &now, &err);
         Py_END_ALLOW_THREADS
-        self->busy--;
+        call_end(self);
         if (rc == SHX_OK)
             return PyLong_FromUnsignedLongLong(now);
         if (rc != SHX_E_TIMEOUT)
@@ -860,9 +963,9 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     gil_release release;
     shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
-    self->busy++;
+    call_begin(self);
     int rc = shx_segment_read(&self->block, (uint64_t)offset, PyBytes_AS_STRING(out), (size_t)n, &hooks, &err);
-    self->busy--;
+    call_end(self);
     if (rc != SHX_OK) {
         Py_DECREF(out);
         return raise_block_error(&err, self->block.name);
@@ -901,9 +1004,9 @@ static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssiz
     gil_release release;
     shx_hooks hooks = GIL_HOOKS(release, self);
     shx_error err;
-    self->busy++;
+    call_begin(self);
     int rc = shx_segment_write(&self->block, (uint64_t)offset, view.buf, (size_t)view.len, &hooks, &err);
-    self->busy--;
+    call_end(self);
     Py_ssize_t written = view.len;
     PyBuffer_Release(&view);
     if (rc != SHX_OK)
@@ -940,11 +1043,16 @@ static int acquire_block_lock(BlockObject *self, double timeout, int *owner_died
                          self->block.name);
             return -1;
         }
-        self->busy++;
+        call_begin(self);
         Py_BEGIN_ALLOW_THREADS
         rc = shx_block_lock(&self->block, wait, owner_died, NULL, &err);
         Py_END_ALLOW_THREADS
-        self->busy--;
+        if (rc == SHX_OK && self->closing) {   /* won just as close() began: give it back */
+            shx_error ignored;
+            (void)shx_block_unlock(&self->block, &ignored);
+            rc = SHX_E_TIMEOUT;
+        }
+        call_end(self);
         if (rc == SHX_E_TIMEOUT && (PyErr_CheckSignals() < 0 || block_check_open(self) < 0))
             return -1;
     }
@@ -1046,6 +1154,7 @@ static PyObject *lock_acquire_impl(LockObject *self, double timeout)
         return NULL;
     /* A holder recorded here but found dead by the kernel was a thread of ours that ended. */
     self->owner_died = owner_died;
+    self->segment->lock_held = 1;
     self->segment->lock_holder = self;
     self->segment->lock_thread = PyThread_get_thread_ident();
     Py_RETURN_TRUE;
@@ -1071,6 +1180,7 @@ static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
                                 seg->block.name);
         return raise_block_error(&err, seg->block.name);
     }
+    seg->lock_held = 0;
     seg->lock_holder = NULL;
     Py_RETURN_NONE;
 }
@@ -1100,8 +1210,27 @@ static int lock_traverse(LockObject *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* A lock object going away.  Dropped by the thread that holds the lock
+ * through it, it releases it, so the mapping is never unmapped under a held
+ * lock.  Dropped elsewhere (another thread, the cycle collector), the lock
+ * stays held by its thread, and the segment remembers that: close() refuses
+ * until that thread releases it (with another SegmentLock) or ends. */
+static void lock_let_go(LockObject *self)
+{
+    BlockObject *seg = self->segment;
+    if (seg == NULL || seg->lock_holder != self)
+        return;
+    if (seg->lock_held && seg->lock_thread == PyThread_get_thread_ident() && seg->block.attached) {
+        shx_error err;
+        if (shx_block_unlock(&seg->block, &err) == SHX_OK)
+            seg->lock_held = 0;
+    }
+    seg->lock_holder = NULL;
+}
+
 static int lock_clear(LockObject *self)
 {
+    lock_let_go(self);
     Py_CLEAR(self->segment);
     return 0;
 }
@@ -1110,17 +1239,6 @@ static void lock_dealloc(LockObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    /* A lock object dropped by the thread that holds the lock through it
-     * releases it, so the mapping is never unmapped under a locked mutex. */
-    BlockObject *seg = self->segment;
-    if (seg != NULL && seg->lock_holder == self && seg->lock_thread == PyThread_get_thread_ident() &&
-        seg->block.attached) {
-        shx_error err;
-        if (shx_block_unlock(&seg->block, &err) == SHX_OK)
-            seg->lock_holder = NULL;
-    }
-    if (seg != NULL && seg->lock_holder == self)
-        seg->lock_holder = NULL;   /* held by a thread that is gone or elsewhere: forget the object */
     (void)lock_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(tp);

@@ -191,3 +191,30 @@ except ImportError as e:
     cause, _, message = proc.stdout.partition(" | ")
     assert cause == "ValueError", proc.stdout
     assert "importing shmemext failed" in message and "bad/name" in message, message
+
+
+def test_a_signal_handler_can_close_a_value_whose_set_it_interrupted(consumer, name):
+    """close() from a SIGALRM handler while the same thread's set() waits for a
+    writer lock (held here through the C API): close returns, the set() ends
+    with ClosedError, and the block is detached."""
+    with shmemext.Value(name, 64) as v:
+        v.set("before")
+        holder = threading.Thread(target=consumer.lock_for, args=(v, 3.0))
+        holder.start()
+        time.sleep(0.2)
+        script = """
+        import signal, sys, time, shmemext
+        v = shmemext.Value(sys.argv[1])
+        signal.signal(signal.SIGALRM, lambda *a: v.close())
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        t0 = time.monotonic()
+        try:
+            v.set("never")
+        except shmemext.ClosedError:
+            print(f"closed {v.closed} after {time.monotonic() - t0:.2f}s", flush=True)
+        """
+        out = python(script, name, timeout=30).stdout
+        holder.join()
+        assert out.startswith("closed True after"), out
+        assert float(out.split()[-1].rstrip("s")) < 2.0, "well before the lock was let go (3 s)"
+        assert v.get() == "before" and v.holders == 1

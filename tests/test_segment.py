@@ -392,3 +392,44 @@ def test_a_write_from_a_view_of_the_same_segment_is_a_move(name, n):
         finally:
             view.release()
         assert seg.read(n) == pattern[:n]
+
+
+def test_close_refuses_while_another_thread_holds_the_lock_even_if_its_lock_object_is_gone(name):
+    import threading
+
+    seg = shmemext.Segment(name, 64)
+    taken, release = threading.Event(), threading.Event()
+    handed = []
+
+    def holder():
+        lock = seg.lock()
+        lock.acquire()
+        handed.append(lock)   # the object goes to another thread, which drops it
+        taken.set()
+        release.wait(10)
+        seg.lock().release()   # released through another lock object of this thread
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert taken.wait(10)
+    handed.clear()   # the lock object dies here, in a thread that does not hold the lock
+    with pytest.raises(RuntimeError, match="another thread of this process"):
+        seg.close()
+    release.set()
+    t.join(10)
+    seg.close()
+    assert seg.closed
+
+
+def test_close_forgets_a_lock_whose_thread_ended_holding_it(name):
+    import threading
+
+    seg = shmemext.Segment(name, 64)
+    keep = []
+    t = threading.Thread(target=lambda: keep.append(seg.lock().__enter__()))
+    t.start()
+    t.join(10)
+    keep.clear()
+    seg.close()   # the thread is gone: its lock was handed on, nothing is held here
+    with shmemext.Segment(name, 64) as again, again.lock(timeout=5):
+        pass
