@@ -198,6 +198,13 @@ static int wait_interrupted(void *ctx)
     return PyErr_CheckSignals() < 0 || block_check_open(((gil_release *)ctx)->block) < 0;
 }
 
+/* The same for an open, whose block is not attached yet: signals only. */
+static int signal_pending(void *ctx)
+{
+    (void)ctx;
+    return PyErr_CheckSignals() < 0;
+}
+
 #define GIL_HOOKS(release, self) \
     {gil_begin, gil_end, ((release).block = (self), &(release)), LARGE_COPY, wait_interrupted}
 
@@ -408,10 +415,11 @@ static PyObject *block_new(PyTypeObject *type, const char *name, uint32_t kind, 
     unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 && security == NULL ? SHX_PRIVATE_OWNER : 0) |
                      (unsigned)scope;
     shx_error err;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_open_secured(&self->block, name, kind, size, flags, (unsigned)mode, security, &err);
-    Py_END_ALLOW_THREADS
+    /* Without the GIL (creation may reserve much memory, and another
+     * process may hold the attach gate), giving way to Ctrl-C meanwhile. */
+    gil_release release = {NULL, self};
+    shx_hooks hooks = {gil_begin, gil_end, &release, 0, signal_pending};
+    int rc = shx_block_open_hooked(&self->block, name, kind, size, flags, (unsigned)mode, security, &hooks, &err);
     if (rc != SHX_OK) {
         raise_block_error(&err, name);
         Py_DECREF(self);

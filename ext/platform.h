@@ -138,6 +138,15 @@ enum shx_attach_state {
 #define SHX_REINIT (-1)
 
 typedef int (*shx_prepare_fn)(void *ctx, shx_os_map *m, int state, shx_error *err);
+
+/* Lets a wait inside the OS layer that another process can make long (for
+ * the attach gate) give way: asked about every SHX_OS_POLL_NS while it waits;
+ * nonzero gives the wait up with SHX_E_INTERRUPTED.  NULL: wait in the kernel. */
+typedef struct shx_os_interrupt {
+    int (*interrupted)(void *ctx);
+    void *ctx;
+} shx_os_interrupt;
+#define SHX_OS_POLL_NS 50000000
 typedef int (*shx_keep_name_fn)(const shx_os_map *m);
 
 #define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
@@ -155,8 +164,8 @@ typedef int (*shx_keep_name_fn)(const shx_os_map *m);
  * it (SHX_E_OS, EINVAL).  On success the whole object is mapped and *created
  * says whether this call (re)initialized it. */
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, int *created,
-                  shx_error *err);
+                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
+                  int *created, shx_error *err);
 /* Detaches; the last process to detach removes the name unless keep_name() says not to.
  * With at_exit set the mapping is left in place (threads may still run). */
 int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err);

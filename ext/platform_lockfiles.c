@@ -160,7 +160,9 @@ static int open_lock_file(const char *path, unsigned mode, int writable)
 /* Takes the gate: an exclusive flock() on NAME.gate.  The last detacher
  * removes the gate file while holding it, so a lock won on a file that is no
  * longer linked is worthless: open the new one and try again. */
-static int gate_take(shx_os_map *m, unsigned mode, shx_error *err)
+static int try_exclusive(int fd) { return flock_retry(fd, LOCK_EX | LOCK_NB); }
+
+static int gate_take(shx_os_map *m, unsigned mode, const shx_os_interrupt *intr, shx_error *err)
 {
     char path[1024];
     int rc;
@@ -171,8 +173,10 @@ static int gate_take(shx_os_map *m, unsigned mode, shx_error *err)
         if (fd < 0)
             return shx_fail_os(err, "open of the gate lock file");
         struct stat st;
-        if (flock_retry(fd, LOCK_EX) != 0 || fstat(fd, &st) != 0) {
-            rc = shx_fail_os(err, "flock of the gate lock file");
+        int got = intr != NULL && intr->interrupted != NULL ? shx_posix_poll_lock(try_exclusive, fd, intr)
+                                                            : flock_retry(fd, LOCK_EX);
+        if (got != 0 || fstat(fd, &st) != 0) {
+            rc = got == -2 ? shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL) : shx_fail_os(err, "flock of the gate lock file");
             close(fd);
             return rc;
         }
@@ -344,7 +348,7 @@ void shx_posix_fork_child_done(void) { shx_posix_forget_all_held(); }
 
 /* ---- the gate and the names, per liveness mechanism ----------------------- */
 
-static int gate_enter(shx_os_map *m, shx_error *err) { return gate_take(m, m->mode, err); }
+static int gate_enter(shx_os_map *m, shx_error *err) { return gate_take(m, m->mode, NULL, err); }
 static void gate_leave(shx_os_map *m) { gate_release(m); }
 
 static int open_shm_object(const char *os_name, int oflag, unsigned mode)
@@ -360,11 +364,11 @@ static int open_shm_object(const char *os_name, int oflag, unsigned mode)
 }
 
 /* Takes the gate, then opens the lock files and the object under it. */
-static int open_and_gate(shx_os_map *m, unsigned mode, shx_error *err)
+static int open_and_gate(shx_os_map *m, unsigned mode, const shx_os_interrupt *intr, shx_error *err)
 {
     char path[1024];
     int rc;
-    if ((rc = gate_take(m, mode, err)) != SHX_OK)
+    if ((rc = gate_take(m, mode, intr, err)) != SHX_OK)
         return rc;
     if ((rc = lock_path(path, sizeof path, m->os_name, LIVE_FILE, err)) != SHX_OK)
         return rc;
@@ -560,7 +564,8 @@ static void clear_map(shx_os_map *m)
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
+                  int *created, shx_error *err)
 {
     int rc;
     clear_map(m);
@@ -581,7 +586,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     for (;;) {
         if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
-        rc = open_and_gate(m, mode, err);
+        rc = open_and_gate(m, mode, intr, err);
         if (rc == SHX_OK)
             reap_dead_blocks(m->os_name);
         if (rc == SHX_OK)
@@ -655,7 +660,7 @@ int shx_os_unlink(const char *name, shx_error *err)
         return rc;
     /* Under the gate, and the lock files go with the name: holders of the
      * unlinked block then see their live file unlinked and leave names alone. */
-    if ((rc = gate_take(&m, 0600, err)) != SHX_OK)
+    if ((rc = gate_take(&m, 0600, NULL, err)) != SHX_OK)
         return rc;
     rc = shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
     unlink_lock_files(m.os_name);

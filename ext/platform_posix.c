@@ -287,6 +287,29 @@ int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err)
 
 
 
+int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr)
+{
+    uint64_t asked = shx_os_monotonic_ns();
+    for (int attempt = 0;; attempt++) {
+        if (try_lock(fd) == 0)
+            return 0;
+        if (errno != EINTR && !shx_posix_busy(errno))
+            return -1;
+        if (attempt < 4) {
+            sched_yield();
+        } else {
+            long ns = attempt < 12 ? 20000L << (attempt - 4) : 5000000L;   /* 20 us doubling to 5 ms */
+            struct timespec ts = {0, ns};
+            (void)nanosleep(&ts, NULL);
+        }
+        if (shx_os_monotonic_ns() - asked >= SHX_OS_POLL_NS) {
+            asked = shx_os_monotonic_ns();
+            if (intr->interrupted(intr->ctx))
+                return -2;
+        }
+    }
+}
+
 /* ---- clock and CPUs ------------------------------------------------------ */
 
 static int cpu_count;

@@ -38,6 +38,11 @@ int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err);
 /* In a fork() child: what the parent's threads held is not held here. */
 void shx_posix_forget_all_held(void);
 
+/* Takes a lock that another process may hold long: tries, then polls with
+ * backoff, asking intr about every SHX_OS_POLL_NS.  0 when taken, -1 with
+ * errno on an error, -2 when intr gave up.  try_lock: 0 or -1 with errno. */
+int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr);
+
 /* Whether errno value e means "held by someone else" for a lock that was only tried. */
 int shx_posix_busy(int e);
 

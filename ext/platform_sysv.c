@@ -131,9 +131,22 @@ static int lock_gate(int fd, short type, int wait) { return lock_byte(fd, type, 
 
 /* Opens the entry of os_name (creating an empty one if asked) and takes its
  * gate.  An entry unlinked while we waited for its gate is worthless: open
- * the name again.  Returns the descriptor, or -1 with errno set (EAGAIN when
- * wait is 0 and somebody else holds the gate). */
-static int open_gated(const char *os_name, int create, unsigned mode, int wait, struct stat *st)
+ * the name again.  Returns the descriptor, or -1 with errno set (ECANCELED
+ * when intr gave the wait up). */
+static int try_gate(int fd) { return lock_gate(fd, F_WRLCK, 0); }
+
+/* Takes the gate: in the kernel, or polled and interruptible when intr is given. */
+static int take_gate(int fd, const shx_os_interrupt *intr)
+{
+    if (intr == NULL || intr->interrupted == NULL)
+        return lock_gate(fd, F_WRLCK, 1);
+    int rc = shx_posix_poll_lock(try_gate, fd, intr);
+    if (rc == -2)
+        errno = ECANCELED;   /* given up: the caller reports SHX_E_INTERRUPTED */
+    return rc == 0 ? 0 : -1;
+}
+
+static int open_gated(const char *os_name, int create, unsigned mode, const shx_os_interrupt *intr, struct stat *st)
 {
     for (;;) {
         int fd;
@@ -142,7 +155,7 @@ static int open_gated(const char *os_name, int create, unsigned mode, int wait, 
         } while (fd < 0 && errno == EINTR);
         if (fd < 0)
             return -1;
-        if (lock_gate(fd, F_WRLCK, wait) != 0 || fstat(fd, st) != 0) {
+        if (take_gate(fd, intr) != 0 || fstat(fd, st) != 0) {
             int saved = errno;
             close(fd);
             errno = saved;
@@ -477,7 +490,8 @@ static void clear_map(shx_os_map *m)
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
+                  int *created, shx_error *err)
 {
     int rc;
     clear_map(m);
@@ -491,9 +505,9 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
     struct stat st;
-    int fd = open_gated(m->os_name, 1, mode, 1, &st);
+    int fd = open_gated(m->os_name, 1, mode, intr, &st);
     if (fd < 0) {
-        rc = shx_fail_os(err, "shm_open");
+        rc = errno == ECANCELED ? shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL) : shx_fail_os(err, "shm_open");
         shx_posix_registry_leave();
         return rc;
     }
@@ -556,7 +570,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
         return rc;
     shx_posix_registry_remove(m);
     struct stat st;
-    int fd = open_gated(m->os_name, 0, 0, 1, &st);
+    int fd = open_gated(m->os_name, 0, 0, NULL, &st);
     if (fd >= 0) {
         /* The last holder removes the name, if it still names this block. */
         name_entry e;
@@ -603,7 +617,7 @@ int shx_os_unlink(const char *name, shx_error *err)
     if ((rc = shx_os_name(name, 0, os_name, sizeof os_name, err)) != SHX_OK)
         return rc;
     struct stat st;
-    int fd = open_gated(os_name, 0, 0, 1, &st);
+    int fd = open_gated(os_name, 0, 0, NULL, &st);
     if (fd < 0)
         return shx_fail_os(err, "shm_open");
     name_entry e;

@@ -144,8 +144,10 @@ static void close_all(shx_os_map *m)
 }
 
 int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, int *created, shx_error *err)
+                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
+                  int *created, shx_error *err)
 {
+    (void)intr;
     /* Ownership (SHX_OPEN_REQUIRE_OWNER) is enforced by the DACL. */
     int global = (flags & SHX_OPEN_GLOBAL) != 0;
     size_t n = strlen(name);

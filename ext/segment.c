@@ -194,6 +194,24 @@ int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capac
 int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
                            unsigned mode, const char *security, shx_error *err)
 {
+    return shx_block_open_hooked(b, name, kind, capacity, flags, mode, security, NULL, err);
+}
+
+/* The OS layer's interruption check: the caller's, asked outside its blocking region. */
+static int open_interrupted(void *vhooks)
+{
+    const shx_hooks *hooks = (const shx_hooks *)vhooks;
+    if (hooks->blocking_end != NULL)
+        hooks->blocking_end(hooks->ctx);
+    int stop = hooks->interrupted(hooks->ctx);
+    if (hooks->blocking_begin != NULL)
+        hooks->blocking_begin(hooks->ctx);
+    return stop;
+}
+
+int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
+                          unsigned mode, const char *security, const shx_hooks *hooks, shx_error *err)
+{
     size_t len = strlen(name);
     int rc;
     if (b->attached)
@@ -208,8 +226,14 @@ int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64
     open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
     unsigned os_flags = ((flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0) |
                         ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0) | ((flags & SHX_PERSIST) ? SHX_OPEN_PERSIST : 0);
+    shx_os_interrupt intr = {open_interrupted, (void *)hooks};
+    int waits = hooks != NULL && hooks->interrupted != NULL;
+    if (hooks != NULL && hooks->blocking_begin != NULL)
+        hooks->blocking_begin(hooks->ctx);
     rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags, security,
-                       on_attach, &rq, &b->created, err);
+                       on_attach, &rq, waits ? &intr : NULL, &b->created, err);
+    if (hooks != NULL && hooks->blocking_end != NULL)
+        hooks->blocking_end(hooks->ctx);
     if (rc != SHX_OK)
         return rc;
     b->attached = 1;

@@ -133,6 +133,11 @@ int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capac
  * the default, from mode). */
 int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
                            unsigned mode, const char *security, shx_error *err);
+/* The same, where waits for other processes (the attach gate) may be long:
+ * hooks->blocking_begin/end go around the whole open, and the wait asks
+ * hooks->interrupted (outside them) now and then (NULL hooks: as above). */
+int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
+                          unsigned mode, const char *security, const shx_hooks *hooks, shx_error *err);
 /* Detaches; idempotent.  at_exit leaves the mapping in place. */
 int shx_block_close(shx_block *b, int at_exit, shx_error *err);
 /* Detaches every block this process still holds; for process exit. */

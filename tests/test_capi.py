@@ -217,4 +217,4 @@ def test_a_signal_handler_can_close_a_value_whose_set_it_interrupted(consumer, n
         holder.join()
         assert out.startswith("closed True after"), out
         assert float(out.split()[-1].rstrip("s")) < 2.0, "well before the lock was let go (3 s)"
-        assert v.get() == "before" and v.holders == 1
+        assert v.get() == "before" and v.holders in (1, None)   # None: the OS cannot count (lock files)

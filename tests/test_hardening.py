@@ -496,3 +496,61 @@ def test_a_squatted_default_name_fails_the_import_saying_who_and_what_to_do():
         os.unlink(squatted)
     assert f"the default block's name 'shmemext-{NOBODY}' is held by uid 0 (root), not by you (uid {NOBODY})" in out
     assert "SHMEMEXT_NAME" in out and "SHMEMEXT_SIZE=0" in out
+
+
+GATE_HOLDER = """
+import fcntl, os, struct, sys, time
+if sys.argv[2] == "linux-sysv":
+    fd = os.open("/dev/shm/" + sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    # struct flock for an OFD write lock on byte 0 (the attach gate), as a stopped creator would hold it.
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+else:
+    directory = os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+    fd = os.open(os.path.join(directory, sys.argv[1] + ".gate"), os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+OPENER = """
+import sys, time, shmemext
+print("opening", flush=True)
+t0 = time.monotonic()
+try:
+    shmemext.Value(sys.argv[1])
+    print("opened")
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.2f}s", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="takes the gate as a stopped process would")
+def test_ctrl_c_ends_an_open_waiting_for_a_gate_another_process_holds(name):
+    backend = shmemext._shmemext._BACKEND
+    if backend == "posix-lockfiles" and len(name) > 30:
+        pytest.skip("the lock files of a long name have a short form")
+    holder = spawn(GATE_HOLDER, name, backend)
+    try:
+        assert holder.stdout.readline() == "held\n", holder.stderr.read()
+        opener = spawn(OPENER, name, env={"SHMEMEXT_SIZE": "0"})
+        assert opener.stdout.readline() == "opening\n"
+        time.sleep(0.5)
+        opener.send_signal(signal.SIGINT)
+        out, _ = opener.communicate(timeout=30)
+        assert out.startswith("interrupted after"), out
+        assert float(out.split()[-1].rstrip("s")) < 2.0
+        opener.stdin.close(), opener.stderr.close()
+    finally:
+        holder.kill()
+        holder.wait()
+        for f in (holder.stdin, holder.stdout, holder.stderr):
+            f.close()
+        if backend == "linux-sysv":
+            os.unlink(os.path.join(SHM_DIR, name))
+        else:
+            directory = os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+            for suffix in (".gate", ".live", ".lock"):
+                try:
+                    os.unlink(os.path.join(directory, name + suffix))
+                except FileNotFoundError:
+                    pass
