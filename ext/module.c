@@ -43,6 +43,8 @@ typedef struct {
     PyObject_HEAD
     shx_block block;
     int busy;              /* calls in progress that may run without the GIL */
+#define CALL_THREADS 16
+    unsigned long call_threads[CALL_THREADS];   /* the threads in them (the first CALL_THREADS) */
     int closing;           /* close() waits for those calls: refuse new ones, end waits */
     int close_deferred;    /* close() came from a call of this thread's (a signal handler): the last call detaches */
     Py_ssize_t exports;    /* buffers exported (Segment) */
@@ -157,34 +159,37 @@ static int block_check_open(BlockObject *self);
 static void finish_close(BlockObject *self);
 static int detach(BlockObject *self, shx_error *err);
 
-/* Calls in progress on this thread, innermost last: a close() from a signal
- * handler that interrupted one of them must not wait for it to end. */
-#define NESTED_CALLS 16
-static _Thread_local BlockObject *calls_here[NESTED_CALLS];
-static _Thread_local int calls_here_count;
-
 /* Around every call that may run without the GIL (copies, waits): close()
- * lets those finish before it detaches. */
+ * lets those finish before it detaches.  The threads in them are noted, so
+ * that a close() from a signal handler that interrupted one of this thread's
+ * calls does not wait for it (it never ends while the handler runs). */
 static void call_begin(BlockObject *self)
 {
+    if (self->busy < CALL_THREADS)
+        self->call_threads[self->busy] = PyThread_get_thread_ident();
     self->busy++;
-    if (calls_here_count < NESTED_CALLS)
-        calls_here[calls_here_count] = self;
-    calls_here_count++;
 }
 
 static void call_end(BlockObject *self)
 {
-    calls_here_count--;
+    unsigned long me = PyThread_get_thread_ident();
+    int n = self->busy < CALL_THREADS ? self->busy : CALL_THREADS;
+    for (int i = n - 1; i >= 0; i--) {
+        if (self->call_threads[i] == me) {
+            self->call_threads[i] = self->call_threads[n - 1];
+            break;
+        }
+    }
     if (--self->busy == 0 && self->close_deferred)
         finish_close(self);
 }
 
 static int in_call_here(const BlockObject *self)
 {
-    int n = calls_here_count < NESTED_CALLS ? calls_here_count : NESTED_CALLS;
+    unsigned long me = PyThread_get_thread_ident();
+    int n = self->busy < CALL_THREADS ? self->busy : CALL_THREADS;
     for (int i = 0; i < n; i++) {
-        if (calls_here[i] == self)
+        if (self->call_threads[i] == me)
             return 1;
     }
     return 0;

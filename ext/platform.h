@@ -102,7 +102,6 @@ typedef struct shx_os_map {
     void *mapping;      /* file-mapping HANDLE */
     void *mutex;        /* writer-lock mutex HANDLE */
     void *wake;         /* wake-up semaphore HANDLE: set() releases one token per waiter */
-    unsigned long owner_thread;   /* the thread of ours holding the mutex, to refuse recursion */
 #else
     struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
     /* A writer lock the kernel keeps on a descriptor (flock() or an OFD byte

@@ -3,8 +3,11 @@
  *
  * Lifetime needs no bookkeeping here: the kernel keeps a named mapping while
  * any handle to it is open and drops it with the last one, also when a
- * process dies.  Attachers serialize on the mutex, so nobody reads a header
- * its creator has not finished.
+ * process dies.  Attachers serialize on a named mutex of their own
+ * (NAME.attach), so nobody reads a header its creator has not finished; the
+ * writer lock is another (NAME.lock), which attach never touches: a held lock
+ * does not keep anyone from attaching, and its WAIT_ABANDONED is left for
+ * the next writer to see.
  */
 #define WIN32_LEAN_AND_MEAN
 #include <limits.h>
@@ -147,22 +150,24 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
                   const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
                   int *created, shx_error *err)
 {
-    (void)intr;
     /* Ownership (SHX_OPEN_REQUIRE_OWNER) is enforced by the DACL. */
     int global = (flags & SHX_OPEN_GLOBAL) != 0;
     size_t n = strlen(name);
     memset(m, 0, sizeof *m);
     *created = 0;
+    int rc;
     if (n + 1 > sizeof m->os_name)
         return shx_fail(err, SHX_E_NAME, n, sizeof m->os_name - 1, "name too long");
-    memcpy(m->os_name, name, n + 1);
+    if ((rc = shx_os_name(name, flags, m->os_name, sizeof m->os_name, err)) != SHX_OK)
+        return rc;
 
-    wchar_t map_name[300], lock_name[300], wake_name[300];
+    wchar_t map_name[300], lock_name[300], wake_name[300], attach_name[300];
     object_name(map_name, 300, name, "", global);
     object_name(lock_name, 300, name, ".lock", global);
     object_name(wake_name, 300, name, ".wake", global);
+    object_name(attach_name, 300, name, ".attach", global);
     SECURITY_ATTRIBUTES sa_storage;
-    int rc;
+    HANDLE gate = NULL;
     SECURITY_ATTRIBUTES *sa = object_security(&sa_storage, mode, security, err, &rc);
     if (rc != SHX_OK)
         return rc;
@@ -179,7 +184,23 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
         rc = shx_fail_os(err, "CreateSemaphoreW");
         goto done;
     }
-    DWORD w = WaitForSingleObject((HANDLE)m->mutex, INFINITE);
+    gate = CreateMutexW(sa, FALSE, attach_name);
+    if (gate == NULL) {
+        rc = shx_fail_os(err, "CreateMutexW");
+        goto done;
+    }
+    /* An attacher that died in here abandoned the gate: its half-made
+     * mapping went with its handles, so WAIT_ABANDONED is as good as free. */
+    DWORD w;
+    for (;;) {
+        w = WaitForSingleObject(gate, intr != NULL && intr->interrupted != NULL ? SHX_OS_POLL_NS / 1000000 : INFINITE);
+        if (w != WAIT_TIMEOUT)
+            break;
+        if (intr->interrupted(intr->ctx)) {
+            rc = shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
+            goto done;
+        }
+    }
     if (w != WAIT_OBJECT_0 && w != WAIT_ABANDONED) {
         rc = shx_fail_os(err, "WaitForSingleObject");
         goto done;
@@ -206,8 +227,10 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
             *created = rc == SHX_OK && !existed;
         }
     }
-    ReleaseMutex((HANDLE)m->mutex);
+    ReleaseMutex(gate);
 done:
+    if (gate != NULL)
+        CloseHandle(gate);
     if (sa != NULL)
         LocalFree(sa->lpSecurityDescriptor);
     if (rc != SHX_OK) {
@@ -284,31 +307,112 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
     return SHX_OK;   /* created with the block, in shx_os_attach */
 }
 
+/* Which thread of this process holds which block's writer lock.  Windows
+ * mutexes are recursive and every handle of a name is the same mutex, so a
+ * thread that holds it through one handle would take it again through
+ * another: kept per name, not per handle, this refuses that (EDEADLK), as
+ * POSIX does. */
+typedef struct held_lock {
+    char name[sizeof(((shx_os_map *)0)->os_name)];
+    DWORD thread;
+} held_lock;
+static SRWLOCK held_guard = SRWLOCK_INIT;
+static held_lock *held;
+static size_t held_count, held_size;
+
+static int held_index(const char *name, DWORD thread)
+{
+    for (size_t i = 0; i < held_count; i++) {
+        if (held[i].thread == thread && strcmp(held[i].name, name) == 0)
+            return (int)i;
+    }
+    return -1;
+}
+
+static int remember_held(const shx_os_map *m)
+{
+    int ok = 1;
+    AcquireSRWLockExclusive(&held_guard);
+    if (held_count == held_size) {
+        size_t size = held_size ? 2 * held_size : 8;
+        held_lock *grown = (held_lock *)realloc(held, size * sizeof *grown);
+        if (grown == NULL) {
+            ok = 0;
+        } else {
+            held = grown;
+            held_size = size;
+        }
+    }
+    if (ok) {
+        memcpy(held[held_count].name, m->os_name, sizeof held[held_count].name);
+        held[held_count++].thread = GetCurrentThreadId();
+    }
+    ReleaseSRWLockExclusive(&held_guard);
+    return ok;
+}
+
+/* Takes m's name out of the calling thread's held locks; 0 if it was not there. */
+static int forget_held(const shx_os_map *m)
+{
+    AcquireSRWLockExclusive(&held_guard);
+    int i = held_index(m->os_name, GetCurrentThreadId());
+    if (i >= 0)
+        held[i] = held[--held_count];
+    ReleaseSRWLockExclusive(&held_guard);
+    return i >= 0;
+}
+
+/* The mutex came back abandoned: a thread of ours that held it (if one did)
+ * has ended, and its entry must not make a later thread of the same id look
+ * like a holder. */
+static void forget_abandoned(const shx_os_map *m)
+{
+    AcquireSRWLockExclusive(&held_guard);
+    for (size_t i = 0; i < held_count;) {
+        if (strcmp(held[i].name, m->os_name) == 0)
+            held[i] = held[--held_count];
+        else
+            i++;
+    }
+    ReleaseSRWLockExclusive(&held_guard);
+}
+
+static int held_here(const shx_os_map *m)
+{
+    AcquireSRWLockShared(&held_guard);
+    int i = held_index(m->os_name, GetCurrentThreadId());
+    ReleaseSRWLockShared(&held_guard);
+    return i >= 0;
+}
+
 int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err)
 {
     (void)area;
     *owner_died = 0;
-    /* Windows mutexes are recursive; ours is not, as on POSIX. */
-    if (m->owner_thread == GetCurrentThreadId())
+    if (held_here(m))
         return fail_errno(err, EDEADLK, "WaitForSingleObject");
     DWORD ms = timeout_ns < 0 ? INFINITE : (DWORD)((timeout_ns + 999999) / 1000000);
     DWORD w = WaitForSingleObject((HANDLE)m->mutex, ms);
     if (w == WAIT_TIMEOUT)
         return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
-    if (w == WAIT_ABANDONED)
+    if (w == WAIT_ABANDONED) {
         *owner_died = 1;
-    else if (w != WAIT_OBJECT_0)
+        forget_abandoned(m);
+    } else if (w != WAIT_OBJECT_0) {
         return shx_fail_os(err, "WaitForSingleObject");
-    m->owner_thread = GetCurrentThreadId();
+    }
+    if (!remember_held(m)) {
+        ReleaseMutex((HANDLE)m->mutex);
+        return fail_errno(err, ENOMEM, "writer lock bookkeeping");
+    }
     return SHX_OK;
 }
 
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
 {
     (void)area;
-    if (m->owner_thread != GetCurrentThreadId())
+    if (!forget_held(m))
         return fail_errno(err, EPERM, "ReleaseMutex");
-    m->owner_thread = 0;
     if (!ReleaseMutex((HANDLE)m->mutex))
         return shx_fail_os(err, "ReleaseMutex");
     return SHX_OK;

@@ -81,6 +81,10 @@ static int child(const char *role, const char *name)
     shx_error err;
     if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
         return 2;
+    if (strcmp(role, "open") == 0) {   /* attach and leave: must not wait for a held writer lock */
+        shx_block_close(&b, 0, &err);
+        return 0;
+    }
     if (strcmp(role, "read") == 0) {
         if (b.created || strcmp(text_of(&b), "from parent") != 0)
             return 3;
@@ -221,12 +225,21 @@ static void test_lock_owner_death(const char *name)
     int died = 0;
     CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_TIMEOUT, "so the parent cannot take it");
     CHECK(strcmp(text_of(&a), "committed") == 0, "readers get the committed value while a writer is mid-write");
+    CHECK(wait_exit(start_child("open", name)) == 0, "a held writer lock does not keep a new process from attaching");
     TerminateProcess(proc, 1);
     wait_exit(proc);
+    CHECK(wait_exit(start_child("open", name)) == 0, "nor does an abandoned one, which attaching leaves alone");
     CHECK(shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
           "WAIT_ABANDONED: the next locker gets the lock and learns the owner died");
     CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_E_OS && err.os_error == EDEADLK,
           "relocking by the holder is an error, as on POSIX (Windows mutexes would recurse)");
+    shx_block b = {0};
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK &&
+              shx_block_lock(&b, 0, &died, NULL, &err) == SHX_E_OS && err.os_error == EDEADLK,
+          "a second handle in the same thread does not take it again (EDEADLK, as on POSIX)");
+    CHECK(shx_block_unlock(&b, &err) == SHX_OK, "and either handle of the holding thread releases it");
+    shx_block_close(&b, 0, &err);
+    CHECK(shx_block_lock(&a, 0, &died, NULL, &err) == SHX_OK && !died, "taken again");
     CHECK(shx_block_unlock(&a, &err) == SHX_OK, "and it releases it");
     CHECK(shx_block_unlock(&a, &err) == SHX_E_OS && err.os_error == EPERM, "releasing a lock not held is an error");
     CHECK(set_text(&a, "after") == SHX_OK && strcmp(text_of(&a), "after") == 0 && set_text(&a, "again") == SHX_OK &&
