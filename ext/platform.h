@@ -122,6 +122,7 @@ typedef struct shx_os_map {
     uint64_t dev, ino;  /* identity of the liveness file, to reopen it after fork() */
     int gate_fd;        /* the attach/detach gate file while it is held */
     unsigned mode;      /* permissions for lock files made anew */
+    uint32_t lock_owner;   /* whose lock directory holds the block's lock files */
 #endif
 #endif
     char os_name[256];  /* the name as the OS sees it */

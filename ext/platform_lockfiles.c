@@ -107,30 +107,57 @@ static const char *lock_dir(void)
     return dir != NULL && dir[0] != '\0' ? dir : DEFAULT_LOCK_DIR;
 }
 
-/* The lock directory is shared by every user, like /tmp itself: made
- * world-writable and sticky, so nobody can remove another user's files. */
-static int ensure_lock_dir(shx_error *err)
+/* Lock files live in a directory of the block's owner, <lock dir>/u<uid>,
+ * that only its owner may write (0711: others may open the lock files of its
+ * shared blocks by name, never create, remove or replace one).  The lock
+ * directory itself is shared by every user, like /tmp (world-writable and
+ * sticky); whoever made it, a per-user directory is trusted only when it is
+ * a real directory of its user's that nobody else can write. */
+static int owner_dir(char *out, size_t size, uint32_t owner, shx_error *err)
 {
-    const char *dir = lock_dir();
-    if (mkdir(dir, 01777) == 0) {
-        (void)chmod(dir, 01777);   /* mkdir applied the umask */
-        return SHX_OK;
-    }
-    if (errno != EEXIST)
-        return shx_fail_os(err, "mkdir of the lock directory");
-    struct stat st;
-    if (lstat(dir, &st) != 0)
-        return shx_fail_os(err, "lstat of the lock directory");
-    if (!S_ISDIR(st.st_mode)) {
-        errno = ENOTDIR;
+    const char *base = lock_dir();
+    int n = snprintf(out, size, "%s/u%lu", base, (unsigned long)owner);
+    if (n < 0 || (size_t)n >= size) {
+        errno = ENAMETOOLONG;
         return shx_fail_os(err, "the lock directory");
+    }
+    if (owner == (uint32_t)geteuid()) {
+        if (mkdir(base, 01777) == 0)
+            (void)chmod(base, 01777);   /* mkdir applied the umask */
+        else if (errno != EEXIST)
+            return shx_fail_os(err, "mkdir of the lock directory");
+        if (mkdir(out, 0711) == 0)
+            (void)chmod(out, 0711);
+        else if (errno != EEXIST)
+            return shx_fail_os(err, "mkdir of the lock directory");
+    }
+    struct stat st;
+    if (lstat(out, &st) != 0)
+        return shx_fail_os(err, "lstat of the lock directory");
+    if (!S_ISDIR(st.st_mode) || st.st_uid != owner || (st.st_mode & 022) != 0) {
+        /* Named in full: this is the user's way out. */
+        static __thread char why[768];
+        snprintf(why, sizeof why,
+                 "its lock directory %s cannot be trusted: it is %s owned by uid %lu%s, where a directory of uid %lu "
+                 "that no one else may write was expected; remove it (it may have been planted) or point "
+                 "SHMEMEXT_LOCK_DIR elsewhere",
+                 out, S_ISDIR(st.st_mode) ? "a directory" : S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory",
+                 (unsigned long)st.st_uid, (st.st_mode & 022) ? " and writable by others" : "", (unsigned long)owner);
+        errno = EPERM;
+        shx_fail_os(err, "the lock directory");
+        err->detail = why;
+        return SHX_E_OS;
     }
     return SHX_OK;
 }
 
-static int lock_path(char *out, size_t size, const char *os_name, enum lock_file which, shx_error *err)
+static int lock_path(char *out, size_t size, uint32_t owner, const char *os_name, enum lock_file which, shx_error *err)
 {
-    int n = snprintf(out, size, "%s/%s%s", lock_dir(), os_name + 1, lock_suffix[which]);
+    char dir[900];
+    int rc = owner_dir(dir, sizeof dir, owner, err);
+    if (rc != SHX_OK)
+        return rc;
+    int n = snprintf(out, size, "%s/%s%s", dir, os_name + 1, lock_suffix[which]);
     if (n < 0 || (size_t)n >= size) {
         errno = ENAMETOOLONG;
         return shx_fail_os(err, "the lock directory");
@@ -166,7 +193,7 @@ static int gate_take(shx_os_map *m, unsigned mode, const shx_os_interrupt *intr,
 {
     char path[1024];
     int rc;
-    if ((rc = ensure_lock_dir(err)) != SHX_OK || (rc = lock_path(path, sizeof path, m->os_name, GATE_FILE, err)) != SHX_OK)
+    if ((rc = lock_path(path, sizeof path, m->lock_owner, m->os_name, GATE_FILE, err)) != SHX_OK)
         return rc;
     for (;;) {
         int fd = open_lock_file(path, mode, 0);
@@ -197,22 +224,22 @@ static void gate_release(shx_os_map *m)
 
 /* Under the gate: removes a block's lock files, the gate's last, so that
  * nobody takes a fresh gate while the others are still there. */
-static void unlink_lock_files(const char *os_name)
+static void unlink_lock_files(uint32_t owner, const char *os_name)
 {
     static const enum lock_file order[] = {LIVE_FILE, WRITER_FILE, GATE_FILE};
     char path[1024];
     shx_error ignored;
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
-        if (lock_path(path, sizeof path, os_name, order[i], &ignored) == SHX_OK)
+        if (lock_path(path, sizeof path, owner, os_name, order[i], &ignored) == SHX_OK)
             (void)unlink(path);
     }
 }
 
 /* Under the gate: removes the name and, with it, the lock files. */
-static int remove_names(const char *os_name, shx_error *err)
+static int remove_names(uint32_t owner, const char *os_name, shx_error *err)
 {
     int rc = shm_unlink(os_name) != 0 && errno != ENOENT ? shx_fail_os(err, "shm_unlink") : SHX_OK;
-    unlink_lock_files(os_name);
+    unlink_lock_files(owner, os_name);
     return rc;
 }
 
@@ -225,7 +252,7 @@ static void drop_unused_lock_files(shx_os_map *m)
     char path[1024];
     shx_error ignored;
     struct stat mine, linked;
-    if (lock_path(path, sizeof path, m->os_name, LIVE_FILE, &ignored) != SHX_OK)
+    if (lock_path(path, sizeof path, m->lock_owner, m->os_name, LIVE_FILE, &ignored) != SHX_OK)
         return;
     if (stat(path, &linked) == 0) {
         int fd = -1, unused;
@@ -242,7 +269,7 @@ static void drop_unused_lock_files(shx_os_map *m)
     } else if (errno != ENOENT) {
         return;
     }
-    unlink_lock_files(m->os_name);
+    unlink_lock_files(m->lock_owner, m->os_name);
 }
 
 /* Long names share a short form with every other name of the same prefix and
@@ -278,7 +305,7 @@ static int open_lock_file_again(const shx_os_map *m, enum lock_file which, int f
     char path[1024];
     shx_error ignored;
     struct stat now, again;
-    if (fd_now < 0 || lock_path(path, sizeof path, m->os_name, which, &ignored) != SHX_OK || fstat(fd_now, &now) != 0)
+    if (fd_now < 0 || lock_path(path, sizeof path, m->lock_owner, m->os_name, which, &ignored) != SHX_OK || fstat(fd_now, &now) != 0)
         return -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd >= 0 && (fstat(fd, &again) != 0 || again.st_dev != now.st_dev || again.st_ino != now.st_ino)) {
@@ -364,29 +391,54 @@ static int open_shm_object(const char *os_name, int oflag, unsigned mode)
 }
 
 /* Takes the gate, then opens the lock files and the object under it. */
-static int open_and_gate(shx_os_map *m, unsigned mode, const shx_os_interrupt *intr, shx_error *err)
+/* Whose directory holds the lock files of os_name: its object's owner, or
+ * ours when there is no object yet (we would create it). */
+static int find_lock_owner(const char *os_name, uint32_t *owner, shx_error *err)
+{
+    int fd = open_shm_object(os_name, O_RDONLY, 0);
+    struct stat st;
+    *owner = (uint32_t)geteuid();
+    if (fd < 0)
+        return errno == ENOENT || errno == EACCES ? SHX_OK : shx_fail_os(err, "shm_open");
+    if (fstat(fd, &st) == 0)
+        *owner = (uint32_t)st.st_uid;
+    close(fd);
+    return SHX_OK;
+}
+
+static int open_and_gate(shx_os_map *m, unsigned mode, unsigned flags, const shx_os_interrupt *intr,
+                         shx_error *err)
 {
     char path[1024];
     int rc;
+    if ((rc = find_lock_owner(m->os_name, &m->lock_owner, err)) != SHX_OK)
+        return rc;
+    if ((flags & SHX_OPEN_REQUIRE_OWNER) && m->lock_owner != (uint32_t)geteuid())
+        return shx_fail(err, SHX_E_NOTOWNER, m->lock_owner, (uint64_t)geteuid(), NULL);
     if ((rc = gate_take(m, mode, intr, err)) != SHX_OK)
         return rc;
-    if ((rc = lock_path(path, sizeof path, m->os_name, LIVE_FILE, err)) != SHX_OK)
+    if ((rc = lock_path(path, sizeof path, m->lock_owner, m->os_name, LIVE_FILE, err)) != SHX_OK)
         return rc;
     if ((m->fd = open_lock_file(path, mode, 1)) < 0)
         return shx_fail_os(err, "open of the live lock file");
-    if ((rc = lock_path(path, sizeof path, m->os_name, WRITER_FILE, err)) != SHX_OK)
+    if ((rc = lock_path(path, sizeof path, m->lock_owner, m->os_name, WRITER_FILE, err)) != SHX_OK)
         return rc;
     if ((m->writer_fd = open_lock_file(path, mode, 0)) < 0)
         return shx_fail_os(err, "open of the writer lock file");
     if ((m->object_fd = open_shm_object(m->os_name, O_RDWR | O_CREAT, mode)) < 0)
         return shx_fail_os(err, "shm_open");
+    struct stat st;
+    if (fstat(m->object_fd, &st) != 0)
+        return shx_fail_os(err, "fstat");
+    if ((uint32_t)st.st_uid != m->lock_owner)
+        return SHX_REINIT;   /* another user made the object meanwhile: its lock files are elsewhere */
     return SHX_OK;
 }
 
 /* The object's descriptor carries no locks: mapping a copy of it is safe. */
 static int mapping_fd(const shx_os_map *m) { return dup(m->object_fd); }
 
-static int forget_names(const shx_os_map *m, shx_error *err) { return remove_names(m->os_name, err); }
+static int forget_names(const shx_os_map *m, shx_error *err) { return remove_names(m->lock_owner, m->os_name, err); }
 
 /* macOS lets an object be sized only once: an object to start afresh is
  * replaced by a new one under the same name (we hold the gate and are alone). */
@@ -586,7 +638,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     for (;;) {
         if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
-        rc = open_and_gate(m, mode, intr, err);
+        rc = open_and_gate(m, mode, flags, intr, err);
         if (rc == SHX_OK)
             reap_dead_blocks(m->os_name);
         if (rc == SHX_OK)
@@ -660,10 +712,20 @@ int shx_os_unlink(const char *name, shx_error *err)
         return rc;
     /* Under the gate, and the lock files go with the name: holders of the
      * unlinked block then see their live file unlinked and leave names alone. */
+    if ((rc = find_lock_owner(m.os_name, &m.lock_owner, err)) != SHX_OK)
+        return rc;
+    char dir[900];
+    shx_error none;
+    if (m.lock_owner != (uint32_t)geteuid() && owner_dir(dir, sizeof dir, m.lock_owner, &none) != SHX_OK &&
+        none.os_error == ENOENT) {
+        /* Its owner has no lock directory: nobody attached it through lock
+         * files, so there is no gate to take. */
+        return shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
+    }
     if ((rc = gate_take(&m, 0600, NULL, err)) != SHX_OK)
         return rc;
     rc = shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
-    unlink_lock_files(m.os_name);
+    unlink_lock_files(m.lock_owner, m.os_name);
     gate_release(&m);
     return rc;
 }
@@ -705,6 +767,7 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
 /* What a look at an object finds, without attaching to it. */
 typedef struct object_peek {
     int exists;
+    uint32_t uid;
     uint64_t size;
     int ours;        /* starts with the shmemext magic, or was never finished (zeros) */
     int persist;
@@ -724,6 +787,7 @@ static void peek_object(const char *os_name, object_peek *p)
     struct stat st;
     if (fstat(fd, &st) == 0 && st.st_size >= 0) {
         p->exists = 1;
+        p->uid = (uint32_t)st.st_uid;
         p->size = (uint64_t)st.st_size;
         size_t n = p->size < SHX_PEEK_BYTES ? (size_t)p->size : SHX_PEEK_BYTES;
         void *base = n > 0 ? mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
@@ -762,10 +826,13 @@ typedef int (*live_file_fn)(void *ctx, const char *stem, int live_fd);
 static int each_live_file(live_file_fn fn, void *ctx, shx_error *err)
 {
     static const char suffix[] = ".live";
-    DIR *dir = opendir(lock_dir());
+    char own[900];
+    int rc = owner_dir(own, sizeof own, (uint32_t)geteuid(), err);
+    if (rc != SHX_OK)
+        return rc;
+    DIR *dir = opendir(own);
     if (dir == NULL)
         return errno == ENOENT ? SHX_OK : shx_fail_os(err, "opendir of the lock directory");
-    int rc = SHX_OK;
     for (struct dirent *e; rc == SHX_OK && (e = readdir(dir)) != NULL;) {
         size_t n = strlen(e->d_name);
         if (n <= sizeof suffix - 1 || n - (sizeof suffix - 1) > OS_NAME_MAX - 1 ||
@@ -805,19 +872,24 @@ static int reap_one(void *vrq, const char *stem, int live_fd)
      * must not take ours for a holder's. */
     char path[1024];
     shx_error ignored;
-    if (lock_path(path, sizeof path, os_name, GATE_FILE, &ignored) != SHX_OK)
+    uint32_t me = (uint32_t)geteuid();
+    if (lock_path(path, sizeof path, me, os_name, GATE_FILE, &ignored) != SHX_OK)
         return SHX_OK;
     int gate = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     struct stat gst, now, then;
     if (gate >= 0 && lock_is_free(gate) && fstat(gate, &gst) == 0 && gst.st_nlink > 0 &&
-        lock_path(path, sizeof path, os_name, LIVE_FILE, &ignored) == SHX_OK && stat(path, &now) == 0 &&
+        lock_path(path, sizeof path, me, os_name, LIVE_FILE, &ignored) == SHX_OK && stat(path, &now) == 0 &&
         fstat(live_fd, &then) == 0 && now.st_ino == then.st_ino && now.st_dev == then.st_dev && lock_is_free(live_fd)) {
         object_peek peek;
         peek_object(os_name, &peek);
-        if (!peek.exists || (peek.ours && !peek.persist)) {
+        if (!peek.exists || peek.uid != me) {
+            /* Lock files that guard nothing of ours (root, say, must never
+             * remove another user's object through them). */
+            unlink_lock_files(me, os_name);
+        } else if (peek.ours && !peek.persist) {
             char full[256];
             read_full_name(live_fd, full, sizeof full);
-            (void)remove_names(os_name, &ignored);
+            (void)remove_names(me, os_name, &ignored);
             if (rq->report != NULL) {
                 shx_os_info info = {full[0] ? full : stem, peek.size, 0, 0, 0, 0, (int64_t)then.st_mtime,
                                     peek.header_len ? peek.header : NULL, peek.header_len};

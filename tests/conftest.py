@@ -40,12 +40,12 @@ def ours():
 
 def lock_dir():
     """Where the lock-file backend (macOS, BSD; Linux built with
-    SHMEMEXT_LOCK_FILES=1) keeps its lock files, or None for other backends."""
+    SHMEMEXT_LOCK_FILES=1) keeps this user's lock files, or None for other backends."""
     from shmemext import _shmemext
 
     if _shmemext._BACKEND != "posix-lockfiles":
         return None
-    return os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+    return os.path.join(os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext", f"u{os.geteuid()}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmemext
-from conftest import SHM_DIR, block_bytes, maps_of, python, read_entry, spawn, sysv_backend
+from conftest import SHM_DIR, block_bytes, lock_dir, maps_of, python, read_entry, spawn, sysv_backend
 
 NOBODY = 65534
 
@@ -505,7 +505,8 @@ if sys.argv[2] == "linux-sysv":
     # struct flock for an OFD write lock on byte 0 (the attach gate), as a stopped creator would hold it.
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
 else:
-    directory = os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+    directory = os.path.join(os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext", f"u{os.geteuid()}")
+    os.makedirs(directory, 0o711, exist_ok=True)
     fd = os.open(os.path.join(directory, sys.argv[1] + ".gate"), os.O_RDONLY | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
@@ -548,7 +549,7 @@ def test_ctrl_c_ends_an_open_waiting_for_a_gate_another_process_holds(name):
         if backend == "linux-sysv":
             os.unlink(os.path.join(SHM_DIR, name))
         else:
-            directory = os.environ.get("SHMEMEXT_LOCK_DIR") or "/tmp/.shmemext"
+            directory = lock_dir()
             for suffix in (".gate", ".live", ".lock"):
                 try:
                     os.unlink(os.path.join(directory, name + suffix))

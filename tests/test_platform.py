@@ -159,3 +159,63 @@ def test_blocks_lists_a_held_block(name):
             assert row["holders"] == s.holders == again.holders == 2
         else:
             assert s.holders is None   # flock() tells held or not, never by how many
+
+
+PLANTER = """
+import json, os, sys
+import shmemext   # before dropping privileges: the package lives where nobody may read
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+base, victim = sys.argv[1], sys.argv[2]
+out = {}
+def attempt(label, fn):
+    try:
+        fn()
+        out[label] = "allowed"
+    except OSError as exc:
+        out[label] = "refused: " + type(exc).__name__
+root_dir = os.path.join(base, "u0")
+if sys.argv[3] == "plant":
+    os.mkdir(root_dir, 0o777)   # root's lock directory, made first by somebody else
+else:
+    attempt("plant a gate", lambda: os.close(os.open(os.path.join(root_dir, "x.gate"), os.O_CREAT | os.O_RDONLY)))
+    attempt("plant a live file", lambda: os.close(os.open(os.path.join(root_dir, "x.live"), os.O_CREAT | os.O_RDONLY)))
+    attempt("remove root's live file", lambda: os.unlink(os.path.join(root_dir, victim + ".live")))
+    attempt("replace root's directory", lambda: os.rename(root_dir, root_dir + ".old"))
+print(json.dumps(out))
+"""
+
+
+@lock_files
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting files as another user needs root")
+def test_lock_files_cannot_be_planted_or_removed_by_another_user(name, tmp_path_factory):
+    import json
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="shmemext-locks-", dir="/tmp")
+    os.chmod(base, 0o1777)   # shared by every user, like /tmp
+    env = {"SHMEMEXT_LOCK_DIR": base, "SHMEMEXT_SIZE": "0"}
+    try:
+        python(PLANTER, base, name, "plant", env=env, cwd="/")
+        code = "import sys, shmemext\ntry:\n    shmemext.Value(sys.argv[1])\nexcept PermissionError as e:\n    print(e)\n"
+        out = python(code, name, env=env).stdout
+        assert f"its lock directory {base}/u0 cannot be trusted" in out and "owned by uid 65534" in out, out
+        os.rmdir(os.path.join(base, "u0"))
+        holder = spawn("import sys, shmemext\nv = shmemext.Value(sys.argv[1])\nprint('held', flush=True)\nsys.stdin.readline()",
+                       name, env=env)
+        try:
+            assert holder.stdout.readline() == "held\n", holder.stderr.read()
+            st = os.stat(os.path.join(base, "u0"))
+            assert st.st_uid == 0 and st.st_mode & 0o777 == 0o711
+            tried = json.loads(python(PLANTER, base, name, "try", env=env, cwd="/").stdout)
+            assert all(v.startswith("refused") for v in tried.values()), tried
+        finally:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            holder.wait(timeout=30)
+            for f in (holder.stdin, holder.stdout, holder.stderr):
+                f.close()
+        assert not [n for n in os.listdir(os.path.join(base, "u0")) if n.startswith(name)]
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

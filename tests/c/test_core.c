@@ -679,7 +679,8 @@ static const char *lock_file_path(const char *name, const char *suffix)
     shx_error err;
     const char *dir = getenv("SHMEMEXT_LOCK_DIR");
     shx_os_name(name, 0, os_name, sizeof os_name, &err);
-    snprintf(path, sizeof path, "%s/%s%s", dir && *dir ? dir : "/tmp/.shmemext", os_name + 1, suffix);
+    snprintf(path, sizeof path, "%s/u%lu/%s%s", dir && *dir ? dir : "/tmp/.shmemext", (unsigned long)geteuid(),
+             os_name + 1, suffix);
     return path;
 }
 
