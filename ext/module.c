@@ -10,6 +10,7 @@
 
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <limits.h>
 #include <string.h>
 #ifndef _WIN32
 #include <unistd.h>
@@ -259,6 +260,23 @@ static int size_arg(PyObject *arg, const char *what, int none_ok, uint64_t *out)
     }
     *out = (uint64_t)v;
     return 0;
+}
+
+/* PyArg "O&" converter for mode=: an int (its range is checked by mode_arg). */
+static int mode_converter(PyObject *obj, void *out)
+{
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument 'mode' must be an int of permission bits such as 0o600, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    /* Out of range is mode_arg's to say, naming the value when an int holds it. */
+    *(int *)out = overflow != 0 || v > INT_MAX ? INT_MAX : v < INT_MIN ? INT_MIN : (int)v;
+    return 1;
 }
 
 static int mode_arg(int mode)
@@ -750,7 +768,8 @@ static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int persist = 0, mode = 0600;
     const char *scope_name = NULL, *security = NULL;
     uint64_t capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pizz:Value", kwlist, &name_obj, &capacity_obj, &persist, &mode,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$pO&zz:Value", kwlist, &name_obj, &capacity_obj, &persist,
+                                     mode_converter, &mode,
                                      &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");
@@ -910,7 +929,8 @@ static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int persist = 0, mode = 0600, readonly = 0;
     const char *scope_name = NULL, *security = NULL;
     uint64_t size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pipzz:Segment", kwlist, &name_obj, &size_obj, &persist, &mode,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|$pO&pzz:Segment", kwlist, &name_obj, &size_obj, &persist,
+                                     mode_converter, &mode,
                                      &readonly, &scope_name, &security))
         return NULL;
     const char *name = name_arg(name_obj, "name");

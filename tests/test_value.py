@@ -136,6 +136,9 @@ def test_bad_mode(name):
         shmemext.Value(name, mode=0o1777)
     with pytest.raises(ValueError, match="mode -1 is out of range"):
         shmemext.Value(name, mode=-1)
+    for opener in (lambda m: shmemext.Value(name, mode=m), lambda m: shmemext.Segment(name, 64, mode=m)):
+        with pytest.raises(TypeError, match="argument 'mode' must be an int of permission bits such as 0o600, not str"):
+            opener("0600")
 
 
 def test_existing_block_keeps_its_capacity(name):
