@@ -559,8 +559,12 @@ static PyObject *block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
         self->closing = 0;
         return NULL;
     }
+    /* Waiting for another process's attach gate gives way to Ctrl-C; the
+     * block stays attached then, and close() can be called again. */
     shx_error err;
-    int rc = detach(self, &err);
+    gil_release release = {NULL, self};
+    shx_hooks hooks = {gil_begin, gil_end, &release, 0, signal_pending};
+    int rc = shx_block_close_hooked(&self->block, &hooks, &err);
     self->closing = 0;
     if (rc != SHX_OK)
         return raise_block_error(&err, self->block.name);

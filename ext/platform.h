@@ -167,8 +167,10 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
                   const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
                   int *created, shx_error *err);
 /* Detaches; the last process to detach removes the name unless keep_name() says not to.
- * With at_exit set the mapping is left in place (threads may still run). */
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err);
+ * With at_exit set the mapping is left in place (threads may still run).
+ * intr as for attach; a detach it gives up (SHX_E_INTERRUPTED) changed nothing. */
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
+                  shx_error *err);
 /* Writes the name the OS sees for block `name` (NUL-terminated) into out:
  * "/name" for POSIX shm_open, cut to a stable short form where names are
  * short (a prefix, '~' and a hash: '~' is never in a block name, so a short

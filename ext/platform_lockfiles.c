@@ -664,15 +664,21 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     }
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
+                  shx_error *err)
 {
     int rc = SHX_OK;
     if (m->fd < 0)
         return SHX_OK;
     if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
+    rc = gate_take(m, m->mode, intr, err);
+    if (rc == SHX_E_INTERRUPTED) {
+        shx_posix_registry_leave();
+        return rc;
+    }
     shx_posix_registry_remove(m);
-    if ((rc = gate_enter(m, err)) == SHX_OK) {
+    if (rc == SHX_OK) {
         if (!m->keep_name && live_lock(m->fd, F_WRLCK, 0) == 0) {
             /* We are the last holder.  A linked object's name is still ours to remove;
              * an unlinked one's name may already belong to a newer block. */

@@ -107,7 +107,7 @@ void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name)
         shx_posix_registry_leave();
         if (m == NULL)
             return;
-        if (shx_os_detach(m, keep_name, 1, &ignored) != SHX_OK) {
+        if (shx_os_detach(m, keep_name, 1, NULL, &ignored) != SHX_OK) {
             /* Detach failed half way: make sure the loop moves on. */
             if (shx_posix_registry_enter(&ignored) != SHX_OK)
                 return;
@@ -295,6 +295,10 @@ int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt 
             return 0;
         if (errno != EINTR && !shx_posix_busy(errno))
             return -1;
+        /* Between tries the registry is let go: a fork() meanwhile copies
+         * no held gate, and the interrupt check may take an interpreter
+         * lock that a forking thread holds while fork() waits for ours. */
+        pthread_mutex_unlock(&registry_lock);
         if (attempt < 4) {
             sched_yield();
         } else {
@@ -302,11 +306,14 @@ int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt 
             struct timespec ts = {0, ns};
             (void)nanosleep(&ts, NULL);
         }
+        int stop = 0;
         if (shx_os_monotonic_ns() - asked >= SHX_OS_POLL_NS) {
             asked = shx_os_monotonic_ns();
-            if (intr->interrupted(intr->ctx))
-                return -2;
+            stop = intr->interrupted(intr->ctx);
         }
+        pthread_mutex_lock(&registry_lock);
+        if (stop)
+            return -2;
     }
 }
 

@@ -40,7 +40,8 @@ void shx_posix_forget_all_held(void);
 
 /* Takes a lock that another process may hold long: tries, then polls with
  * backoff, asking intr about every SHX_OS_POLL_NS.  0 when taken, -1 with
- * errno on an error, -2 when intr gave up.  try_lock: 0 or -1 with errno. */
+ * errno on an error, -2 when intr gave up.  try_lock: 0 or -1 with errno.
+ * Called with the registry entered; it is left while waiting between tries. */
 int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr);
 
 /* Whether errno value e means "held by someone else" for a lock that was only tried. */

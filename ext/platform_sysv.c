@@ -560,7 +560,8 @@ static void linger(int shmid)
     lingering[lingering_count++] = shmid;
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
+                  shx_error *err)
 {
     (void)keep_name;   /* the kernel knows which segments persist: those not marked for removal */
     int rc;
@@ -568,9 +569,13 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_er
         return SHX_OK;
     if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
-    shx_posix_registry_remove(m);
     struct stat st;
-    int fd = open_gated(m->os_name, 0, 0, NULL, &st);
+    int fd = open_gated(m->os_name, 0, 0, intr, &st);
+    if (fd < 0 && errno == ECANCELED) {
+        shx_posix_registry_leave();
+        return shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
+    }
+    shx_posix_registry_remove(m);
     if (fd >= 0) {
         /* The last holder removes the name, if it still names this block. */
         name_entry e;

@@ -240,8 +240,10 @@ done:
     return rc;
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
+                  shx_error *err)
 {
+    (void)intr;   /* closing handles never waits */
     (void)keep_name;   /* no kernel persistence: `hold` keeps a handle open instead */
     (void)err;
     if (at_exit)

@@ -251,7 +251,24 @@ int shx_block_close(shx_block *b, int at_exit, shx_error *err)
     if (!b->attached)
         return SHX_OK;
     b->attached = 0;
-    return shx_os_detach(&b->map, keep_name, at_exit, err);
+    return shx_os_detach(&b->map, keep_name, at_exit, NULL, err);
+}
+
+int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err)
+{
+    if (!b->attached)
+        return SHX_OK;
+    shx_os_interrupt intr = {open_interrupted, (void *)hooks};
+    int waits = hooks != NULL && hooks->interrupted != NULL;
+    b->attached = 0;
+    if (hooks != NULL && hooks->blocking_begin != NULL)
+        hooks->blocking_begin(hooks->ctx);
+    int rc = shx_os_detach(&b->map, keep_name, 0, waits ? &intr : NULL, err);
+    if (hooks != NULL && hooks->blocking_end != NULL)
+        hooks->blocking_end(hooks->ctx);
+    if (rc == SHX_E_INTERRUPTED)
+        b->attached = 1;
+    return rc;
 }
 
 void shx_detach_all_at_exit(void) { shx_os_detach_all_at_exit(keep_name); }

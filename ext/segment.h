@@ -140,6 +140,9 @@ int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_
                           unsigned mode, const char *security, const shx_hooks *hooks, shx_error *err);
 /* Detaches; idempotent.  at_exit leaves the mapping in place. */
 int shx_block_close(shx_block *b, int at_exit, shx_error *err);
+/* The same, with hooks as for shx_block_open_hooked: a wait for another
+ * process's gate it gives up (SHX_E_INTERRUPTED) leaves the block attached. */
+int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err);
 /* Detaches every block this process still holds; for process exit. */
 void shx_detach_all_at_exit(void);
 int shx_unlink(const char *name, shx_error *err);

@@ -555,3 +555,53 @@ def test_ctrl_c_ends_an_open_waiting_for_a_gate_another_process_holds(name):
                     os.unlink(os.path.join(directory, name + suffix))
                 except FileNotFoundError:
                     pass
+
+
+CLOSER = """
+import sys, time, shmemext
+v = shmemext.Value(sys.argv[1])
+print("opened", flush=True)
+sys.stdin.readline()          # the gate is taken now
+t0 = time.monotonic()
+try:
+    v.close()
+    print("closed")
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.2f}s closed={v.closed}", flush=True)
+sys.stdin.readline()          # the gate is free again
+v.close()
+print("closed", v.closed, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="takes the gate as a stopped process would")
+def test_ctrl_c_ends_a_close_waiting_for_the_gate_and_close_works_later(name):
+    backend = shmemext._shmemext._BACKEND
+    if backend == "posix-lockfiles" and len(name) > 30:
+        pytest.skip("the lock files of a long name have a short form")
+    closer = spawn(CLOSER, name, env={"SHMEMEXT_SIZE": "0"})
+    holder = None
+    try:
+        assert closer.stdout.readline() == "opened\n", closer.stderr.read()
+        holder = spawn(GATE_HOLDER, name, backend)
+        assert holder.stdout.readline() == "held\n", holder.stderr.read()
+        closer.stdin.write("\n")
+        closer.stdin.flush()
+        time.sleep(0.5)
+        closer.send_signal(signal.SIGINT)
+        line = closer.stdout.readline()
+        assert line.startswith("interrupted after") and line.strip().endswith("closed=False"), line
+        assert float(line.split()[2].rstrip("s")) < 2.0
+        holder.kill()
+        holder.wait()
+        closer.stdin.write("\n")
+        closer.stdin.flush()
+        assert closer.stdout.readline() == "closed True\n"
+        assert closer.wait(timeout=30) == 0
+    finally:
+        for p in (closer, holder):
+            if p is not None:
+                p.kill()
+                p.wait()
+                for f in (p.stdin, p.stdout, p.stderr):
+                    f.close()
