@@ -712,9 +712,34 @@ static void test_lock_files(void)
 }
 #endif
 
+#ifdef __linux__
+#include <sched.h>
+/* The CPU count that wait() spins by is what this process may run on (its
+ * affinity mask), not what the machine has.  Measured in a child: the count
+ * is read once per process. */
+static void test_cpu_count_follows_affinity(void)
+{
+    if (sysconf(_SC_NPROCESSORS_ONLN) < 2)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(0, &one);
+        if (sched_setaffinity(0, sizeof one, &one) != 0)
+            _exit(2);
+        _exit(shx_os_cpu_count() == 1 ? 0 : 1);
+    }
+    CHECK(wait_child(pid) == 0, "a process bound to one CPU counts one CPU");
+}
+#endif
+
 int main(void)
 {
     snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
+#ifdef __linux__
+    test_cpu_count_follows_affinity();
+#endif
     test_names();
     test_create_open_release();
     test_two_processes();
