@@ -35,6 +35,17 @@ uint32_t shx_os_pid(void) { return (uint32_t)getpid(); }
 
 int shx_posix_busy(int e) { return e == EAGAIN || e == EACCES || e == EWOULDBLOCK; }
 
+int shx_posix_attach_start(shx_os_map *m, const char *name, unsigned flags, const char *security, int *created,
+                           shx_error *err)
+{
+    *created = 0;
+    if (security != NULL) {
+        errno = EINVAL;
+        return shx_fail_os(err, "security descriptors are a Windows option");
+    }
+    return shx_os_name(name, flags, m->os_name, sizeof m->os_name, err);
+}
+
 /* ---- the process registry: fork() and exit ----------------------------- */
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;

@@ -44,6 +44,11 @@ void shx_posix_forget_all_held(void);
  * Called with the registry entered; it is left while waiting between tries. */
 int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr);
 
+/* What every POSIX attach does first: *created = 0, a security descriptor
+ * (a Windows option) refused, and m->os_name made from name. */
+int shx_posix_attach_start(shx_os_map *m, const char *name, unsigned flags, const char *security, int *created,
+                           shx_error *err);
+
 /* Whether errno value e means "held by someone else" for a lock that was only tried. */
 int shx_posix_busy(int e);
 

@@ -495,12 +495,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
 {
     int rc;
     clear_map(m);
-    *created = 0;
-    if (security != NULL) {
-        errno = EINVAL;
-        return shx_fail_os(err, "security descriptors are a Windows option");
-    }
-    if ((rc = shx_os_name(name, flags, m->os_name, sizeof m->os_name, err)) != SHX_OK)
+    if ((rc = shx_posix_attach_start(m, name, flags, security, created, err)) != SHX_OK)
         return rc;
     if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
