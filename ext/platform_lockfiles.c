@@ -343,6 +343,12 @@ void shx_posix_fork_parent(shx_os_map *m)
 {
     if (m->fork_fd >= 0)
         close(m->fork_fd);
+    else
+        /* The child could get no live file of its own (short of descriptors,
+         * say) and counts through ours, which we cannot tell from our own:
+         * our detach must not remove the name while it may still use the
+         * block.  The name stays until the reaper finds the block unheld. */
+        m->keep_name = 1;
     m->fork_fd = -1;
     if (m->writer_fork_fd >= 0)
         close(m->writer_fork_fd);
@@ -686,8 +692,11 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const 
                 drop_unused_lock_files(m);   /* the gate file we may have made anew */
         }
         /* Stop counting before the gate opens: a detacher waiting for it must
-         * not find our shared lock still there, or neither of us removes the name. */
-        (void)live_lock(m->fd, F_UNLCK, 0);
+         * not find our shared lock still there, or neither of us removes the name.
+         * A description shared with a fork child (keep_name) is the child's
+         * count too: closing our descriptor leaves it, unlocking would not. */
+        if (!m->keep_name)
+            (void)live_lock(m->fd, F_UNLCK, 0);
         gate_leave(m);
     }
     if (!at_exit)

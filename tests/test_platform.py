@@ -219,3 +219,46 @@ def test_lock_files_cannot_be_planted_or_removed_by_another_user(name, tmp_path_
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+FORK_SHORT_OF_FDS = """
+import os, resource, sys, time, shmemext
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+blocks = [shmemext.Value(f"{sys.argv[1]}-{i}", 64) for i in range(8)]
+for i, b in enumerate(blocks):
+    b.set(str(i))
+# Leave about one free descriptor, so that fork() can give the child its own
+# live file for at most one block.
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 1, hard))
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:
+        time.sleep(0.01)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    kept = 0
+    for i in range(8):
+        again = shmemext.Value(f"{sys.argv[1]}-{i}")
+        kept += not again.created and again.get() == str(i)
+        again.close()
+    print(kept, flush=True)
+    for b in blocks:
+        b.close()
+    os._exit(0)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+"""
+
+
+@lock_files
+def test_a_fork_child_short_of_descriptors_keeps_every_block_on_the_lock_file_path(name):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", FORK_SHORT_OF_FDS, name], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SHMEMEXT_SIZE="0"))
+    out = proc.stdout.readline()
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert out == "8\n", "every block outlived the parent under its name while the child used it"
+    python("import shmemext; shmemext.sweep()")   # the names the parent kept: reaped once nobody holds them
+    assert not [n for n in os.listdir(lock_dir()) if n.startswith(name + "-")]
