@@ -941,9 +941,22 @@ static int list_one(void *vrq, const char *stem, int live_fd)
     read_full_name(live_fd, full, sizeof full);
     object_peek peek;
     peek_object(os_name, &peek);
-    int held = !lock_is_free(live_fd);
-    if (!held)
-        (void)flock_retry(live_fd, LOCK_UN);
+    /* Tested under the block's gate (not waited for): an attacher holds it
+     * while it tests the live lock, and must not take ours for a holder's.
+     * A gate somebody holds means an attach or detach under way: held. */
+    char path[1024];
+    shx_error ignored;
+    int held = 1;
+    int gate = lock_path(path, sizeof path, (uint32_t)geteuid(), os_name, GATE_FILE, &ignored) == SHX_OK
+                   ? open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+                   : -1;
+    if (gate >= 0 && lock_is_free(gate)) {
+        held = !lock_is_free(live_fd);
+        if (!held)
+            (void)flock_retry(live_fd, LOCK_UN);
+    }
+    if (gate >= 0)
+        close(gate);
     shx_os_info info = {full[0] ? full : stem, peek.size, held ? -1 : 0, peek.header_len ? peek.persist : -1,
                         peek.exists && (held || peek.persist), 0, fstat(live_fd, &st) == 0 ? (int64_t)st.st_mtime : 0,
                         peek.header_len ? peek.header : NULL, peek.header_len};
