@@ -29,12 +29,14 @@ _Static_assert(sizeof SHX_MAGIC - 1 == sizeof MAGIC, "one magic");
 /* A reader retries this often before it takes the writer lock instead, so
  * that a large value under heavy writing cannot starve it. */
 #define READ_TRIES 32
-/* How long such a reader waits for the lock at most: more than any writer of
- * a value of that size needs (one copy), with a wide margin. */
+/* How long such a reader waits for the lock while no version is committed:
+ * more than any writer of a value of that size needs (one copy), with a
+ * wide margin. */
 #ifndef READ_LOCK_WAIT_NS
 #define READ_LOCK_WAIT_NS INT64_C(2000000000)
 #endif
 #define READ_LOCK_NS_PER_BYTE 20
+#define READ_LOCK_STEP_NS INT64_C(100000000)
 
 int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *detail)
 {
@@ -750,13 +752,26 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
     int owner_died, rc;
     int64_t bound = READ_LOCK_WAIT_NS + (int64_t)(b->capacity < (UINT64_C(1) << 40) ? b->capacity : (UINT64_C(1) << 40)) *
                                             READ_LOCK_NS_PER_BYTE;
-    if ((rc = shx_block_lock(b, bound, &owner_died, hooks, err)) != SHX_OK) {
-        if (rc == SHX_E_TIMEOUT)
-            shx_fail(err, SHX_E_TIMEOUT, (uint64_t)bound, 0,
-                     "get() waited that long for a writer to finish: one that never does, or a lock and "
-                     "counters another process scribbled over");
-        return rc;
+    /* Writers that keep committing are alive, however long they keep the
+     * lock from us: only a wait in which no version was committed at all is
+     * bounded. */
+    uint64_t seen = atomic_load_explicit(&h->version, memory_order_acquire), still_since = shx_os_monotonic_ns();
+    for (;;) {
+        rc = shx_block_lock(b, READ_LOCK_STEP_NS, &owner_died, hooks, err);
+        if (rc != SHX_E_TIMEOUT)
+            break;
+        uint64_t now = atomic_load_explicit(&h->version, memory_order_acquire);
+        if (now != seen) {
+            seen = now;
+            still_since = shx_os_monotonic_ns();
+        } else if ((int64_t)(shx_os_monotonic_ns() - still_since) >= bound) {
+            return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)bound, 0,
+                            "get() waited that long for a writer that committed nothing meanwhile: one that "
+                            "never finishes, or a lock and counters another process scribbled over");
+        }
     }
+    if (rc != SHX_OK)
+        return rc;
     uint64_t version = atomic_load_explicit(&h->version, memory_order_relaxed);
     unsigned index = (unsigned)(version & 1);
     shx_slot *s = &h->slot[index];
