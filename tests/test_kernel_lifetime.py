@@ -48,6 +48,7 @@ if how == "os_exit":
 elif how == "sigterm":
     os.kill(os.getpid(), signal.SIGTERM)
 elif how == "segfault":
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)   # a sanitizer's handler would turn the crash into an exit
     ctypes.string_at(0)
 signal.pause()   # sigkill: the test kills us
 """
