@@ -57,6 +57,22 @@ def _denied_default(denied: PermissionError) -> PermissionError:
     )
 
 
+def _installed_copy(here: str) -> "str | None":
+    """Another shmemext package directory on sys.path that holds the compiled module."""
+    import importlib.machinery
+    import os
+    import sys
+
+    for entry in sys.path:
+        candidate = os.path.join(os.path.abspath(entry or os.curdir), "shmemext")
+        if os.path.normcase(candidate) == os.path.normcase(here) or not os.path.isdir(candidate):
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            if os.path.exists(os.path.join(candidate, "_shmemext" + suffix)):
+                return candidate
+    return None
+
+
 def _load_extension() -> _ModuleType:
     import os
 
@@ -67,6 +83,15 @@ def _load_extension() -> _ModuleType:
             raise
         raise _denied_default(denied) from denied
     except ImportError as missing:
+        installed = _installed_copy(os.path.dirname(os.path.abspath(__file__)))
+        if installed is not None:
+            # This is a source tree that stands first on sys.path (python -m
+            # shmemext from a clone): take the compiled module of the copy
+            # that is installed; the version check below still guards it.
+            __path__.append(installed)
+            from . import _shmemext
+
+            return _shmemext
         raise ImportError(
             f"shmemext's compiled module is missing from {os.path.dirname(__file__)}: this looks like "
             f"an unbuilt source tree. Install the package (pip install .) and run from another "

@@ -93,3 +93,18 @@ def test_the_cli_works_without_docstrings():
         proc = subprocess.run([sys.executable, "-OO", "-m", "shmemext", *args], capture_output=True, text=True,
                               timeout=60, env=dict(os.environ, SHMEMEXT_SIZE="0"))
         assert proc.returncode == 0, (args, proc.stderr)
+
+
+def test_the_demo_runs_from_the_root_of_a_source_checkout():
+    # There the source package comes first on sys.path (python -m puts the
+    # current directory there), without the compiled module: the installed
+    # copy's is used, for the parent and for the child it starts.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "shmemext", "__init__.py")):
+        import pytest
+
+        pytest.skip("no source checkout beside the tests")
+    proc = subprocess.run([sys.executable, "-m", "shmemext", "demo"], cwd=root, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "Child process read from shared memory: This is a test string"
