@@ -350,9 +350,7 @@ void shx_posix_fork_parent(shx_os_map *m)
          * block.  The name stays until the reaper finds the block unheld. */
         m->keep_name = 1;
     m->fork_fd = -1;
-    if (m->writer_fork_fd >= 0)
-        close(m->writer_fork_fd);
-    m->writer_fork_fd = -1;
+    shx_posix_writer_fork_parent(m);
 }
 
 void shx_posix_fork_child(shx_os_map *m)
@@ -366,18 +364,8 @@ void shx_posix_fork_child(shx_os_map *m)
         m->keep_name = 1;
     }
     m->fork_fd = -1;
-    /* Without a description of its own the child must not write at all
-     * (shx_os_lock refuses), rather than share the parent's lock. */
-    if (m->writer_fd >= 0)
-        close(m->writer_fd);
-    m->writer_fd = m->writer_fork_fd;
-    m->writer_fork_fd = -1;
-    /* Only the forking thread lives on: whatever other threads held is free. */
-    (void)pthread_mutex_init(&m->local_writer, NULL);
-    m->next_held = NULL;
+    shx_posix_writer_fork_child(m);
 }
-
-void shx_posix_fork_child_done(void) { shx_posix_forget_all_held(); }
 
 /* ---- the gate and the names, per liveness mechanism ----------------------- */
 

@@ -71,7 +71,7 @@ static void registry_child(void)
 {
     for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached)
         shx_posix_fork_child(m);
-    shx_posix_fork_child_done();
+    shx_posix_forget_all_held();
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -181,6 +181,29 @@ static int held_key_error;
 static void make_held_key(void) { held_key_error = pthread_key_create(&held_key, release_abandoned); }
 
 /* In a fork() child: the locks were the parent's, and are not held here. */
+/* After fork(): the parent closes the descriptor it opened for the child;
+ * the child takes it as its own (without one it must not write at all:
+ * shx_os_lock refuses, rather than share the parent's lock). */
+void shx_posix_writer_fork_parent(shx_os_map *m)
+{
+    if (m->writer_fork_fd >= 0)
+        close(m->writer_fork_fd);
+    m->writer_fork_fd = -1;
+}
+
+void shx_posix_writer_fork_child(shx_os_map *m)
+{
+    if (!m->kernel_lock)
+        return;
+    if (m->writer_fd >= 0)
+        close(m->writer_fd);
+    m->writer_fd = m->writer_fork_fd;
+    m->writer_fork_fd = -1;
+    /* Only the forking thread lives on: whatever other threads held is free. */
+    (void)pthread_mutex_init(&m->local_writer, NULL);
+    m->next_held = NULL;
+}
+
 void shx_posix_forget_all_held(void)
 {
     (void)pthread_once(&held_key_once, make_held_key);

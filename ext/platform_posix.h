@@ -18,11 +18,10 @@ void shx_posix_registry_remove(shx_os_map *m);
 
 /* Each backend's part in fork(), called for every attached map while the
  * registry is locked: before it, in the parent after it, in the child after
- * it; child_done once in the child, after the maps. */
+ * it. */
 void shx_posix_fork_prepare(shx_os_map *m);
 void shx_posix_fork_parent(shx_os_map *m);
 void shx_posix_fork_child(shx_os_map *m);
-void shx_posix_fork_child_done(void);
 
 /* A writer lock the kernel keeps on m->writer_fd (released at death), plus
  * m->local_writer between this process's threads; the header's lock area
@@ -35,6 +34,10 @@ void shx_posix_writer_release(int fd);
 int shx_posix_file_lock_init(void *area, shx_error *err);
 int shx_posix_file_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err);
 int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err);
+/* The kernel-kept writer lock's part in fork() (writer_fork_fd opened by the
+ * backend's prepare): the parent's and the child's. */
+void shx_posix_writer_fork_parent(shx_os_map *m);
+void shx_posix_writer_fork_child(shx_os_map *m);
 /* In a fork() child: what the parent's threads held is not held here. */
 void shx_posix_forget_all_held(void);
 

@@ -673,27 +673,9 @@ void shx_posix_fork_prepare(shx_os_map *m)
     }
 }
 
-void shx_posix_fork_parent(shx_os_map *m)
-{
-    if (m->writer_fork_fd >= 0)
-        close(m->writer_fork_fd);
-    m->writer_fork_fd = -1;
-}
+void shx_posix_fork_parent(shx_os_map *m) { shx_posix_writer_fork_parent(m); }
 
-void shx_posix_fork_child(shx_os_map *m)
-{
-    if (!m->kernel_lock)
-        return;
-    if (m->writer_fd >= 0)
-        close(m->writer_fd);
-    m->writer_fd = m->writer_fork_fd;
-    m->writer_fork_fd = -1;
-    /* Only the forking thread lives on: whatever other threads held is free. */
-    (void)pthread_mutex_init(&m->local_writer, NULL);
-    m->next_held = NULL;
-}
-
-void shx_posix_fork_child_done(void) { shx_posix_forget_all_held(); }
+void shx_posix_fork_child(shx_os_map *m) { shx_posix_writer_fork_child(m); }
 
 int shx_posix_writer_try(int fd) { return lock_byte(fd, F_WRLCK, WRITER_BYTE, 0); }
 void shx_posix_writer_release(int fd) { (void)lock_byte(fd, F_UNLCK, WRITER_BYTE, 0); }
