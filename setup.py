@@ -31,7 +31,9 @@ def read_version():
 
 def extension():
     version = read_version()
-    sources = ["ext/module.c", "ext/capi.c", "ext/segment.c", "ext/text.c"]
+    # The CPython glue (glue.h lists its files), then the pure-C core.
+    glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c"]
+    sources = glue + ["ext/capi.c", "ext/handle.c", "ext/segment.c", "ext/text.c"]
     libraries = []
     if sys.platform == "win32":
         sources.append("ext/platform_win32.c")
@@ -58,7 +60,8 @@ def extension():
     return Extension(
         "shmemext._shmemext",
         sources=sources,
-        depends=["ext/platform.h", "ext/platform_posix.h", "ext/segment.h", "ext/capi.h", "shmemext/include/shmemext.h"],
+        depends=["ext/platform.h", "ext/platform_posix.h", "ext/segment.h", "ext/handle.h", "ext/glue.h", "ext/capi.h",
+                 "shmemext/include/shmemext.h"],
         include_dirs=["ext"],
         define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)] + lock_files,
         extra_compile_args=compile_args,

@@ -1,9 +1,11 @@
 /* The C API table (shmemext/include/shmemext.h) over the block core.
  * Everything here runs without the GIL except the two functions that
- * module.c provides, which look at Python objects. */
+ * module.c provides, which look at Python objects, and acquire/release of
+ * a Python object's handle, which keep that object alive. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -18,7 +20,8 @@ _Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_
                    SHMEMEXT_E_NOTOWNER == SHX_E_NOTOWNER && SHMEMEXT_E_BADVALUE == SHX_E_BADVALUE &&
                    SHMEMEXT_E_CLOSED == SHX_E_CLOSED && SHMEMEXT_E_RANGE == SHX_E_RANGE &&
                    SHMEMEXT_E_BUFFER == SHX_E_BUFFER && SHMEMEXT_E_ENCODING == SHX_E_ENCODING &&
-                   SHMEMEXT_E_INTERRUPTED == SHX_E_INTERRUPTED && SHMEMEXT_E_PERSIST == SHX_E_PERSIST,
+                   SHMEMEXT_E_INTERRUPTED == SHX_E_INTERRUPTED && SHMEMEXT_E_PERSIST == SHX_E_PERSIST &&
+                   SHMEMEXT_E_BUSY == SHX_E_BUSY,
                "public result codes match the core's");
 _Static_assert(SHMEMEXT_VALUE == SHX_KIND_VALUE && SHMEMEXT_SEGMENT == SHX_KIND_SEGMENT, "kinds match");
 _Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST && SHMEMEXT_GLOBAL == SHX_GLOBAL, "flags match");
@@ -30,13 +33,14 @@ static shx_block *block_of(ShmemExt_Block *handle) { return (shx_block *)handle;
  * never a double free.  A short list: C extensions keep few handles. */
 static int report(ShmemExt_Error *out, const shx_error *err, const char *name);
 
-static PyThread_type_lock open_handles_lock;
+/* Made once, by whichever interpreter imports first. */
+static _Atomic(PyThread_type_lock) open_handles_lock;
 static shx_block **open_handles;
 static size_t open_count, open_size;
 
 static int remember_handle(shx_block *b)
 {
-    if (open_handles_lock == NULL)   /* first made under the GIL, at module import */
+    if (open_handles_lock == NULL)   /* made at module import */
         return -1;
     PyThread_acquire_lock(open_handles_lock, WAIT_LOCK);
     int rc = 0;
@@ -74,18 +78,6 @@ static int forget_handle(const ShmemExt_Block *handle)
     return found;
 }
 
-/* A handle whose block was closed (by close() of a Python object, or at exit). */
-static int closed(ShmemExt_Block *handle, ShmemExt_Error *perr)
-{
-    shx_block *b = block_of(handle);
-    if (b != NULL && b->attached)
-        return 0;
-    shx_error err;
-    shx_fail(&err, SHX_E_CLOSED, 0, 0, NULL);
-    report(perr, &err, b ? b->name : "?");
-    return 1;
-}
-
 /* Fills the public error from a core one; returns its code. */
 static int report(ShmemExt_Error *out, const shx_error *err, const char *name)
 {
@@ -98,6 +90,52 @@ static int report(ShmemExt_Error *out, const shx_error *err, const char *name)
             out->message[0] = '\0';
     }
     return err->status;
+}
+
+static int report_closed(ShmemExt_Error *perr, const char *name, const char *why)
+{
+    if (perr != NULL) {
+        perr->code = SHMEMEXT_E_CLOSED;
+        perr->os_error = 0;
+        if (snprintf(perr->message, sizeof perr->message, "block '%s': %s", name, why) < 0)
+            perr->message[0] = '\0';
+    }
+    return SHMEMEXT_E_CLOSED;
+}
+
+/* Every call that uses a handle's mapping enters its guard (handle.h), so
+ * that a close() from another thread (Python's, or this table's) waits for
+ * it instead of unmapping under it.  0: closed, with *perr filled. */
+static int enter(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    shx_block *b = block_of(handle);
+    if (b != NULL && shx_guard_enter(&b->guard)) {
+        if (b->attached)
+            return 1;
+        shx_guard_leave(&b->guard);
+    }
+    report_closed(perr, b ? b->name : "?", "is closed");
+    return 0;
+}
+
+static void leave(ShmemExt_Block *handle) { shx_guard_leave(&block_of(handle)->guard); }
+
+/* Waits in slices, so that a close() of the handle from another thread ends
+ * the wait instead of waiting for it. */
+#define CAPI_SLICE_NS (50 * 1000 * 1000)
+
+static int64_t slice_of(int64_t timeout_ns, uint64_t start)
+{
+    if (timeout_ns < 0)
+        return CAPI_SLICE_NS;
+    int64_t left = timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+    return left <= 0 ? 0 : left < CAPI_SLICE_NS ? left : CAPI_SLICE_NS;
+}
+
+static void pause_briefly(void *ctx)
+{
+    (void)ctx;
+    shx_os_pause_briefly();
 }
 
 static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode, ShmemExt_Block **out,
@@ -141,13 +179,28 @@ static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
     shx_block *b = block_of(handle);
     shx_error err;
+    /* Taking it out of the list first makes this the only close() of it. */
     if (b == NULL || !forget_handle(handle)) {
         /* Closed already, or the default block or a Python object's block,
          * which belong to Python: nothing of it is touched. */
         shx_fail(&err, SHX_E_CLOSED, 0, 0, NULL);
         return report(perr, &err, "?");
     }
+    static const shx_guard_waiter waiter = {pause_briefly, NULL};
+    long pins = atomic_load(&b->guard.pins);
+    if (pins == 0) {
+        (void)shx_guard_close(&b->guard, 0, &waiter);
+        pins = atomic_load(&b->guard.pins);
+        if (pins > 0)
+            shx_guard_close_end(&b->guard, 0);
+    }
+    if (pins > 0) {
+        (void)remember_handle(b);   /* room: it was in the list a moment ago */
+        shx_fail(&err, SHX_E_BUSY, (uint64_t)pins, 0, NULL);
+        return report(perr, &err, b->name);
+    }
     int rc = shx_block_close(b, 0, &err);
+    shx_guard_close_end(&b->guard, 1);
     if (rc != SHX_OK)
         report(perr, &err, b->name);
     free(b);
@@ -156,80 +209,148 @@ static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
 
 static int capi_set_bytes(ShmemExt_Block *handle, const void *data, size_t len, ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_value_set(block_of(handle), SHX_TYPE_BYTES, data, len, NULL, &err);
+    leave(handle);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
 static int capi_set_utf8(ShmemExt_Block *handle, const char *text, size_t len, ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_value_set_utf8(block_of(handle), text, len, NULL, &err);
+    leave(handle);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
 static int capi_get(ShmemExt_Block *handle, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
                     ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
     shx_error err;
     size_t ignored;
     int rc = shx_value_get_utf8(block_of(handle), buf, cap, len ? len : &ignored, is_text, version, NULL, &err);
+    leave(handle);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
 static uint64_t capi_version(ShmemExt_Block *handle)
 {
-    return closed(handle, NULL) ? 0 : shx_value_version(block_of(handle));
+    if (!enter(handle, NULL))
+        return 0;
+    uint64_t version = shx_value_version(block_of(handle));
+    leave(handle);
+    return version;
 }
 
 static void *capi_data(ShmemExt_Block *handle, size_t *size)
 {
     shx_block *b = block_of(handle);
-    if (b->kind != SHX_KIND_SEGMENT || !b->attached) {
-        if (size != NULL)
-            *size = 0;
-        return NULL;
-    }
+    void *data = NULL;
     if (size != NULL)
-        *size = (size_t)b->capacity;
-    return b->data;
+        *size = 0;
+    if (!enter(handle, NULL))
+        return NULL;
+    if (b->kind == SHX_KIND_SEGMENT) {
+        data = b->data;
+        if (size != NULL)
+            *size = (size_t)b->capacity;
+    }
+    leave(handle);
+    return data;
 }
 
 static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died, ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
+    shx_block *b = block_of(handle);
     shx_error err;
     int died = 0;
-    int rc = shx_block_lock(block_of(handle), timeout_ns, &died, NULL, &err);
+    uint64_t start = shx_os_monotonic_ns();
+    int rc = shx_block_lock(b, timeout_ns < 0 || timeout_ns > CAPI_SLICE_NS ? CAPI_SLICE_NS : timeout_ns, &died,
+                            NULL, &err);
+    while (rc == SHX_E_TIMEOUT && !shx_guard_closing(&b->guard)) {
+        int64_t wait = slice_of(timeout_ns, start);
+        if (wait == 0)
+            break;
+        rc = shx_block_lock(b, wait, &died, NULL, &err);
+    }
+    if (rc == SHX_OK && shx_guard_closing(&b->guard)) {
+        (void)shx_block_unlock(b, &err);   /* won as a close() began: it goes on */
+        rc = SHX_E_CLOSED;
+    }
+    leave(handle);
     if (owner_died != NULL)
         *owner_died = died;
-    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+    if (rc == SHX_E_CLOSED || (rc == SHX_E_TIMEOUT && shx_guard_closing(&b->guard)))
+        return report_closed(perr, b->name, "was closed while waiting for its lock");
+    return rc == SHX_OK ? rc : report(perr, &err, b->name);
 }
 
 static int capi_unlock(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
     shx_error err;
     int rc = shx_block_unlock(block_of(handle), &err);
+    leave(handle);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
 
 static int capi_wait(ShmemExt_Block *handle, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *perr)
 {
-    if (closed(handle, perr))
+    if (!enter(handle, perr))
         return SHMEMEXT_E_CLOSED;
+    shx_block *b = block_of(handle);
     shx_error err;
-    uint64_t ignored;
-    int rc = shx_value_wait(block_of(handle), seen, timeout_ns, now ? now : &ignored, &err);
-    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+    uint64_t ignored, start = shx_os_monotonic_ns();
+    if (now == NULL)
+        now = &ignored;
+    int rc;
+    do {
+        rc = shx_value_wait(b, seen, slice_of(timeout_ns, start), now, &err);
+    } while (rc == SHX_E_TIMEOUT && !shx_guard_closing(&b->guard) && slice_of(timeout_ns, start) > 0);
+    int closing = shx_guard_closing(&b->guard);
+    leave(handle);
+    if (rc == SHX_E_TIMEOUT && closing)
+        return report_closed(perr, b->name, "was closed while waiting");
+    return rc == SHX_OK ? rc : report(perr, &err, b->name);
+}
+
+/* A consumer's hold on a handle: close() of it (Python's or this table's) is
+ * refused until the matching release(), and a Python object's handle keeps
+ * its object alive meanwhile. */
+static int capi_acquire(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    if (!enter(handle, perr))
+        return SHMEMEXT_E_CLOSED;
+    shx_block *b = block_of(handle);
+    if (b->owner != NULL)
+        Py_INCREF((PyObject *)b->owner);
+    atomic_fetch_add(&b->guard.pins, 1);
+    leave(handle);
+    return SHMEMEXT_OK;
+}
+
+static int capi_release(ShmemExt_Block *handle, ShmemExt_Error *perr)
+{
+    shx_block *b = block_of(handle);
+    if (b == NULL)
+        return report_closed(perr, "?", "is no handle");
+    long pins = atomic_load(&b->guard.pins);
+    do {
+        if (pins <= 0)
+            return report_closed(perr, b->name, "was not acquired: release() without acquire()");
+    } while (!atomic_compare_exchange_weak(&b->guard.pins, &pins, pins - 1));
+    if (b->owner != NULL)
+        Py_DECREF((PyObject *)b->owner);   /* last: it may free the handle */
+    return SHMEMEXT_OK;
 }
 
 static const char *capi_name(ShmemExt_Block *handle) { return block_of(handle)->name; }
@@ -237,7 +358,7 @@ static const char *capi_name(ShmemExt_Block *handle) { return block_of(handle)->
 static int capi_created(ShmemExt_Block *handle) { return block_of(handle)->created; }
 
 static ShmemExt_CAPI table = {
-    SHMEMEXT_CAPI_VERSION,
+    SHMEMEXT_CAPI_LATEST,
     sizeof(ShmemExt_CAPI),
     capi_open,
     capi_close,
@@ -253,11 +374,18 @@ static ShmemExt_CAPI table = {
     capi_name,
     capi_created,
     capi_wait,
+    capi_acquire,
+    capi_release,
 };
 
 PyObject *shmemext_capi_capsule(void)
 {
-    if (open_handles_lock == NULL && (open_handles_lock = PyThread_allocate_lock()) == NULL)
-        return PyErr_NoMemory();
+    if (atomic_load(&open_handles_lock) == NULL) {
+        PyThread_type_lock fresh = PyThread_allocate_lock(), expected = NULL;
+        if (fresh == NULL)
+            return PyErr_NoMemory();
+        if (!atomic_compare_exchange_strong(&open_handles_lock, &expected, fresh))
+            PyThread_free_lock(fresh);
+    }
     return PyCapsule_New(&table, SHMEMEXT_CAPSULE_NAME, NULL);
 }

@@ -77,7 +77,8 @@ typedef enum shx_status {
     SHX_E_BUFFER,    /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
     SHX_E_ENCODING,  /* text that UTF-8 cannot carry: detail */
     SHX_E_INTERRUPTED, /* a wait was given up because the caller's interrupted() hook said so */
-    SHX_E_PERSIST     /* persist asked of a block that exists without it, where the OS cannot change that */
+    SHX_E_PERSIST,    /* persist asked of a block that exists without it, where the OS cannot change that */
+    SHX_E_BUSY        /* close refused: a consumer still holds the handle (a = C API pins) */
 } shx_status;
 
 typedef struct shx_error {

@@ -938,6 +938,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_INUSE:
         snprintf(buf, size, "handle is still attached to a block");
         break;
+    case SHX_E_BUSY:
+        snprintf(buf, size, "cannot be closed: %llu acquire() of the C API not yet released", a);
+        break;
     case SHX_E_BUFFER:
         snprintf(buf, size, "value of %llu bytes does not fit the buffer of %llu bytes", a, b);
         break;

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "handle.h"
 #include "platform.h"
 
 #define SHX_LAYOUT 1
@@ -84,6 +85,12 @@ typedef struct shx_block {
     int created;
     int attached;
     int heap_owned;           /* allocated by the C API's open(), freed by its close() */
+    /* Threads that share the handle enter and leave this around each use of
+     * the mapping (handle.h); the core itself does not: its callers do. */
+    shx_guard guard;
+    /* The Python object this handle lives in (NULL for the C API's own), so
+     * that the C API can keep it alive while a consumer holds the handle. */
+    void *owner;
     char name[SHX_NAME_MAX + 1];
     /* How often this handle's gets had to copy again because a writer
      * overtook them, and how often they fell back to the lock.  Counted on the

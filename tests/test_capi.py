@@ -1,5 +1,6 @@
 """The C API, used by a consumer extension compiled here against get_include() only."""
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -111,7 +112,7 @@ def test_errors_come_back_as_codes_with_messages(consumer, name):
 def test_a_consumer_built_for_a_newer_api_fails_to_import_clearly(tmp_path):
     path = build_consumer(str(tmp_path), "-DSHMEMEXT_CAPI_VERSION=99")
     with pytest.raises(ImportError, match=r"needs version 99 of the shmemext C API, but the installed "
-                                          r"shmemext provides version 1: upgrade shmemext"):
+                                          r"shmemext provides version 2: upgrade shmemext"):
         load(path)
 
 
@@ -218,3 +219,35 @@ def test_a_signal_handler_can_close_a_value_whose_set_it_interrupted(consumer, n
         assert out.startswith("closed True after"), out
         assert float(out.split()[-1].rstrip("s")) < 2.0, "well before the lock was let go (3 s)"
         assert v.get() == "before" and v.holders in (1, None)   # None: the OS cannot count (lock files)
+
+
+E_OK, E_CLOSED, E_BUSY = 0, 13, 20
+
+
+def test_acquire_keeps_a_python_object_open_and_alive_until_release(consumer, name):
+    v = shmemext.Value(name, 64)
+    assert consumer.pin_and_keep(v) == E_OK
+    with pytest.raises(BufferError, match=r"1 C extension handle\(s\) \(ShmemExtAPI->acquire\) still hold it"):
+        v.close()
+    del v   # the pin holds the object: the handle stays valid
+    gc.collect()
+    assert consumer.use_kept("through a kept handle") == (E_OK, E_OK, name)
+    assert not os.path.exists(f"/dev/shm/{name}"), "released: the object went, and with it the block"
+
+
+def test_acquire_and_release_are_counted_and_checked(consumer, name):
+    with shmemext.Value(name, 64) as v:
+        assert consumer.pin(v) == E_OK and consumer.pin(v) == E_OK
+        assert consumer.unpin(v) == E_OK
+        with pytest.raises(BufferError):
+            v.close()
+        assert consumer.unpin(v) == E_OK
+        assert consumer.unpin(v) == E_CLOSED, "a release without an acquire changes nothing"
+    assert v.closed
+    with pytest.raises(shmemext.ClosedError):
+        consumer.pin(v)
+
+
+def test_an_acquired_open_handle_refuses_close_with_e_busy(consumer, name):
+    assert consumer.heap_pins(name) == (E_OK, E_BUSY, E_OK, E_OK, E_CLOSED, E_OK)
+    assert not os.path.exists(f"/dev/shm/{name}")

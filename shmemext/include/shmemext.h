@@ -20,7 +20,19 @@
  * including this header; a single-file consumer defines neither.
  *
  * Functions marked [no GIL] may be called without holding the GIL, from any
- * thread; [GIL] ones need it.  Errors are returned as SHMEMEXT_* codes with
+ * thread; [GIL] ones need it (an attached thread state, on free-threaded
+ * CPython).
+ *
+ * Threads and close(): each call on a handle is safe against a close() of it
+ * from another thread (the close waits for the call, or the call sees
+ * SHMEMEXT_E_CLOSED).  What a call cannot guard is the pointer itself: a
+ * handle from default_block() or from_object() lives inside a Python object,
+ * and one from open() until its close().  To keep using a handle across
+ * calls while other code may close it, acquire() it and release() it when
+ * done: meanwhile its close() is refused (BufferError in Python,
+ * SHMEMEXT_E_BUSY here) and its Python object stays alive.  data()'s
+ * pointer, too, stays valid only while the handle is acquired (or nothing
+ * can close it).  Errors are returned as SHMEMEXT_* codes with
  * the details in a ShmemExt_Error; no Python exception is set except where
  * a function says so.
  *
@@ -39,8 +51,12 @@
 extern "C" {
 #endif
 
+/* The newest table this header describes.  A consumer that needs no more
+ * than an older one may define SHMEMEXT_CAPI_VERSION to it before including
+ * this header, to run against an older shmemext too. */
+#define SHMEMEXT_CAPI_LATEST 2
 #ifndef SHMEMEXT_CAPI_VERSION
-#define SHMEMEXT_CAPI_VERSION 1
+#define SHMEMEXT_CAPI_VERSION SHMEMEXT_CAPI_LATEST
 #endif
 #define SHMEMEXT_CAPSULE_NAME "shmemext._C_API"
 
@@ -65,6 +81,7 @@ extern "C" {
 #define SHMEMEXT_E_INTERRUPTED 18 /* reserved: a lock wait given up (never returned by this table's calls) */
 #define SHMEMEXT_E_PERSIST 19   /* SHMEMEXT_PERSIST asked of a block that exists without it, on an OS
                                    (Linux) whose kernel frees such a block with its last holder */
+#define SHMEMEXT_E_BUSY 20      /* close() refused: acquire() of the handle not yet released (version 2) */
 
 /* Block kinds for open(). */
 #define SHMEMEXT_VALUE 1
@@ -106,8 +123,8 @@ typedef struct ShmemExt_CAPI {
      * do not close it. */
     ShmemExt_Block *(*default_block)(void);
     /* [GIL] The block of a shmemext.Value or shmemext.Segment object, or NULL
-     * with TypeError/ValueError set.  Valid while the object is open: do not
-     * close it. */
+     * with TypeError/ValueError set.  Valid while the object is alive and
+     * open (acquire() it to be sure): do not close it. */
     ShmemExt_Block *(*from_object)(PyObject *obj);
 
     /* [no GIL] Commits `len` bytes as a bytes value / valid UTF-8 as a str value. */
@@ -141,7 +158,23 @@ typedef struct ShmemExt_CAPI {
      * SHMEMEXT_E_TIMEOUT when the time ran out.  Signals do not end the wait:
      * to stay interruptible, wait in slices and check in between. */
     int (*wait)(ShmemExt_Block *block, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *err);
+
+    /* -- version 2 -- */
+
+    /* Holds the handle open: until the matching release(), close() of it is
+     * refused and the Python object it belongs to (if any) stays alive.
+     * SHMEMEXT_E_CLOSED when it is closed or closing.  Counted: n acquire()s
+     * need n release()s.  [GIL] for a handle from default_block() or
+     * from_object() (it takes a reference to the object), [no GIL] for one
+     * from open(). */
+    int (*acquire)(ShmemExt_Block *block, ShmemExt_Error *err);
+    /* Ends one acquire(); SHMEMEXT_E_CLOSED (and nothing changed) when there
+     * is none to end.  [GIL] and [no GIL] as for acquire(). */
+    int (*release)(ShmemExt_Block *block, ShmemExt_Error *err);
 } ShmemExt_CAPI;
+
+/* The size of the table up to the version a consumer needs, for the check at import. */
+#define SHMEMEXT_CAPI_NEEDED_SIZE (SHMEMEXT_CAPI_VERSION < 2 ? offsetof(ShmemExt_CAPI, acquire) : sizeof(ShmemExt_CAPI))
 
 #if defined(SHMEMEXT_API_EXTERN)
 extern ShmemExt_CAPI *ShmemExtAPI;
@@ -192,7 +225,7 @@ static inline int ShmemExt_Import(void)
         Py_XDECREF(tb);
         return -1;
     }
-    if (api->version < SHMEMEXT_CAPI_VERSION || api->size < sizeof(ShmemExt_CAPI)) {
+    if (api->version < SHMEMEXT_CAPI_VERSION || api->size < SHMEMEXT_CAPI_NEEDED_SIZE) {
         PyErr_Format(PyExc_ImportError,
                      "this extension needs version %d of the shmemext C API, but the installed shmemext "
                      "provides version %u: upgrade shmemext (pip install -U shmemext)",

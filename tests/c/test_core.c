@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -734,6 +735,117 @@ static void test_cpu_count_follows_affinity(void)
 }
 #endif
 
+/* ---- the handle guard: calls and closes from many threads ---- */
+
+typedef struct {
+    shx_guard guard;
+    unsigned char *mapping;     /* freed by the one close that wins: ASan/valgrind see any use after */
+    _Atomic int detaches;
+    _Atomic int used_after;     /* a call that saw the mapping gone while inside the guard */
+    _Atomic long calls;
+    _Atomic int stop;
+    int refuse_first;           /* the first winner gives up, as a close() refused for an export does */
+} guard_case;
+
+static void guard_pause(void *ctx)
+{
+    (void)ctx;
+    sched_yield();
+}
+
+static void *guard_user(void *arg)
+{
+    guard_case *c = (guard_case *)arg;
+    while (!atomic_load(&c->stop)) {
+        if (!shx_guard_enter(&c->guard)) {
+            if (shx_guard_closed(&c->guard))
+                break;
+            continue;
+        }
+        unsigned char *m = c->mapping;
+        if (m == NULL)
+            atomic_fetch_add(&c->used_after, 1);
+        else
+            m[atomic_fetch_add(&c->calls, 1) % 4096]++;
+        shx_guard_leave(&c->guard);
+    }
+    return NULL;
+}
+
+static void *guard_closer(void *arg)
+{
+    guard_case *c = (guard_case *)arg;
+    static const shx_guard_waiter waiter = {guard_pause, NULL};
+    for (;;) {
+        int r = shx_guard_close(&c->guard, 0, &waiter);
+        if (r == SHX_GUARD_DONE)
+            return NULL;
+        if (c->refuse_first) {
+            c->refuse_first = 0;
+            shx_guard_close_end(&c->guard, 0);
+            continue;   /* and close again, now for real */
+        }
+        unsigned char *m = c->mapping;
+        c->mapping = NULL;
+        free(m);
+        atomic_fetch_add(&c->detaches, 1);
+        shx_guard_close_end(&c->guard, 1);
+        return NULL;
+    }
+}
+
+static void test_guard_threads(void)
+{
+    enum { USERS = 4, CLOSERS = 3, ROUNDS = 200 };
+    int bad_detaches = 0, used_after = 0, not_closed = 0;
+    long calls = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        guard_case c;
+        memset(&c, 0, sizeof c);
+        shx_guard_init(&c.guard);
+        c.mapping = (unsigned char *)calloc(1, 4096);
+        c.refuse_first = round % 2;
+        pthread_t users[USERS], closers[CLOSERS];
+        for (int i = 0; i < USERS; i++)
+            pthread_create(&users[i], NULL, guard_user, &c);
+        struct timespec pause = {0, (round % 7) * 20000L};
+        nanosleep(&pause, NULL);
+        for (int i = 0; i < CLOSERS; i++)
+            pthread_create(&closers[i], NULL, guard_closer, &c);
+        for (int i = 0; i < CLOSERS; i++)
+            pthread_join(closers[i], NULL);
+        atomic_store(&c.stop, 1);
+        for (int i = 0; i < USERS; i++)
+            pthread_join(users[i], NULL);
+        bad_detaches += atomic_load(&c.detaches) != 1;
+        used_after += atomic_load(&c.used_after);
+        not_closed += !shx_guard_closed(&c.guard) || atomic_load(&c.guard.inflight) != 0;
+        calls += atomic_load(&c.calls);
+    }
+    CHECK(bad_detaches == 0, "guard: %d rounds of %d threads calling and %d closing: one detach each (%d rounds not)",
+          ROUNDS, USERS, CLOSERS, bad_detaches);
+    CHECK(used_after == 0 && calls > 0, "guard: no call used the mapping after its close (%d did; %ld calls)", used_after,
+          calls);
+    CHECK(not_closed == 0, "guard: every round ends CLOSED with nothing in flight (%d did not)", not_closed);
+
+    /* A close() from inside a call of its own thread (a signal handler's)
+     * cannot wait for that call: it is deferred, and a second close() from
+     * the same place returns at once. */
+    shx_guard g;
+    shx_guard_init(&g);
+    static const shx_guard_waiter waiter = {guard_pause, NULL};
+    int entered = shx_guard_enter(&g);
+    int first = shx_guard_close(&g, 1, &waiter);
+    int second = shx_guard_close(&g, 1, &waiter);
+    int refused = shx_guard_enter(&g);
+    CHECK(entered && first == SHX_GUARD_DEFER && atomic_load(&g.deferred) && second == SHX_GUARD_DONE && !refused,
+          "guard: a close inside the thread's own call is deferred; calls after it are refused");
+    shx_guard_leave(&g);
+    shx_guard_close_end(&g, 1);
+    CHECK(shx_guard_close(&g, 0, &waiter) == SHX_GUARD_DONE && shx_guard_closed(&g),
+          "guard: closing a closed guard is done at once");
+}
+
 int main(void)
 {
     snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
@@ -756,6 +868,7 @@ int main(void)
     test_many_attachers();
     test_long_names();
     test_lock_between_threads();
+    test_guard_threads();
 #if SHX_LOCK_FILES
     test_lock_files();
 #endif

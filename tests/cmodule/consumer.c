@@ -226,7 +226,87 @@ static PyObject *wait_change(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(now);
 }
 
+/* pin(obj) / unpin(obj): acquire() / release() of a Python object's handle; the result code. */
+static PyObject *pin(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    return PyLong_FromLong(ShmemExtAPI->acquire(b, &err));
+}
+
+/* Takes the handle as from_object gave it earlier: unpin must work after
+ * the caller dropped its own reference (the pin keeps the object alive). */
+static ShmemExt_Block *pinned;
+
+static PyObject *pin_and_keep(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    int rc = ShmemExtAPI->acquire(b, &err);
+    if (rc == SHMEMEXT_OK)
+        pinned = b;
+    return PyLong_FromLong(rc);
+}
+
+/* use_kept(text) -> (set result, the name): through the handle kept by pin_and_keep, then released. */
+static PyObject *use_kept(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_ssize_t len;
+    const char *text = PyUnicode_AsUTF8AndSize(arg, &len);
+    if (text == NULL || pinned == NULL)
+        return text == NULL ? NULL : PyErr_Format(PyExc_RuntimeError, "nothing kept");
+    ShmemExt_Error err;
+    int set = ShmemExtAPI->set_utf8(pinned, text, (size_t)len, &err);
+    PyObject *name = PyUnicode_FromString(ShmemExtAPI->name(pinned));
+    int released = ShmemExtAPI->release(pinned, &err);
+    pinned = NULL;
+    return name ? Py_BuildValue("(iiN)", set, released, name) : NULL;
+}
+
+static PyObject *unpin(PyObject *self, PyObject *obj)
+{
+    (void)self;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    ShmemExt_Error err;
+    return PyLong_FromLong(ShmemExtAPI->release(b, &err));
+}
+
+/* heap_pins(name) -> (close while acquired, release, release again, close): an open() handle. */
+static PyObject *heap_pins(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL)
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    int created;
+    if (ShmemExtAPI->open(name, SHMEMEXT_VALUE, 64, 0, 0600, &b, &created, &err) != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    int acquired = ShmemExtAPI->acquire(b, &err);
+    int busy = ShmemExtAPI->close(b, &err);
+    int set = ShmemExtAPI->set_bytes(b, "still open", 10, &err);
+    int released = ShmemExtAPI->release(b, &err);
+    int again = ShmemExtAPI->release(b, &err);
+    int closed = ShmemExtAPI->close(b, &err);
+    return Py_BuildValue("(iiiiii)", acquired, busy, set, released, again, closed);
+}
+
 static PyMethodDef methods[] = {
+    {"pin", pin, METH_O, NULL},
+    {"unpin", unpin, METH_O, NULL},
+    {"pin_and_keep", pin_and_keep, METH_O, NULL},
+    {"use_kept", use_kept, METH_O, NULL},
+    {"heap_pins", heap_pins, METH_O, NULL},
     {"wait_change", wait_change, METH_VARARGS, NULL},
     {"lock_for", lock_for, METH_VARARGS, NULL},
     {"default_set", default_set, METH_O, NULL},
@@ -246,7 +326,13 @@ static int consumer_exec(PyObject *module)
     return ShmemExt_IMPORT;
 }
 
-static PyModuleDef_Slot slots[] = {{Py_mod_exec, consumer_exec}, {0, NULL}};
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, consumer_exec},
+#if PY_VERSION_HEX >= 0x030D0000
+    /* Every call it makes is one of the C API's, which are safe from any thread. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL}};
 
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "consumer", NULL, 0, methods, slots, NULL, NULL, NULL};
 

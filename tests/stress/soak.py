@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def main() -> int:
     for entry in os.listdir(logs):
         for key, value in totals_from(os.path.join(logs, entry)).items():
             totals[key] += value
+    shutil.rmtree(logs, ignore_errors=True)
     leftover = os.path.exists(f"/dev/shm/{args.name}")
     report = {"minutes": args.minutes, **totals, "started": started, "killed": kills,
               "workers_that_would_not_stop": stuck, "block_left_in_dev_shm": leftover}

@@ -1,0 +1,93 @@
+/* The handle guard: how the calls that use a block's mapping and the one
+ * close() that unmaps it keep out of each other's way, from any number of
+ * threads, with or without a GIL.  Pure C, like the core.
+ *
+ * A call enters (the in-flight count goes up, then the state is read again),
+ * uses the mapping, and leaves.  Both steps are sequentially consistent, so a
+ * closer that moved the state away from OPEN and then saw the count drained
+ * cannot miss a call: that call either counted itself before the closer
+ * looked, or reads CLOSING after and backs out without touching anything.
+ *
+ * close() moves OPEN -> CLOSING by compare-and-swap, so exactly one thread
+ * closes; a second closer waits for it to end, never detaches twice.  The
+ * winner waits until only its own thread's calls are in flight (a close()
+ * from a signal handler or a finalizer that runs inside one of them), then
+ * detaches and sets CLOSED, or gives up and sets OPEN again (something
+ * still uses the block).  When calls of its own thread are in flight it
+ * cannot wait for them (they resume only after it returns), so it marks the
+ * close deferred and the outermost of those calls detaches as it leaves.
+ *
+ * Buffer exports (views) and C API pins (acquire) are counted here too: they
+ * are taken only inside a call, so once the count has drained the closer
+ * reads final numbers.
+ */
+#ifndef SHMEMEXT_HANDLE_H
+#define SHMEMEXT_HANDLE_H
+
+#include <stdatomic.h>
+
+enum { SHX_GUARD_OPEN = 0, SHX_GUARD_CLOSING = 1, SHX_GUARD_CLOSED = 2 };
+
+typedef struct shx_guard {
+    _Atomic int state;        /* SHX_GUARD_* */
+    _Atomic int deferred;     /* the closer left the detach to its thread's outermost call */
+    _Atomic long inflight;    /* calls between enter and leave */
+    _Atomic long views;       /* buffers exported and not yet released */
+    _Atomic long pins;        /* C API acquire()s not yet released */
+} shx_guard;
+
+/* A guard of a handle that is attached (or about to be). */
+static inline void shx_guard_init(shx_guard *g)
+{
+    atomic_store(&g->state, SHX_GUARD_OPEN);
+    atomic_store(&g->deferred, 0);
+    atomic_store(&g->inflight, 0);
+    atomic_store(&g->views, 0);
+    atomic_store(&g->pins, 0);
+}
+
+/* 1: entered, the mapping may be used until shx_guard_leave.  0: closing or
+ * closed; nothing was entered and nothing must be left. */
+static inline int shx_guard_enter(shx_guard *g)
+{
+    atomic_fetch_add(&g->inflight, 1);
+    if (atomic_load(&g->state) == SHX_GUARD_OPEN)
+        return 1;
+    atomic_fetch_sub(&g->inflight, 1);
+    return 0;
+}
+
+static inline void shx_guard_leave(shx_guard *g) { atomic_fetch_sub(&g->inflight, 1); }
+
+/* Whether a close() has begun: waits inside a call end at their next slice. */
+static inline int shx_guard_closing(shx_guard *g) { return atomic_load(&g->state) != SHX_GUARD_OPEN; }
+
+static inline int shx_guard_closed(shx_guard *g) { return atomic_load(&g->state) == SHX_GUARD_CLOSED; }
+
+/* How shx_guard_close waits: pause() once, briefly (the caller lets other
+ * threads run meanwhile: it may hold an interpreter lock they need). */
+typedef struct shx_guard_waiter {
+    void (*pause)(void *ctx);
+    void *ctx;
+} shx_guard_waiter;
+
+enum {
+    SHX_GUARD_WON,        /* drained: detach, then shx_guard_close_end */
+    SHX_GUARD_DEFER,      /* drained but for `own` calls: finish in the outermost's leave */
+    SHX_GUARD_DONE        /* closed already, or by another closer meanwhile, or left to one of own's */
+};
+
+/* Begins a close.  `own` is how many of the in-flight calls belong to the
+ * calling thread.  A loser with no calls of its own waits for the winner; if
+ * the winner gave up, it tries to close again itself. */
+int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter);
+
+/* Ends a close begun with SHX_GUARD_WON or _DEFER: CLOSED when detached,
+ * else OPEN again. */
+static inline void shx_guard_close_end(shx_guard *g, int detached)
+{
+    atomic_store(&g->deferred, 0);
+    atomic_store(&g->state, detached ? SHX_GUARD_CLOSED : SHX_GUARD_OPEN);
+}
+
+#endif

@@ -1,0 +1,302 @@
+/* shmemext.Value: a named value cell (str or bytes, never read torn). */
+#include "glue.h"
+
+/* Where shx_value_get copies to: a new str of the stored width, or bytes. */
+typedef struct {
+    PyObject *obj;
+    BlockObject *block;
+} value_dst;
+
+static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
+{
+    value_dst *d = (value_dst *)ctx;
+#if PY_VERSION_HEX < 0x030C0000
+    /* Before 3.12 an allocation may run the cycle collector, so finalizers
+     * (any Python code) run here, inside the get. */
+    shx_py_reentry reentry;
+    shx_py_reentry_begin(&reentry, d->block);
+#endif
+    Py_CLEAR(d->obj);
+    Py_UCS4 maxchar;
+    size_t unit;
+    switch (type) {
+    case SHX_TYPE_EMPTY:  maxchar = 0; unit = 1; break;
+    case SHX_TYPE_ASCII:  maxchar = 0x7F; unit = 1; break;
+    case SHX_TYPE_LATIN1: maxchar = 0xFF; unit = 1; break;
+    case SHX_TYPE_UCS2:   maxchar = 0xFFFF; unit = 2; break;
+    case SHX_TYPE_UCS4:   maxchar = 0x10FFFF; unit = 4; break;
+    default:              maxchar = 0; unit = 0; break;
+    }
+    void *out;
+    if (unit == 0 || nbytes % unit != 0) {
+        /* Bytes, or text whose length is no whole number of units (refused after the copy). */
+        d->obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
+        out = d->obj ? PyBytes_AS_STRING(d->obj) : NULL;
+    } else {
+        d->obj = PyUnicode_New((Py_ssize_t)(nbytes / unit), maxchar);
+        out = d->obj ? PyUnicode_DATA(d->obj) : NULL;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    shx_py_reentry_end(&reentry);
+#endif
+    return out;
+}
+
+PyObject *shx_py_value_get(BlockObject *self)
+{
+    if (shx_py_enter(self) < 0)
+        return NULL;
+    value_dst dst = {NULL, self};
+    shx_py_release release;
+    shx_hooks hooks = SHX_PY_HOOKS(release, self);
+    shx_error err;
+    uint32_t type;
+    size_t nbytes;
+    int rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
+    shx_py_leave(self);
+    if (rc != SHX_OK) {
+        Py_XDECREF(dst.obj);
+        if (PyErr_Occurred())
+            return NULL;
+        return shx_py_raise_block(self, &err);
+    }
+    return dst.obj;
+}
+
+int shx_py_value_set(BlockObject *self, PyObject *value)
+{
+    Py_buffer view;
+    const void *data;
+    size_t nbytes;
+    uint32_t type;
+    int have_view = 0;
+    if (PyUnicode_Check(value)) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(value) < 0)
+            return -1;
+#endif
+        int kind = PyUnicode_KIND(value);
+        type = PyUnicode_IS_ASCII(value) ? SHX_TYPE_ASCII
+               : kind == PyUnicode_1BYTE_KIND ? SHX_TYPE_LATIN1
+               : kind == PyUnicode_2BYTE_KIND ? SHX_TYPE_UCS2
+                                              : SHX_TYPE_UCS4;
+        data = PyUnicode_DATA(value);
+        nbytes = (size_t)PyUnicode_GET_LENGTH(value) * (size_t)kind;
+    } else if (PyBytes_CheckExact(value)) {
+        /* The common case, without the buffer protocol's bookkeeping. */
+        type = SHX_TYPE_BYTES;
+        data = PyBytes_AS_STRING(value);
+        nbytes = (size_t)PyBytes_GET_SIZE(value);
+    } else if (PyObject_CheckBuffer(value)) {
+        /* Before entering: an exporter may run Python code. */
+        if (PyObject_GetBuffer(value, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "set() needs a contiguous bytes-like object; this %.100s is not contiguous",
+                         Py_TYPE(value)->tp_name);
+            return -1;
+        }
+        have_view = 1;
+        type = SHX_TYPE_BYTES;
+        data = view.buf;
+        nbytes = (size_t)view.len;
+    } else {
+        PyErr_Format(PyExc_TypeError, "set() argument must be str or a bytes-like object, not %.100s",
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    if (shx_py_enter(self) < 0) {
+        if (have_view)
+            PyBuffer_Release(&view);
+        return -1;
+    }
+    shx_py_release release;
+    shx_hooks hooks = SHX_PY_HOOKS(release, self);
+    shx_error err;
+    int rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
+    shx_py_leave(self);
+    if (have_view)
+        PyBuffer_Release(&view);
+    if (rc != SHX_OK) {
+        shx_py_raise_block(self, &err);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static const char *const names[] = {"name", "capacity", "persist", "mode", "scope", "security"};
+    static const shx_py_sig sig = {"Value", names, 6, 1, 2};
+    PyObject *v[6];
+    int persist = 0, mode = 0600;
+    const char *scope = NULL, *security = NULL;
+    uint64_t capacity;
+    if (shx_py_parse_tuple(&sig, args, kwds, v) < 0)
+        return NULL;
+    const char *name = shx_py_name_arg(v[0], "name");
+    if (name == NULL || shx_py_size_arg(v[1], "capacity", 1, &capacity) < 0 || shx_py_bool_arg(v[2], &persist) < 0 ||
+        shx_py_mode_arg(v[3], &mode) < 0 || shx_py_opt_str_arg(v[4], "scope", &scope) < 0 ||
+        shx_py_opt_str_arg(v[5], "security", &security) < 0)
+        return NULL;
+    return shx_py_block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0, scope, security);
+}
+
+static PyObject *value_get(BlockObject *self, PyObject *Py_UNUSED(ignored)) { return shx_py_value_get(self); }
+
+static PyObject *value_set(BlockObject *self, PyObject *value)
+{
+    if (shx_py_value_set(self, value) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *value_repr(BlockObject *self)
+{
+    if (shx_guard_enter(&self->block.guard)) {
+        if (self->block.attached) {
+            unsigned long long version = (unsigned long long)shx_value_version(&self->block);
+            int persist = shx_block_is_persistent(&self->block);
+            shx_py_leave(self);
+            return PyUnicode_FromFormat("<shmemext.Value name='%s' capacity=%llu version=%llu%s>", self->block.name,
+                                        (unsigned long long)self->block.capacity, version, persist ? " persist" : "");
+        }
+        shx_py_leave(self);
+    }
+    return PyUnicode_FromFormat("<shmemext.Value name='%s' closed>", self->block.name);
+}
+
+static PyObject *value_get_version(BlockObject *self, void *Py_UNUSED(c))
+{
+    if (shx_py_enter(self) < 0)
+        return NULL;
+    uint64_t version = shx_value_version(&self->block);
+    shx_py_leave(self);
+    return PyLong_FromUnsignedLongLong(version);
+}
+
+static int version_arg(PyObject *arg, uint64_t *out)
+{
+    if (!PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "wait() argument 'version' must be an int or None, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLong(arg);
+    if (*out == (uint64_t)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "version %R is out of range: versions are 0 to 2**64-1", arg);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* Waits until the version differs from `seen` (or `timeout` seconds, < 0:
+ * forever) with the GIL released, in slices so that Ctrl-C and close() are
+ * seen. */
+PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"version", "timeout"};
+    static const shx_py_sig sig = {"wait", names, 2, 0, 2};
+    PyObject *v[2];
+    uint64_t seen = 0;
+    double timeout = -1;
+    if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[0] != NULL && v[0] != Py_None && version_arg(v[0], &seen) < 0) ||
+        (v[1] != NULL && shx_py_timeout_arg("wait", v[1], &timeout) < 0))
+        return NULL;
+    if (shx_py_enter(self) < 0)
+        return NULL;
+    if (v[0] == NULL || v[0] == Py_None)
+        seen = shx_value_version(&self->block);
+    uint64_t start = shx_os_monotonic_ns(), now = seen;
+    shx_error err;
+    int rc;
+    for (;;) {
+        /* A passed deadline still looks once (a wait of 0), so timeout=0 is a poll. */
+        int64_t wait = shx_py_next_slice(timeout, start);
+        Py_BEGIN_ALLOW_THREADS
+        rc = shx_value_wait(&self->block, seen, wait, &now, &err);
+        Py_END_ALLOW_THREADS
+        if (rc != SHX_E_TIMEOUT || shx_guard_closing(&self->block.guard) || shx_py_next_slice(timeout, start) == 0 ||
+            shx_py_check_signals(self) < 0)
+            break;
+    }
+    int closing = shx_guard_closing(&self->block.guard);
+    shx_py_leave(self);
+    if (PyErr_Occurred())
+        return NULL;
+    if (rc == SHX_OK)
+        return PyLong_FromUnsignedLongLong(now);
+    if (rc != SHX_E_TIMEOUT)
+        return shx_py_raise_block(self, &err);
+    if (closing) {
+        module_state *st = shx_py_state_of_type(Py_TYPE(self));
+        return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "Value '%s' was closed while waiting",
+                            self->block.name);
+    }
+    char secs[32];
+    snprintf(secs, sizeof secs, "%g", timeout);
+    return PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for a new value in Value '%s' "
+                        "(still version %llu)", secs, self->block.name, (unsigned long long)now);
+}
+
+static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return shx_py_value_wait(self, args, nargs, kwnames);
+}
+
+static PyObject *value_read_stats(BlockObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&self->block.read_retries),
+                         (unsigned long long)atomic_load(&self->block.locked_reads));
+}
+
+static PyMethodDef value_methods[] = {
+    {"get", (PyCFunction)value_get, METH_NOARGS,
+     "get($self, /)\n--\n\nReturn the committed value: str or bytes, as it was set. A never-written block gives ''."},
+    {"set", (PyCFunction)value_set, METH_O,
+     "set($self, value, /)\n--\n\nCommit value (str or a contiguous bytes-like object) for every process to see."},
+    {"wait", (PyCFunction)(void (*)(void))value_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait($self, /, version=None, timeout=None)\n--\n\nBlock until the committed version differs from `version`\n"
+     "(default: the version now) and return the new version. TimeoutError after `timeout` seconds.\n"
+     "The OS wakes every waiter in every process at the next set(); nothing spins."},
+    {"_read_stats", (PyCFunction)value_read_stats, METH_NOARGS,
+     "_read_stats($self, /)\n--\n\n(retries, locked_reads) of this handle's gets so far: copies repeated because\n"
+     "a writer overtook them, and gets that fell back to the writer lock."},
+    SHX_PY_BLOCK_METHODS,
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef value_getset[] = {
+    SHX_PY_BLOCK_GETSET,
+    {"capacity", (getter)shx_py_block_get_size, NULL, "The largest value in bytes (str: characters x their width).",
+     NULL},
+    {"version", (getter)value_get_version, NULL, "How many values have been committed to the block.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+PyDoc_STRVAR(value_doc,
+"Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None)\n--\n\n"
+"A named value cell shared between processes.\n\n"
+"The first process to open `name` creates it zero-filled with `capacity` bytes\n"
+"(4096 when None); later ones take the existing block's capacity.  The block\n"
+"lives while any process has it open, unless persist=True.\n\n"
+"scope='global' names it for every session on Windows (Global\\, which needs\n"
+"SeCreateGlobalPrivilege); POSIX names are machine-wide either way.  security\n"
+"is a Windows SDDL descriptor for a new block, in place of the per-user one.");
+
+static PyType_Slot value_slots[] = {
+    {Py_tp_new, value_new},
+    {Py_tp_dealloc, shx_py_block_dealloc},
+    {Py_tp_traverse, shx_py_block_traverse},
+    {Py_tp_repr, value_repr},
+    {Py_tp_methods, value_methods},
+    {Py_tp_getset, value_getset},
+    {Py_tp_doc, (void *)value_doc},
+    {0, NULL}};
+
+PyType_Spec shx_py_value_spec = {
+    .name = "shmemext.Value",
+    .basicsize = sizeof(BlockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = value_slots,
+};
