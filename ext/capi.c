@@ -9,8 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "capi.h"
-#include "segment.h"
+#include "glue.h"
 
 _Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_NAME == SHX_E_NAME &&
                    SHMEMEXT_E_SIZE == SHX_E_SIZE && SHMEMEXT_E_FOREIGN == SHX_E_FOREIGN &&
@@ -103,18 +102,42 @@ static int report_closed(ShmemExt_Error *perr, const char *name, const char *why
     return SHMEMEXT_E_CLOSED;
 }
 
+/* Waits a moment, letting Python threads run if the caller holds the GIL. */
+static void pause_briefly(void *ctx)
+{
+    (void)ctx;
+    if (PyGILState_Check()) {
+        Py_BEGIN_ALLOW_THREADS
+        shx_os_pause_briefly();
+        Py_END_ALLOW_THREADS
+    } else {
+        shx_os_pause_briefly();
+    }
+}
+
 /* Every call that uses a handle's mapping enters its guard (handle.h), so
  * that a close() from another thread (Python's, or this table's) waits for
- * it instead of unmapping under it.  0: closed, with *perr filled. */
+ * it instead of unmapping under it.  A close() under way is waited for: a
+ * refused one must not fail the call (but not from inside a call of this
+ * thread on the block, which the close waits for).  0: closed, with *perr
+ * filled. */
 static int enter(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
     shx_block *b = block_of(handle);
-    if (b != NULL && shx_guard_enter(&b->guard)) {
-        if (b->attached)
-            return 1;
-        shx_guard_leave(&b->guard);
+    if (b == NULL)
+        return report_closed(perr, "?", "is no handle"), 0;
+    while (!shx_guard_enter(&b->guard)) {
+        if (shx_guard_closed(&b->guard) || atomic_load(&b->guard.deferred) ||
+            (b->owner != NULL && shx_py_own_calls(b->owner) > 0)) {
+            report_closed(perr, b->name, "is closed");
+            return 0;
+        }
+        pause_briefly(NULL);
     }
-    report_closed(perr, b ? b->name : "?", "is closed");
+    if (b->attached)
+        return 1;
+    shx_guard_leave(&b->guard);
+    report_closed(perr, b->name, "is closed");
     return 0;
 }
 
@@ -132,11 +155,6 @@ static int64_t slice_of(int64_t timeout_ns, uint64_t start)
     return left <= 0 ? 0 : left < CAPI_SLICE_NS ? left : CAPI_SLICE_NS;
 }
 
-static void pause_briefly(void *ctx)
-{
-    (void)ctx;
-    shx_os_pause_briefly();
-}
 
 static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode, ShmemExt_Block **out,
                      int *created, ShmemExt_Error *perr)
@@ -275,21 +293,24 @@ static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died
     uint64_t start = shx_os_monotonic_ns();
     int rc = shx_block_lock(b, timeout_ns < 0 || timeout_ns > CAPI_SLICE_NS ? CAPI_SLICE_NS : timeout_ns, &died,
                             NULL, &err);
-    while (rc == SHX_E_TIMEOUT && !shx_guard_closing(&b->guard)) {
+    for (;;) {
+        if (rc == SHX_OK && shx_guard_closing(&b->guard)) {
+            (void)shx_block_unlock(b, &err);   /* won as a close() began: it goes on */
+            rc = SHX_E_TIMEOUT;
+        }
+        if (rc == SHX_E_TIMEOUT && shx_guard_closing(&b->guard)) {
+            leave(handle);   /* out of its way; back in if it is given up */
+            if (!enter(handle, perr))
+                return SHMEMEXT_E_CLOSED;
+        }
         int64_t wait = slice_of(timeout_ns, start);
-        if (wait == 0)
+        if (rc != SHX_E_TIMEOUT || wait == 0)
             break;
         rc = shx_block_lock(b, wait, &died, NULL, &err);
-    }
-    if (rc == SHX_OK && shx_guard_closing(&b->guard)) {
-        (void)shx_block_unlock(b, &err);   /* won as a close() began: it goes on */
-        rc = SHX_E_CLOSED;
     }
     leave(handle);
     if (owner_died != NULL)
         *owner_died = died;
-    if (rc == SHX_E_CLOSED || (rc == SHX_E_TIMEOUT && shx_guard_closing(&b->guard)))
-        return report_closed(perr, b->name, "was closed while waiting for its lock");
     return rc == SHX_OK ? rc : report(perr, &err, b->name);
 }
 
@@ -313,13 +334,17 @@ static int capi_wait(ShmemExt_Block *handle, uint64_t seen, int64_t timeout_ns, 
     if (now == NULL)
         now = &ignored;
     int rc;
-    do {
+    for (;;) {
         rc = shx_value_wait(b, seen, slice_of(timeout_ns, start), now, &err);
-    } while (rc == SHX_E_TIMEOUT && !shx_guard_closing(&b->guard) && slice_of(timeout_ns, start) > 0);
-    int closing = shx_guard_closing(&b->guard);
+        if (rc != SHX_E_TIMEOUT || slice_of(timeout_ns, start) == 0)
+            break;
+        if (shx_guard_closing(&b->guard)) {
+            leave(handle);   /* out of its way; back in if it is given up */
+            if (!enter(handle, perr))
+                return SHMEMEXT_E_CLOSED;
+        }
+    }
     leave(handle);
-    if (rc == SHX_E_TIMEOUT && closing)
-        return report_closed(perr, b->name, "was closed while waiting");
     return rc == SHX_OK ? rc : report(perr, &err, b->name);
 }
 

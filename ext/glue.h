@@ -79,6 +79,9 @@ const char *shx_py_type_label(const BlockObject *self);
 int shx_py_enter(BlockObject *self);
 /* Leaves; the outermost call of a thread whose close() was deferred detaches. */
 void shx_py_leave(BlockObject *self);
+/* How many of this thread's calls on a block object are suspended where
+ * Python code runs (for the C API, which must not wait for its own close). */
+long shx_py_own_calls(const void *owner);
 
 /* Where Python code may run inside a call (a signal handler, a finalizer),
  * so that a close() from that code knows the call is its own thread's. */
@@ -95,12 +98,17 @@ int shx_py_reentry_init(void);
 typedef struct {
     PyThreadState *saved;
     BlockObject *block;
+    int closing;   /* a lock wait ended because a close() began: retry once it is decided */
 } shx_py_release;
 void shx_py_gil_begin(void *ctx);
 void shx_py_gil_end(void *ctx);
 int shx_py_wait_interrupted(void *ctx);
-#define SHX_PY_HOOKS(release, self) \
-    {shx_py_gil_begin, shx_py_gil_end, ((release).block = (self), &(release)), SHX_PY_LARGE_COPY, shx_py_wait_interrupted}
+#define SHX_PY_HOOKS(release, self)                                                                 \
+    {shx_py_gil_begin, shx_py_gil_end, ((release).block = (self), (release).closing = 0, &(release)), \
+     SHX_PY_LARGE_COPY, shx_py_wait_interrupted}
+/* Whether a call that ended with rc should run again: its lock wait gave
+ * way to a close() that was then given up (shx_py_enter decides). */
+#define SHX_PY_RETRY(rc, release) ((rc) == SHX_E_INTERRUPTED && (release).closing && !PyErr_Occurred())
 
 /* Signals pending, run inside a call (a re-entry point); -1 with the exception. */
 int shx_py_check_signals(BlockObject *self);

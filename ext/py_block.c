@@ -136,15 +136,13 @@ void shx_py_gil_end(void *ctx) { PyEval_RestoreThread(((shx_py_release *)ctx)->s
 /* Between lock-wait slices, with the GIL held: a pending KeyboardInterrupt
  * (or any exception a signal handler raises), or a close() from another
  * thread, ends the wait. */
-static PyObject *raise_closed(BlockObject *self);
-
 int shx_py_wait_interrupted(void *ctx)
 {
-    BlockObject *self = ((shx_py_release *)ctx)->block;
-    if (shx_py_check_signals(self) < 0)
+    shx_py_release *release = (shx_py_release *)ctx;
+    if (shx_py_check_signals(release->block) < 0)
         return 1;
-    if (shx_guard_closing(&self->block.guard)) {
-        raise_closed(self);
+    if (shx_guard_closing(&release->block->block.guard)) {
+        release->closing = 1;   /* the caller leaves, then learns whether the close went through */
         return 1;
     }
     return 0;
@@ -176,16 +174,28 @@ static PyObject *raise_closed(BlockObject *self)
                         self->block.name);
 }
 
+/* A call that finds a close() under way waits for its outcome: closed, it
+ * raises ClosedError; given up (something still used the block), it goes on,
+ * so that a close() that is refused never fails the calls around it.  Not
+ * from inside a call of this thread on the block (a signal handler's), nor
+ * once the close waits for such a call: that would wait for itself. */
 int shx_py_enter(BlockObject *self)
 {
-    if (shx_guard_enter(&self->block.guard)) {
-        if (self->block.attached)
-            return 0;
-        shx_guard_leave(&self->block.guard);   /* detached at exit */
+    shx_guard *g = &self->block.guard;
+    while (!shx_guard_enter(g)) {
+        if (shx_guard_closed(g) || atomic_load(&g->deferred) || own_calls(self) > 0)
+            goto closed;
+        pause_without_gil(NULL);
     }
+    if (self->block.attached)
+        return 0;
+    shx_guard_leave(g);   /* detached at exit */
+closed:
     raise_closed(self);
     return -1;
 }
+
+long shx_py_own_calls(const void *owner) { return own_calls((const BlockObject *)owner); }
 
 static void finish_deferred_close(BlockObject *self);
 
@@ -357,7 +367,7 @@ PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, 
     shx_error err;
     /* Without the GIL (creation may reserve much memory, and another
      * process may hold the attach gate), giving way to Ctrl-C meanwhile. */
-    shx_py_release release = {NULL, self};
+    shx_py_release release = {NULL, self, 0};
     shx_hooks hooks = {shx_py_gil_begin, shx_py_gil_end, &release, 0, signals_pending};
     int rc = shx_block_open_hooked(&self->block, name, kind, size, flags, (unsigned)mode, security, &hooks, &err);
     self->block.owner = self;
@@ -440,7 +450,7 @@ PyObject *shx_py_block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
     /* Waiting for another process's attach gate gives way to Ctrl-C; the
      * block stays attached then, and close() can be called again. */
     shx_error err;
-    shx_py_release release = {NULL, self};
+    shx_py_release release = {NULL, self, 0};
     shx_hooks hooks = {shx_py_gil_begin, shx_py_gil_end, &release, 0, signals_pending};
     int rc = shx_block_close_hooked(&self->block, &hooks, &err);
     shx_guard_close_end(g, !self->block.attached);

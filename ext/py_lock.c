@@ -9,13 +9,6 @@ typedef struct {
     int owner_died;
 } LockObject;
 
-static PyObject *raise_closed_while(BlockObject *seg)
-{
-    module_state *st = shx_py_state_of_type(Py_TYPE(seg));
-    return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "Segment '%s' was closed while waiting for its lock",
-                        seg->block.name);
-}
-
 /* Takes the segment's lock, waiting at most `timeout` seconds (< 0: forever)
  * with the GIL released, in slices so that signals (Ctrl-C) and close() are
  * seen; records this thread as the holder before it leaves the guard, so
@@ -42,20 +35,29 @@ static int acquire_block_lock(LockObject *lock, double timeout)
         Py_BEGIN_ALLOW_THREADS
         rc = shx_block_lock(&seg->block, wait, &owner_died, NULL, &err);
         Py_END_ALLOW_THREADS
-        if (rc == SHX_E_TIMEOUT && (shx_py_check_signals(seg) < 0 || shx_guard_closing(&seg->block.guard))) {
+        if (rc == SHX_E_TIMEOUT && shx_py_check_signals(seg) < 0) {
             shx_py_leave(seg);
-            if (!PyErr_Occurred())
-                raise_closed_while(seg);
             return -1;
+        }
+        if (rc == SHX_OK && shx_guard_closing(&seg->block.guard)) {
+            /* Won just as close() began: give it back, so that close() goes on. */
+            shx_error ignored;
+            (void)shx_block_unlock(&seg->block, &ignored);
+            rc = SHX_E_TIMEOUT;
+        }
+        if (rc == SHX_E_TIMEOUT && shx_guard_closing(&seg->block.guard)) {
+            /* Out of the close()'s way; back in if it was given up. */
+            shx_py_leave(seg);
+            if (shx_py_enter(seg) < 0)
+                return -1;
         }
     }
     if (rc == SHX_OK && shx_guard_closing(&seg->block.guard)) {
-        /* Won just as close() began: give it back, so that close() goes on. */
+        /* Won at the first try as close() began: the same. */
         shx_error ignored;
         (void)shx_block_unlock(&seg->block, &ignored);
         shx_py_leave(seg);
-        raise_closed_while(seg);
-        return -1;
+        return shx_py_enter(seg) < 0 ? -1 : (shx_py_leave(seg), acquire_block_lock(lock, timeout));
     }
     if (rc == SHX_OK && shx_py_note_lock_holder(seg, lock) < 0) {
         shx_error ignored;

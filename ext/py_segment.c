@@ -60,15 +60,18 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (out == NULL)
         return NULL;
-    if (shx_py_enter(self) < 0) {
-        Py_DECREF(out);
-        return NULL;
-    }
     shx_py_release release;
-    shx_hooks hooks = SHX_PY_HOOKS(release, self);
     shx_error err;
-    int rc = shx_segment_read(&self->block, (uint64_t)offset, PyBytes_AS_STRING(out), (size_t)n, &hooks, &err);
-    shx_py_leave(self);
+    int rc;
+    do {
+        if (shx_py_enter(self) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        shx_hooks hooks = SHX_PY_HOOKS(release, self);
+        rc = shx_segment_read(&self->block, (uint64_t)offset, PyBytes_AS_STRING(out), (size_t)n, &hooks, &err);
+        shx_py_leave(self);
+    } while (SHX_PY_RETRY(rc, release));
     if (rc != SHX_OK) {
         Py_DECREF(out);
         return shx_py_raise_block(self, &err);
@@ -103,15 +106,18 @@ static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssiz
         PyBuffer_Release(&view);
         return range_error(self, "write", end);
     }
-    if (shx_py_enter(self) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     shx_py_release release;
-    shx_hooks hooks = SHX_PY_HOOKS(release, self);
     shx_error err;
-    int rc = shx_segment_write(&self->block, (uint64_t)offset, view.buf, (size_t)view.len, &hooks, &err);
-    shx_py_leave(self);
+    int rc;
+    do {
+        if (shx_py_enter(self) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        shx_hooks hooks = SHX_PY_HOOKS(release, self);
+        rc = shx_segment_write(&self->block, (uint64_t)offset, view.buf, (size_t)view.len, &hooks, &err);
+        shx_py_leave(self);
+    } while (SHX_PY_RETRY(rc, release));
     Py_ssize_t written = view.len;
     PyBuffer_Release(&view);
     if (rc != SHX_OK)

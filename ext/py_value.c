@@ -44,16 +44,21 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
 
 PyObject *shx_py_value_get(BlockObject *self)
 {
-    if (shx_py_enter(self) < 0)
-        return NULL;
     value_dst dst = {NULL, self};
     shx_py_release release;
-    shx_hooks hooks = SHX_PY_HOOKS(release, self);
     shx_error err;
     uint32_t type;
     size_t nbytes;
-    int rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
-    shx_py_leave(self);
+    int rc;
+    do {
+        if (shx_py_enter(self) < 0) {
+            Py_XDECREF(dst.obj);
+            return NULL;
+        }
+        shx_hooks hooks = SHX_PY_HOOKS(release, self);
+        rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
+        shx_py_leave(self);
+    } while (SHX_PY_RETRY(rc, release));
     if (rc != SHX_OK) {
         Py_XDECREF(dst.obj);
         if (PyErr_Occurred())
@@ -104,16 +109,19 @@ int shx_py_value_set(BlockObject *self, PyObject *value)
                      Py_TYPE(value)->tp_name);
         return -1;
     }
-    if (shx_py_enter(self) < 0) {
-        if (have_view)
-            PyBuffer_Release(&view);
-        return -1;
-    }
     shx_py_release release;
-    shx_hooks hooks = SHX_PY_HOOKS(release, self);
     shx_error err;
-    int rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
-    shx_py_leave(self);
+    int rc;
+    do {
+        if (shx_py_enter(self) < 0) {
+            if (have_view)
+                PyBuffer_Release(&view);
+            return -1;
+        }
+        shx_hooks hooks = SHX_PY_HOOKS(release, self);
+        rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
+        shx_py_leave(self);
+    } while (SHX_PY_RETRY(rc, release));
     if (have_view)
         PyBuffer_Release(&view);
     if (rc != SHX_OK) {
@@ -218,11 +226,15 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
         Py_BEGIN_ALLOW_THREADS
         rc = shx_value_wait(&self->block, seen, wait, &now, &err);
         Py_END_ALLOW_THREADS
-        if (rc != SHX_E_TIMEOUT || shx_guard_closing(&self->block.guard) || shx_py_next_slice(timeout, start) == 0 ||
-            shx_py_check_signals(self) < 0)
+        if (rc != SHX_E_TIMEOUT || shx_py_next_slice(timeout, start) == 0 || shx_py_check_signals(self) < 0)
             break;
+        if (shx_guard_closing(&self->block.guard)) {
+            /* Out of the close()'s way; back in if it was given up. */
+            shx_py_leave(self);
+            if (shx_py_enter(self) < 0)
+                return NULL;
+        }
     }
-    int closing = shx_guard_closing(&self->block.guard);
     shx_py_leave(self);
     if (PyErr_Occurred())
         return NULL;
@@ -230,11 +242,6 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
         return PyLong_FromUnsignedLongLong(now);
     if (rc != SHX_E_TIMEOUT)
         return shx_py_raise_block(self, &err);
-    if (closing) {
-        module_state *st = shx_py_state_of_type(Py_TYPE(self));
-        return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "Value '%s' was closed while waiting",
-                            self->block.name);
-    }
     char secs[32];
     snprintf(secs, sizeof secs, "%g", timeout);
     return PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for a new value in Value '%s' "
