@@ -251,3 +251,13 @@ def test_acquire_and_release_are_counted_and_checked(consumer, name):
 def test_an_acquired_open_handle_refuses_close_with_e_busy(consumer, name):
     assert consumer.heap_pins(name) == (E_OK, E_BUSY, E_OK, E_OK, E_CLOSED, E_OK)
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_python_close_waits_for_c_threads_inside_calls_on_its_handle(consumer, name):
+    """C threads copying (and waiting) through a Python object's handle while
+    Python closes it: the close waits for each call, later calls get
+    E_CLOSED, nothing else fails and nothing crashes."""
+    for round_ in range(5):
+        v = shmemext.Value(f"{name}", 4096)
+        copies, other = consumer.copy_until_closed(v, 4, 0.05 + 0.02 * round_)
+        assert other == 0 and copies > 0 and v.closed and v._inflight == 0

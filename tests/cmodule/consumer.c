@@ -307,6 +307,7 @@ static PyMethodDef methods[] = {
     {"pin_and_keep", pin_and_keep, METH_O, NULL},
     {"use_kept", use_kept, METH_O, NULL},
     {"heap_pins", heap_pins, METH_O, NULL},
+    {"copy_until_closed", consumer_copy_until_closed, METH_VARARGS, NULL},
     {"wait_change", wait_change, METH_VARARGS, NULL},
     {"lock_for", lock_for, METH_VARARGS, NULL},
     {"default_set", default_set, METH_O, NULL},

@@ -44,6 +44,78 @@ static void *copy_loop(void *arg)
     return NULL;
 }
 
+typedef struct {
+    ShmemExt_Block *block;
+    long ok;
+    int other;   /* a result that is neither success nor E_CLOSED */
+} closing_worker;
+
+/* Copies through a borrowed handle until the block is closed under it. */
+static void *copy_until_closed_loop(void *arg)
+{
+    closing_worker *w = (closing_worker *)arg;
+    unsigned char buf[256];
+    memset(buf, 'c', sizeof buf);
+    ShmemExt_Error err;
+    for (;;) {
+        int rc = ShmemExtAPI->set_bytes(w->block, buf, sizeof buf, &err);
+        if (rc == SHMEMEXT_OK)
+            rc = ShmemExtAPI->get(w->block, buf, sizeof buf, NULL, NULL, NULL, &err);
+        if (rc == SHMEMEXT_OK)
+            rc = ShmemExtAPI->wait(w->block, ShmemExtAPI->value_version(w->block), 1000000, NULL, &err);
+        if (rc == SHMEMEXT_E_TIMEOUT)
+            rc = SHMEMEXT_OK;
+        if (rc == SHMEMEXT_E_CLOSED)
+            return NULL;
+        if (rc != SHMEMEXT_OK) {
+            w->other = rc;
+            return NULL;
+        }
+        w->ok++;
+    }
+}
+
+/* copy_until_closed(value, threads, delay_s) -> (copies done, other errors): C threads copy
+ * through the object's handle while Python closes it after delay_s. */
+PyObject *consumer_copy_until_closed(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *obj;
+    int threads;
+    double delay;
+    if (!PyArg_ParseTuple(args, "Oid", &obj, &threads, &delay))
+        return NULL;
+    if (threads < 1 || threads > 64)
+        return PyErr_Format(PyExc_ValueError, "1..64 threads");
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL)
+        return NULL;
+    pthread_t tids[64];
+    closing_worker ws[64];
+    for (int t = 0; t < threads; t++) {
+        ws[t] = (closing_worker){b, 0, 0};
+        pthread_create(&tids[t], NULL, copy_until_closed_loop, &ws[t]);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts = {(time_t)delay, (long)((delay - (double)(time_t)delay) * 1e9)};
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    PyObject *r = PyObject_CallMethod(obj, "close", NULL);   /* with the C threads inside the guard */
+    long ok = 0;
+    int other = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
+        pthread_join(tids[t], NULL);
+        ok += ws[t].ok;
+        other = other ? other : ws[t].other;
+    }
+    Py_END_ALLOW_THREADS
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    return Py_BuildValue("(li)", ok, other);
+}
+
 /* threaded_copies(name, threads, iterations, size) -> (bad, failed), copying without the GIL. */
 PyObject *consumer_threaded_copies(PyObject *self, PyObject *args)
 {
