@@ -90,4 +90,15 @@ static inline void shx_guard_close_end(shx_guard *g, int detached)
     atomic_store(&g->state, detached ? SHX_GUARD_CLOSED : SHX_GUARD_OPEN);
 }
 
+/* In a fork() child only the forking thread runs: the calls other threads
+ * had in flight never leave, and a close() one of them had begun never ends.
+ * Forgets them; the forking thread itself was in no call (it was forking). */
+static inline void shx_guard_forget_other_threads(shx_guard *g, int attached)
+{
+    atomic_store(&g->inflight, 0);
+    atomic_store(&g->deferred, 0);
+    if (atomic_load(&g->state) == SHX_GUARD_CLOSING)
+        atomic_store(&g->state, attached ? SHX_GUARD_OPEN : SHX_GUARD_CLOSED);
+}
+
 #endif

@@ -242,4 +242,8 @@ uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */
 void shx_os_detach_all_at_exit(shx_keep_name_fn keep_name);
 
+/* Supplied by the core, called by a POSIX backend in a fork() child for
+ * every block the process has attached, before anything else runs there. */
+void shx_core_fork_child(shx_os_map *m);
+
 #endif

@@ -69,8 +69,10 @@ static void registry_parent(void)
 
 static void registry_child(void)
 {
-    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached)
+    for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached) {
         shx_posix_fork_child(m);
+        shx_core_fork_child(m);
+    }
     shx_posix_forget_all_held();
     pthread_mutex_unlock(&registry_lock);
 }

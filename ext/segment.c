@@ -275,6 +275,12 @@ int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err)
 
 void shx_detach_all_at_exit(void) { shx_os_detach_all_at_exit(keep_name); }
 
+void shx_core_fork_child(shx_os_map *m)
+{
+    shx_block *b = (shx_block *)(void *)((char *)m - offsetof(shx_block, map));
+    shx_guard_forget_other_threads(&b->guard, b->attached);
+}
+
 int shx_unlink(const char *name, shx_error *err)
 {
     int rc = shx_name_check(name, strlen(name), err);

@@ -58,3 +58,57 @@ def test_import_keeps_the_gil_off_on_a_free_threaded_build():
         assert proc.stdout.strip() == "False", "importing shmemext turned the GIL back on"
     else:
         assert proc.stdout.strip() in ("True", "n/a")
+
+
+def test_a_fork_child_closes_a_block_other_threads_were_inside(name):
+    """A thread waits in wait() and another copies when the main thread forks:
+    in the child those threads do not exist, so their calls never leave, and
+    close() there must not wait for them."""
+    import threading
+    import time
+
+    v = shmemext.Value(name, 16 << 20)
+    stop = threading.Event()
+
+    def waiter():
+        while not stop.is_set():
+            try:
+                v.wait(timeout=0.2)
+            except TimeoutError:
+                pass
+
+    def copier():
+        big = b"c" * (16 << 20)
+        while not stop.is_set():
+            v.set(big)
+
+    threads = [threading.Thread(target=waiter), threading.Thread(target=copier)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    assert v._inflight >= 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # fork() with threads running
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            start = time.monotonic()
+            v.close()
+            code = 0 if v.closed and time.monotonic() - start < 5 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    status = done[1]
+    stop.set()
+    for t in threads:
+        t.join()
+    v.close()
+    assert done[0] != 0, "close() in the fork child hung, waiting for calls of threads it does not have"
+    assert os.waitstatus_to_exitcode(status) == 0
