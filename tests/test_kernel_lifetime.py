@@ -151,7 +151,9 @@ def pid(_):
     return os.getpid()
 if __name__ == "__main__":
     pool = mp.get_context("fork").Pool(2, initializer=init, initargs=(sys.argv[1], sys.argv[2]))
-    pool.map(pid, range(8))
+    # A worker runs tasks only after its initializer: once both have answered, both blocks exist.
+    while len(set(pool.map(pid, range(8)))) < 2:
+        pass
     print("ready", flush=True)
     if sys.stdin.readline().strip() == "terminate":
         pool.terminate()
