@@ -767,7 +767,7 @@ static void *guard_user(void *arg)
         if (m == NULL)
             atomic_fetch_add(&c->used_after, 1);
         else
-            m[atomic_fetch_add(&c->calls, 1) % 4096]++;
+            __atomic_fetch_add(&m[atomic_fetch_add(&c->calls, 1) % 4096], 1, __ATOMIC_RELAXED);
         shx_guard_leave(&c->guard);
     }
     return NULL;
