@@ -261,3 +261,43 @@ def test_python_close_waits_for_c_threads_inside_calls_on_its_handle(consumer, n
         v = shmemext.Value(f"{name}", 4096)
         copies, other = consumer.copy_until_closed(v, 4, 0.05 + 0.02 * round_)
         assert other == 0 and copies > 0 and v.closed and v._inflight == 0
+
+
+def readme_c_example():
+    """The README's C consumer, verbatim."""
+    with open(os.path.join(HERE, os.pardir, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("```c\n/* counter.c")
+    return text[start + len("```c\n"):text.index("```", start + 4)]
+
+
+def test_the_readme_c_example_publishes_to_another_process(tmp_path, name):
+    """counter.c from the README, built with -Wall -Wextra -Werror (its block
+    name swapped for this test's): one process imports it and publishes, a
+    second reads the text while the first runs, and the block goes with it."""
+    source = readme_c_example()
+    assert source.count('"status"') == 1
+    (tmp_path / "counter.c").write_text(source.replace('"status"', f'"{name}"'))
+    target = tmp_path / ("counter" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [compiler(), "-shared", "-fPIC", "-O2", "-std=c11", *WARNINGS, *includes(), str(tmp_path / "counter.c"),
+           "-o", str(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys
+            sys.path.insert(0, sys.argv[1])
+            import counter
+            counter.publish("caf\\u00e9 from C")
+            print("published", flush=True)
+            sys.stdin.readline()
+        """), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert publisher.stdout.readline() == "published\n"
+        reader = subprocess.run([sys.executable, "-c", "import shmemext, sys; print(shmemext.Value(sys.argv[1]).get())",
+                                 name], capture_output=True, text=True, timeout=60)
+        assert reader.stdout == "caf\u00e9 from C\n", reader.stderr
+    finally:
+        publisher.communicate("\n", timeout=60)
+    assert publisher.returncode == 0
+    assert not os.path.exists(f"/dev/shm/{name}"), "the block goes with its last holder"

@@ -19,6 +19,8 @@
  * that calls ShmemExt_IMPORT and SHMEMEXT_API_EXTERN in the others, before
  * including this header; a single-file consumer defines neither.
  *
+ * Every `err` argument may be NULL: the result code alone is returned then.
+ *
  * Functions marked [no GIL] may be called without holding the GIL, from any
  * thread; [GIL] ones need it (an attached thread state, on free-threaded
  * CPython).
@@ -127,7 +129,12 @@ typedef struct ShmemExt_CAPI {
      * open (acquire() it to be sure): do not close it. */
     ShmemExt_Block *(*from_object)(PyObject *obj);
 
-    /* [no GIL] Commits `len` bytes as a bytes value / valid UTF-8 as a str value. */
+    /* [no GIL] Commits `len` bytes as a bytes value / valid UTF-8 as a str value
+     * (SHMEMEXT_E_ENCODING otherwise).  A value cell's capacity counts the value
+     * as stored: bytes as they are, a str in CPython's PEP 393 form, 1, 2 or 4
+     * bytes per character by its widest one (28 bytes of UTF-8 holding one
+     * emoji and 24 ASCII characters take 100 bytes); SHMEMEXT_E_TOOBIG when it
+     * does not fit. */
     int (*set_bytes)(ShmemExt_Block *block, const void *data, size_t len, ShmemExt_Error *err);
     int (*set_utf8)(ShmemExt_Block *block, const char *text, size_t len, ShmemExt_Error *err);
     /* [no GIL] Copies one committed value into buf (capacity `cap`): bytes as
@@ -135,7 +142,9 @@ typedef struct ShmemExt_CAPI {
      * to the value's length; SHMEMEXT_E_BUFFER when it exceeds cap.  buf may be
      * NULL with cap 0: then an empty value succeeds, any other is E_BUFFER with
      * the length needed.  *is_text (may be NULL)
-     * tells str from bytes.  *version (may be NULL) is the value's version. */
+     * tells str from bytes.  *version (may be NULL) is the value's version.
+     * A str that UTF-8 cannot carry (one with a lone surrogate, set from
+     * Python) is SHMEMEXT_E_ENCODING. */
     int (*get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text,
                uint64_t *version, ShmemExt_Error *err);
     /* Every call below on a block that was closed (a Python object's, by its
