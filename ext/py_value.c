@@ -4,18 +4,13 @@
 /* Where shx_value_get copies to: a new str of the stored width, or bytes. */
 typedef struct {
     PyObject *obj;
-    BlockObject *block;
 } value_dst;
 
 static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
 {
+    /* No Python code runs here: str and bytes are not tracked by the cycle
+     * collector, so making one never starts a collection (and finalizers). */
     value_dst *d = (value_dst *)ctx;
-#if PY_VERSION_HEX < 0x030C0000
-    /* Before 3.12 an allocation may run the cycle collector, so finalizers
-     * (any Python code) run here, inside the get. */
-    shx_py_reentry reentry;
-    shx_py_reentry_begin(&reentry, d->block);
-#endif
     Py_CLEAR(d->obj);
     Py_UCS4 maxchar;
     size_t unit;
@@ -36,15 +31,12 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
         d->obj = PyUnicode_New((Py_ssize_t)(nbytes / unit), maxchar);
         out = d->obj ? PyUnicode_DATA(d->obj) : NULL;
     }
-#if PY_VERSION_HEX < 0x030C0000
-    shx_py_reentry_end(&reentry);
-#endif
     return out;
 }
 
 PyObject *shx_py_value_get(BlockObject *self)
 {
-    value_dst dst = {NULL, self};
+    value_dst dst = {NULL};
     shx_py_release release;
     shx_error err;
     uint32_t type;
