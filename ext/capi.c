@@ -124,8 +124,10 @@ static void pause_briefly(void *ctx)
 static int enter(ShmemExt_Block *handle, ShmemExt_Error *perr)
 {
     shx_block *b = block_of(handle);
-    if (b == NULL)
-        return report_closed(perr, "?", "is no handle"), 0;
+    if (b == NULL) {
+        report_closed(perr, "?", "is no handle");
+        return 0;
+    }
     while (!shx_guard_enter(&b->guard)) {
         if (shx_guard_closed(&b->guard) || atomic_load(&b->guard.deferred) ||
             (b->owner != NULL && shx_py_own_calls(b->owner) > 0)) {

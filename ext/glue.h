@@ -77,6 +77,10 @@ const char *shx_py_type_label(const BlockObject *self);
 
 /* 0: entered; -1 with ClosedError when the block is closed or closing. */
 int shx_py_enter(BlockObject *self);
+/* 1: entered an attached block; 0: not, and nothing is raised or waited for. */
+int shx_py_enter_quietly(BlockObject *self);
+/* 0 while the block is open; -1 with ClosedError after close(). */
+int shx_py_check_open(BlockObject *self);
 /* Leaves; the outermost call of a thread whose close() was deferred detaches. */
 void shx_py_leave(BlockObject *self);
 /* How many of this thread's calls on a block object are suspended where
@@ -135,7 +139,7 @@ PyObject *shx_py_optional_int(int64_t value);
 
 /* The segment lock's holder, as SegmentLock records it (under self->mutex). */
 int shx_py_note_lock_holder(BlockObject *self, void *holder);
-void shx_py_forget_lock_holder(BlockObject *self, void *holder);
+void shx_py_forget_lock_holder(BlockObject *self);
 
 #define SHX_PY_BLOCK_METHODS                                                                                \
     {"close", (PyCFunction)shx_py_block_close, METH_NOARGS,                                                \
@@ -178,7 +182,6 @@ typedef struct {
     int required;
     int positional;
 } shx_py_sig;
-#define SHX_PY_MAX_PARAMS 8
 
 /* Into vals[] (NULL when absent), from a fastcall or from tp_new's tuple and dict. */
 int shx_py_parse(const shx_py_sig *sig, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *vals[]);

@@ -168,10 +168,7 @@ ShmemExt_Block *shmemext_block_from_object(PyObject *obj)
         return NULL;
     }
     BlockObject *b = (BlockObject *)obj;
-    if (shx_py_enter(b) < 0)
-        return NULL;
-    shx_py_leave(b);
-    return (ShmemExt_Block *)&b->block;
+    return shx_py_check_open(b) < 0 ? NULL : (ShmemExt_Block *)&b->block;
 }
 
 /* ---- the default block ----------------------------------------------------- */

@@ -195,6 +195,24 @@ closed:
     return -1;
 }
 
+int shx_py_enter_quietly(BlockObject *self)
+{
+    if (!shx_guard_enter(&self->block.guard))
+        return 0;
+    if (self->block.attached)
+        return 1;
+    shx_guard_leave(&self->block.guard);
+    return 0;
+}
+
+int shx_py_check_open(BlockObject *self)
+{
+    if (shx_py_enter(self) < 0)
+        return -1;
+    shx_py_leave(self);
+    return 0;
+}
+
 long shx_py_own_calls(const void *owner) { return own_calls((const BlockObject *)owner); }
 
 static void finish_deferred_close(BlockObject *self);
@@ -261,16 +279,20 @@ int shx_py_note_lock_holder(BlockObject *self, void *holder)
     return 0;
 }
 
-void shx_py_forget_lock_holder(BlockObject *self, void *holder)
+/* Under self->mutex: no holder any more; returns the weak reference to drop after unlocking. */
+static PyObject *clear_lock_holder(BlockObject *self)
+{
+    PyObject *old = self->lock_thread_alive;
+    self->lock_held = 0;
+    self->lock_holder = NULL;
+    self->lock_thread_alive = NULL;
+    return old;
+}
+
+void shx_py_forget_lock_holder(BlockObject *self)
 {
     SHX_PY_LOCK(&self->mutex);
-    PyObject *old = NULL;
-    if (holder == NULL || self->lock_holder == holder) {
-        old = self->lock_thread_alive;
-        self->lock_held = 0;
-        self->lock_holder = NULL;
-        self->lock_thread_alive = NULL;
-    }
+    PyObject *old = clear_lock_holder(self);
     SHX_PY_UNLOCK(&self->mutex);
     Py_XDECREF(old);
 }
@@ -283,14 +305,10 @@ static unsigned long live_lock_thread(BlockObject *self)
     PyObject *dead = NULL;
     unsigned long thread = 0;
     SHX_PY_LOCK(&self->mutex);
-    if (self->lock_held && self->lock_thread_alive != NULL && weakref_alive(self->lock_thread_alive)) {
+    if (self->lock_held && self->lock_thread_alive != NULL && weakref_alive(self->lock_thread_alive))
         thread = self->lock_thread;
-    } else {
-        dead = self->lock_thread_alive;
-        self->lock_held = 0;
-        self->lock_holder = NULL;
-        self->lock_thread_alive = NULL;
-    }
+    else
+        dead = clear_lock_holder(self);
     SHX_PY_UNLOCK(&self->mutex);
     Py_XDECREF(dead);
     return thread;
@@ -433,16 +451,10 @@ PyObject *shx_py_block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
     /* Refused at once when the refusal is plain; checked again once drained. */
     if (!shx_guard_closing(g) && refuse_close_in_use(self) < 0)
         return NULL;
-    switch (shx_guard_close(g, own_calls(self), &gil_waiter)) {
-    case SHX_GUARD_DONE:
+    /* DONE: closed already or by another closer.  DEFER: from a signal
+     * handler inside a call of this thread, which detaches as it leaves. */
+    if (shx_guard_close(g, own_calls(self), &gil_waiter) != SHX_GUARD_WON)
         Py_RETURN_NONE;
-    case SHX_GUARD_DEFER:
-        /* From a signal handler or finalizer inside a call of this thread:
-         * that call detaches as it leaves. */
-        Py_RETURN_NONE;
-    default:
-        break;
-    }
     if (refuse_close_in_use(self) < 0) {   /* taken by a call that ended just now */
         shx_guard_close_end(g, 0);
         return NULL;
@@ -461,10 +473,7 @@ PyObject *shx_py_block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
 
 PyObject *shx_py_block_enter(BlockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (shx_py_enter(self) < 0)
-        return NULL;
-    shx_py_leave(self);
-    return Py_NewRef(self);
+    return shx_py_check_open(self) < 0 ? NULL : Py_NewRef(self);
 }
 
 PyObject *shx_py_block_exit(BlockObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))

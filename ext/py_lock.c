@@ -57,7 +57,7 @@ static int acquire_block_lock(LockObject *lock, double timeout)
         shx_error ignored;
         (void)shx_block_unlock(&seg->block, &ignored);
         shx_py_leave(seg);
-        return shx_py_enter(seg) < 0 ? -1 : (shx_py_leave(seg), acquire_block_lock(lock, timeout));
+        return shx_py_check_open(seg) < 0 ? -1 : acquire_block_lock(lock, timeout);
     }
     if (rc == SHX_OK && shx_py_note_lock_holder(seg, lock) < 0) {
         shx_error ignored;
@@ -101,7 +101,7 @@ static PyObject *lock_release(LockObject *self, PyObject *Py_UNUSED(ignored))
     shx_error err;
     int rc = shx_block_unlock(&seg->block, &err);
     if (rc == SHX_OK)
-        shx_py_forget_lock_holder(seg, NULL);
+        shx_py_forget_lock_holder(seg);
     shx_py_leave(seg);
     if (rc != SHX_OK) {
         if (err.status == SHX_E_OS && err.os_error == EPERM)
@@ -151,11 +151,11 @@ static void lock_let_go(LockObject *self)
     if (mine)
         seg->lock_holder = NULL;
     SHX_PY_UNLOCK(&seg->mutex);
-    if (!held_here || !shx_guard_enter(&seg->block.guard))
+    if (!held_here || !shx_py_enter_quietly(seg))
         return;
     shx_error err;
-    if (seg->block.attached && shx_block_unlock(&seg->block, &err) == SHX_OK)
-        shx_py_forget_lock_holder(seg, NULL);
+    if (shx_block_unlock(&seg->block, &err) == SHX_OK)
+        shx_py_forget_lock_holder(seg);
     shx_py_leave(seg);
 }
 

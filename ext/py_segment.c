@@ -45,9 +45,8 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[0] && shx_py_index_arg(v[0], "n", &n) < 0) ||
         (v[1] && shx_py_index_arg(v[1], "offset", &offset) < 0))
         return NULL;
-    if (shx_py_enter(self) < 0)
+    if (shx_py_check_open(self) < 0)   /* closed is said before a bad range */
         return NULL;
-    shx_py_leave(self);   /* closed is said before a bad range */
     uint64_t size = self->block.capacity;
     if (check_offset(self, offset) < 0)
         return NULL;
@@ -87,9 +86,8 @@ static PyObject *segment_write(BlockObject *self, PyObject *const *args, Py_ssiz
     Py_ssize_t offset = 0;
     if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[1] && shx_py_index_arg(v[1], "offset", &offset) < 0))
         return NULL;
-    if (shx_py_enter(self) < 0)
+    if (shx_py_check_open(self) < 0)
         return NULL;
-    shx_py_leave(self);
     if (self->readonly)
         return PyErr_Format(PyExc_TypeError, "Segment '%s' was opened readonly", self->block.name);
     uint64_t size = self->block.capacity;
@@ -152,23 +150,19 @@ static PyObject *segment_lock(BlockObject *self, PyObject *const *args, Py_ssize
     double timeout = -1;
     if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[0] && shx_py_timeout_arg("lock", v[0], &timeout) < 0))
         return NULL;
-    if (shx_py_enter(self) < 0)
+    if (shx_py_check_open(self) < 0)
         return NULL;
-    shx_py_leave(self);
     return shx_py_lock_new(self, timeout);
 }
 
 static PyObject *segment_repr(BlockObject *self)
 {
-    if (shx_guard_enter(&self->block.guard)) {
-        if (self->block.attached) {
-            int persist = shx_block_is_persistent(&self->block);
-            shx_py_leave(self);
-            return PyUnicode_FromFormat("<shmemext.Segment name='%s' size=%llu%s%s>", self->block.name,
-                                        (unsigned long long)self->block.capacity, self->readonly ? " readonly" : "",
-                                        persist ? " persist" : "");
-        }
+    if (shx_py_enter_quietly(self)) {
+        int persist = shx_block_is_persistent(&self->block);
         shx_py_leave(self);
+        return PyUnicode_FromFormat("<shmemext.Segment name='%s' size=%llu%s%s>", self->block.name,
+                                    (unsigned long long)self->block.capacity, self->readonly ? " readonly" : "",
+                                    persist ? " persist" : "");
     }
     return PyUnicode_FromFormat("<shmemext.Segment name='%s' closed>", self->block.name);
 }

@@ -152,15 +152,12 @@ static PyObject *value_set(BlockObject *self, PyObject *value)
 
 static PyObject *value_repr(BlockObject *self)
 {
-    if (shx_guard_enter(&self->block.guard)) {
-        if (self->block.attached) {
-            unsigned long long version = (unsigned long long)shx_value_version(&self->block);
-            int persist = shx_block_is_persistent(&self->block);
-            shx_py_leave(self);
-            return PyUnicode_FromFormat("<shmemext.Value name='%s' capacity=%llu version=%llu%s>", self->block.name,
-                                        (unsigned long long)self->block.capacity, version, persist ? " persist" : "");
-        }
+    if (shx_py_enter_quietly(self)) {
+        unsigned long long version = (unsigned long long)shx_value_version(&self->block);
+        int persist = shx_block_is_persistent(&self->block);
         shx_py_leave(self);
+        return PyUnicode_FromFormat("<shmemext.Value name='%s' capacity=%llu version=%llu%s>", self->block.name,
+                                    (unsigned long long)self->block.capacity, version, persist ? " persist" : "");
     }
     return PyUnicode_FromFormat("<shmemext.Value name='%s' closed>", self->block.name);
 }

@@ -226,7 +226,7 @@ E_OK, E_CLOSED, E_BUSY = 0, 13, 20
 
 def test_acquire_keeps_a_python_object_open_and_alive_until_release(consumer, name):
     v = shmemext.Value(name, 64)
-    assert consumer.pin_and_keep(v) == E_OK
+    assert consumer.pin(v) == E_OK
     with pytest.raises(BufferError, match=r"1 C extension handle\(s\) \(ShmemExtAPI->acquire\) still hold it"):
         v.close()
     del v   # the pin holds the object: the handle stays valid

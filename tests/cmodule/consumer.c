@@ -226,22 +226,12 @@ static PyObject *wait_change(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(now);
 }
 
-/* pin(obj) / unpin(obj): acquire() / release() of a Python object's handle; the result code. */
-static PyObject *pin(PyObject *self, PyObject *obj)
-{
-    (void)self;
-    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
-    if (b == NULL)
-        return NULL;
-    ShmemExt_Error err;
-    return PyLong_FromLong(ShmemExtAPI->acquire(b, &err));
-}
-
-/* Takes the handle as from_object gave it earlier: unpin must work after
- * the caller dropped its own reference (the pin keeps the object alive). */
+/* The handle pin() acquired last: use_kept() must work after the caller
+ * dropped its own reference (the pin keeps the object alive). */
 static ShmemExt_Block *pinned;
 
-static PyObject *pin_and_keep(PyObject *self, PyObject *obj)
+/* pin(obj) / unpin(obj): acquire() / release() of a Python object's handle; the result code. */
+static PyObject *pin(PyObject *self, PyObject *obj)
 {
     (void)self;
     ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
@@ -254,7 +244,7 @@ static PyObject *pin_and_keep(PyObject *self, PyObject *obj)
     return PyLong_FromLong(rc);
 }
 
-/* use_kept(text) -> (set result, the name): through the handle kept by pin_and_keep, then released. */
+/* use_kept(text) -> (set result, release result, the name): through the handle pin() kept, then released. */
 static PyObject *use_kept(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -304,7 +294,6 @@ static PyObject *heap_pins(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"pin", pin, METH_O, NULL},
     {"unpin", unpin, METH_O, NULL},
-    {"pin_and_keep", pin_and_keep, METH_O, NULL},
     {"use_kept", use_kept, METH_O, NULL},
     {"heap_pins", heap_pins, METH_O, NULL},
     {"copy_until_closed", consumer_copy_until_closed, METH_VARARGS, NULL},
