@@ -2,14 +2,14 @@
 
     python benchmarks/run.py [--quick] [--json FILE] [--plot FILE] [--sections copy,...] [--no-redis]
 
-Needs shmemext installed (pip install '.[bench,plot]' for every peer and the
-chart; a local redis-server is used when it is on PATH).  See
-shmemext/_bench.py for what is measured and how.
+Needs shmemext installed, and the peers for a side-by-side run
+(pip install -r benchmarks/requirements.txt; a local redis-server is used
+when it is on PATH).  See suite.py for what is measured and how.
 """
 
 import sys
 
-from shmemext import _bench
+import suite
 
 if __name__ == "__main__":
-    sys.exit(_bench.run(sys.argv[1:]))
+    sys.exit(suite.run(sys.argv[1:]))

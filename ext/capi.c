@@ -20,10 +20,11 @@ _Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_
                    SHMEMEXT_E_CLOSED == SHX_E_CLOSED && SHMEMEXT_E_RANGE == SHX_E_RANGE &&
                    SHMEMEXT_E_BUFFER == SHX_E_BUFFER && SHMEMEXT_E_ENCODING == SHX_E_ENCODING &&
                    SHMEMEXT_E_INTERRUPTED == SHX_E_INTERRUPTED && SHMEMEXT_E_PERSIST == SHX_E_PERSIST &&
-                   SHMEMEXT_E_BUSY == SHX_E_BUSY,
+                   SHMEMEXT_E_BUSY == SHX_E_BUSY && SHMEMEXT_E_NOTFOUND == SHX_E_NOTFOUND,
                "public result codes match the core's");
 _Static_assert(SHMEMEXT_VALUE == SHX_KIND_VALUE && SHMEMEXT_SEGMENT == SHX_KIND_SEGMENT, "kinds match");
-_Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST && SHMEMEXT_GLOBAL == SHX_GLOBAL, "flags match");
+_Static_assert(SHMEMEXT_PERSIST == SHX_PERSIST && SHMEMEXT_GLOBAL == SHX_GLOBAL && SHMEMEXT_EXISTING == SHX_EXISTING,
+               "flags match");
 
 static shx_block *block_of(ShmemExt_Block *handle) { return (shx_block *)handle; }
 
@@ -176,7 +177,7 @@ static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, 
         shx_fail(&err, SHX_E_OS, 0, 0, "out of memory");
         return report(perr, &err, name);
     }
-    unsigned core_flags = (flags & (SHX_PERSIST | SHX_GLOBAL)) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
+    unsigned core_flags = (flags & (SHX_PERSIST | SHX_GLOBAL | SHX_EXISTING)) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
     int rc = shx_block_open(b, name, (uint32_t)kind, size, core_flags, mode, &err);
     if (rc != SHX_OK) {
         free(b);

@@ -117,9 +117,14 @@ int shx_py_wait_interrupted(void *ctx);
 /* Signals pending, run inside a call (a re-entry point); -1 with the exception. */
 int shx_py_check_signals(BlockObject *self);
 
-/* Allocates the object and attaches it. */
-PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, int persist, int mode,
-                           int readonly, const char *scope, const char *security);
+/* The open flags for the keywords persist= and create=. */
+static inline unsigned shx_py_open_flags(int persist, int create)
+{
+    return (persist ? SHX_PERSIST : 0u) | (create ? 0u : SHX_EXISTING);
+}
+/* Allocates the object and attaches it; flags SHX_PERSIST, SHX_EXISTING. */
+PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags,
+                           int mode, int readonly, const char *scope, const char *security);
 void shx_py_block_dealloc(BlockObject *self);
 int shx_py_block_traverse(PyObject *self, visitproc visit, void *arg);
 

@@ -78,7 +78,8 @@ typedef enum shx_status {
     SHX_E_ENCODING,  /* text that UTF-8 cannot carry: detail */
     SHX_E_INTERRUPTED, /* a wait was given up because the caller's interrupted() hook said so */
     SHX_E_PERSIST,    /* persist asked of a block that exists without it, where the OS cannot change that */
-    SHX_E_BUSY        /* close refused: a consumer still holds the handle (a = C API pins) */
+    SHX_E_BUSY,       /* close refused: a consumer still holds the handle (a = C API pins) */
+    SHX_E_NOTFOUND    /* SHX_OPEN_EXISTING, and no live block has the name */
 } shx_status;
 
 typedef struct shx_error {
@@ -153,6 +154,7 @@ typedef int (*shx_keep_name_fn)(const shx_os_map *m);
 #define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
 #define SHX_OPEN_GLOBAL 2u          /* Windows: the Global\ namespace, seen by every session */
 #define SHX_OPEN_PERSIST 4u         /* a new object outlives its last holder (until unlink) */
+#define SHX_OPEN_EXISTING 8u        /* never create: SHX_E_NOTFOUND where a new object would be made */
 
 /* Whether an object made without SHX_OPEN_PERSIST can be made persistent by a
  * later attach.  Not where the kernel frees it by itself (System V memory

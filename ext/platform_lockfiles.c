@@ -574,7 +574,10 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         if ((rc = map_object(m, existing, err)) != SHX_OK)
             return rc;
         rc = prepare(ctx, m, SHX_ATTACH_ALONE, err);
-        if (rc == SHX_REINIT) {
+        if (rc == SHX_REINIT && (flags & SHX_OPEN_EXISTING)) {
+            unmap_object(m);
+            state = SHX_ATTACH_FRESH;   /* dead: refused below, as a missing one is */
+        } else if (rc == SHX_REINIT) {
             unmap_object(m);
             if ((rc = empty_object(m, mode, err)) != SHX_OK)
                 return rc;
@@ -582,6 +585,12 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         } else if (rc != SHX_OK) {
             return rc;
         }
+    }
+    if (state == SHX_ATTACH_FRESH && (flags & SHX_OPEN_EXISTING)) {
+        /* What open_and_gate made for a new block goes again; we hold it alone. */
+        shx_error ignored;
+        (void)forget_names(m, &ignored);
+        return shx_fail(err, SHX_E_NOTFOUND, 0, 0, NULL);
     }
     if (state == SHX_ATTACH_FRESH) {
         rc = size_fresh_object(m->object_fd, size, mode, err);

@@ -500,9 +500,15 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
         return rc;
     struct stat st;
-    int fd = open_gated(m->os_name, 1, mode, intr, &st);
+    int existing_only = (flags & SHX_OPEN_EXISTING) != 0;
+    int fd = open_gated(m->os_name, !existing_only, mode, intr, &st);
     if (fd < 0) {
-        rc = errno == ECANCELED ? shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL) : shx_fail_os(err, "shm_open");
+        if (errno == ECANCELED)
+            rc = shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
+        else if (errno == ENOENT && existing_only)
+            rc = shx_fail(err, SHX_E_NOTFOUND, 0, 0, NULL);
+        else
+            rc = shx_fail_os(err, "shm_open");
         shx_posix_registry_leave();
         return rc;
     }
@@ -515,7 +521,9 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
         rc = SHX_REINIT;
     }
     if (rc == SHX_REINIT) {
-        rc = create_block(m, fd, &st, size, mode, flags, prepare, ctx, err);
+        /* The entry was empty or names memory that is gone: a new block is due. */
+        rc = existing_only ? shx_fail(err, SHX_E_NOTFOUND, 0, 0, NULL)
+                           : create_block(m, fd, &st, size, mode, flags, prepare, ctx, err);
         if (rc == SHX_OK)
             *created = 1;
         else   /* the entry was empty or dead, and we hold its gate: leave nothing behind */

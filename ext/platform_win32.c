@@ -214,6 +214,11 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
             err->detail = "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
     } else {
         int existed = created_error == ERROR_ALREADY_EXISTS;
+        if (!existed && (flags & SHX_OPEN_EXISTING)) {
+            /* Made just now, by us alone under the gate: it goes with its handle below. */
+            rc = shx_fail(err, SHX_E_NOTFOUND, 0, 0, NULL);
+            goto unlock;
+        }
         m->base = MapViewOfFile((HANDLE)m->mapping, FILE_MAP_ALL_ACCESS, 0, 0, 0);
         MEMORY_BASIC_INFORMATION info;
         if (m->base == NULL) {
@@ -227,6 +232,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
             *created = rc == SHX_OK && !existed;
         }
     }
+unlock:
     ReleaseMutex(gate);
 done:
     if (gate != NULL)

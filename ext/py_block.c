@@ -54,6 +54,8 @@ PyObject *shx_py_raise(module_state *st, const shx_error *err, const char *name)
         return raise_os_error(PyExc_OSError, err->os_error, msg, name);
     case SHX_E_NOTOWNER:
         return raise_os_error(PyExc_PermissionError, EACCES, msg, name);
+    case SHX_E_NOTFOUND:
+        return raise_os_error(PyExc_FileNotFoundError, ENOENT, msg, name);
     case SHX_E_NAME:
         return PyErr_Format(st ? st->error : PyExc_ValueError, "invalid block name '%s': %s", name, msg);
     case SHX_E_TIMEOUT:
@@ -369,8 +371,8 @@ static int check_security(const char *security)
 #endif
 }
 
-PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, int persist, int mode,
-                           int readonly, const char *scope_name, const char *security)
+PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags,
+                           int mode, int readonly, const char *scope_name, const char *security)
 {
     int scope;
     if ((scope = scope_flag(scope_name)) < 0 || check_security(security) < 0)
@@ -380,8 +382,7 @@ PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, 
         return NULL;
     self->readonly = readonly;
     /* A caller's own security descriptor says who may open the block: no owner check then. */
-    unsigned flags = (persist ? SHX_PERSIST : 0) | ((mode & 077) == 0 && security == NULL ? SHX_PRIVATE_OWNER : 0) |
-                     (unsigned)scope;
+    flags |= ((mode & 077) == 0 && security == NULL ? SHX_PRIVATE_OWNER : 0) | (unsigned)scope;
     shx_error err;
     /* Without the GIL (creation may reserve much memory, and another
      * process may hold the attach gate), giving way to Ctrl-C meanwhile. */

@@ -4,10 +4,10 @@
 
 static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static const char *const names[] = {"name", "size", "persist", "mode", "readonly", "scope", "security"};
-    static const shx_py_sig sig = {"Segment", names, 7, 2, 2};
-    PyObject *v[7];
-    int persist = 0, mode = 0600, readonly = 0;
+    static const char *const names[] = {"name", "size", "persist", "mode", "readonly", "scope", "security", "create"};
+    static const shx_py_sig sig = {"Segment", names, 8, 2, 2};
+    PyObject *v[8];
+    int persist = 0, mode = 0600, readonly = 0, create = 1;
     const char *scope = NULL, *security = NULL;
     uint64_t size;
     if (shx_py_parse_tuple(&sig, args, kwds, v) < 0)
@@ -15,9 +15,11 @@ static PyObject *segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     const char *name = shx_py_name_arg(v[0], "name");
     if (name == NULL || shx_py_size_arg(v[1], "size", 0, &size) < 0 || shx_py_bool_arg(v[2], &persist) < 0 ||
         shx_py_mode_arg(v[3], &mode) < 0 || shx_py_bool_arg(v[4], &readonly) < 0 ||
-        shx_py_opt_str_arg(v[5], "scope", &scope) < 0 || shx_py_opt_str_arg(v[6], "security", &security) < 0)
+        shx_py_opt_str_arg(v[5], "scope", &scope) < 0 || shx_py_opt_str_arg(v[6], "security", &security) < 0 ||
+        shx_py_bool_arg(v[7], &create) < 0)
         return NULL;
-    return shx_py_block_new(type, name, SHX_KIND_SEGMENT, size, persist, mode, readonly, scope, security);
+    return shx_py_block_new(type, name, SHX_KIND_SEGMENT, size, shx_py_open_flags(persist, create), mode, readonly,
+                            scope, security);
 }
 
 static int check_offset(BlockObject *self, Py_ssize_t offset)
@@ -193,12 +195,13 @@ static PyGetSetDef segment_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(segment_doc,
-"Segment(name, size, *, persist=False, mode=0o600, readonly=False, scope='session', security=None)\n--\n\n"
+"Segment(name, size, *, persist=False, mode=0o600, readonly=False, scope='session', security=None,\n"
+"        create=True)\n--\n\n"
 "A named block of raw shared memory with the buffer protocol.\n\n"
 "The first process to open `name` creates it zero-filled with `size` bytes;\n"
 "later ones get the existing block (which must be at least `size` bytes).\n"
-"It lives while any process has it open, unless persist=True.  scope and\n"
-"security are as for Value.");
+"It lives while any process has it open, unless persist=True.  scope,\n"
+"security and create are as for Value.");
 
 static PyType_Slot segment_slots[] = {
     {Py_tp_new, segment_new},

@@ -125,10 +125,10 @@ int shx_py_value_set(BlockObject *self, PyObject *value)
 
 static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static const char *const names[] = {"name", "capacity", "persist", "mode", "scope", "security"};
-    static const shx_py_sig sig = {"Value", names, 6, 1, 2};
-    PyObject *v[6];
-    int persist = 0, mode = 0600;
+    static const char *const names[] = {"name", "capacity", "persist", "mode", "scope", "security", "create"};
+    static const shx_py_sig sig = {"Value", names, 7, 1, 2};
+    PyObject *v[7];
+    int persist = 0, mode = 0600, create = 1;
     const char *scope = NULL, *security = NULL;
     uint64_t capacity;
     if (shx_py_parse_tuple(&sig, args, kwds, v) < 0)
@@ -136,9 +136,10 @@ static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     const char *name = shx_py_name_arg(v[0], "name");
     if (name == NULL || shx_py_size_arg(v[1], "capacity", 1, &capacity) < 0 || shx_py_bool_arg(v[2], &persist) < 0 ||
         shx_py_mode_arg(v[3], &mode) < 0 || shx_py_opt_str_arg(v[4], "scope", &scope) < 0 ||
-        shx_py_opt_str_arg(v[5], "security", &security) < 0)
+        shx_py_opt_str_arg(v[5], "security", &security) < 0 || shx_py_bool_arg(v[6], &create) < 0)
         return NULL;
-    return shx_py_block_new(type, name, SHX_KIND_VALUE, capacity, persist, mode, 0, scope, security);
+    return shx_py_block_new(type, name, SHX_KIND_VALUE, capacity, shx_py_open_flags(persist, create), mode, 0, scope,
+                            security);
 }
 
 static PyObject *value_get(BlockObject *self, PyObject *Py_UNUSED(ignored)) { return shx_py_value_get(self); }
@@ -271,11 +272,12 @@ static PyGetSetDef value_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(value_doc,
-"Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None)\n--\n\n"
+"Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None, create=True)\n--\n\n"
 "A named value cell shared between processes.\n\n"
 "The first process to open `name` creates it zero-filled with `capacity` bytes\n"
 "(4096 when None); later ones take the existing block's capacity.  The block\n"
-"lives while any process has it open, unless persist=True.\n\n"
+"lives while any process has it open, unless persist=True.  create=False\n"
+"opens only a block that exists, and raises FileNotFoundError otherwise.\n\n"
 "scope='global' names it for every session on Windows (Global\\, which needs\n"
 "SeCreateGlobalPrivilege); POSIX names are machine-wide either way.  security\n"
 "is a Windows SDDL descriptor for a new block, in place of the per-user one.");

@@ -227,7 +227,8 @@ int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_
 
     open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
     unsigned os_flags = ((flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0) |
-                        ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0) | ((flags & SHX_PERSIST) ? SHX_OPEN_PERSIST : 0);
+                        ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0) | ((flags & SHX_PERSIST) ? SHX_OPEN_PERSIST : 0) |
+                        ((flags & SHX_EXISTING) ? SHX_OPEN_EXISTING : 0);
     shx_os_interrupt intr = {open_interrupted, (void *)hooks};
     int waits = hooks != NULL && hooks->interrupted != NULL;
     if (hooks != NULL && hooks->blocking_begin != NULL)
@@ -946,6 +947,9 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         break;
     case SHX_E_BUSY:
         snprintf(buf, size, "cannot be closed: %llu acquire() of the C API not yet released", a);
+        break;
+    case SHX_E_NOTFOUND:
+        snprintf(buf, size, "does not exist: no process holds a block of that name, and none persists");
         break;
     case SHX_E_BUFFER:
         snprintf(buf, size, "value of %llu bytes does not fit the buffer of %llu bytes", a, b);

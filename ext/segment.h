@@ -42,6 +42,7 @@ enum shx_type {
 #define SHX_PERSIST 1u        /* keep the block after the last detach */
 #define SHX_PRIVATE_OWNER 2u  /* refuse a block another user owns */
 #define SHX_GLOBAL 4u         /* Windows: name the block in Global\ (every session); POSIX names always are */
+#define SHX_EXISTING 8u       /* open only a live block: SHX_E_NOTFOUND rather than create one */
 
 typedef struct shx_slot {
     _Atomic uint64_t seq;   /* odd while a writer fills the slot */

@@ -100,7 +100,33 @@ def _load_extension() -> _ModuleType:
     return _shmemext
 
 
-_shmemext = _load_extension()
+def _running_as_command() -> bool:
+    """Whether this import is that of the command line (python -m shmemext,
+    or the shmemext script), where a failure is one line, not a traceback."""
+    import os
+    import sys
+
+    argv = list(getattr(sys, "orig_argv", []))
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "-m":
+            return argv[i + 1 : i + 2] == ["shmemext"]
+        if arg.startswith("-m"):
+            return arg == "-mshmemext"
+        if not arg.startswith("-"):
+            break
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return os.path.splitext(script)[0] in ("shmemext", "shmemext-script")
+
+
+try:
+    _shmemext = _load_extension()
+except (OSError, ValueError) as _failure:
+    if not _running_as_command():
+        raise
+    import sys as _sys
+
+    print(f"shmemext: error: the default block cannot be mapped: {_failure}", file=_sys.stderr)
+    raise SystemExit(1) from None
 
 if _shmemext.__version__ != __version__:
     raise ImportError(

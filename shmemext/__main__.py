@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -20,14 +21,49 @@ DEMO_TEXT = "This is a test string"
 DEMO_CHILD = 'import shmemext; print("Child process read from shared memory:", shmemext.get(), flush=True)'
 
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT   # what a shell reports for a command ended by Ctrl-C
+
+
+class NoSuchBlock(Exception):
+    """A reading command named a block that nobody holds."""
+
+
+def _default_name() -> str:
+    if shmemext.default is None:
+        raise RuntimeError("the default block is disabled (SHMEMEXT_SIZE=0): pass --name")
+    return shmemext.default.name
+
+
 def _open(args: argparse.Namespace) -> shmemext.Value:
+    """The block a writing command names, created if nobody holds it."""
     persist = getattr(args, "persist", False)
     if args.name is None and args.size is None and not persist and shmemext.default is not None:
         return shmemext.default
-    name = args.name or (shmemext.default.name if shmemext.default is not None else None)
-    if name is None:
-        raise RuntimeError("the default block is disabled (SHMEMEXT_SIZE=0): pass --name")
+    name = _default_name() if args.name is None else args.name
     return shmemext.Value(name, args.size, persist=persist)
+
+
+def _open_existing(args: argparse.Namespace) -> shmemext.Value:
+    """The block a reading command names; never created."""
+    if args.name is None:
+        block = shmemext.default
+        if block is None:
+            _default_name()
+        assert block is not None
+        if block.created:   # this command's own import made it: no process held it
+            raise NoSuchBlock(f"no block named '{block.name}' exists (the default block: no process holds it)")
+        return block
+    try:
+        return shmemext.Value(args.name, create=False)
+    except FileNotFoundError:
+        raise NoSuchBlock(f"no block named '{args.name}' exists: no process holds it, and it does not persist") from None
+
+
+def _record(version: int, value: str | bytes) -> str:
+    """One value as a JSON object on one line: bytes in base64, so any value is one unambiguous line."""
+    if isinstance(value, bytes):
+        return json.dumps({"version": version, "type": "bytes", "value": base64.b64encode(value).decode("ascii")})
+    return json.dumps({"version": version, "type": "str", "value": value})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -40,19 +76,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    value = _open(args).get()
-    if isinstance(value, bytes):
-        sys.stdout.flush()
-        sys.stdout.buffer.write(value + b"\n")
+    block = _open_existing(args)
+    version = block.version
+    value = block.get()
+    sys.stdout.flush()
+    if args.json:
+        print(_record(version, value), flush=True)
+    elif isinstance(value, bytes):
+        sys.stdout.buffer.write(value)   # exactly the bytes, nothing added
+        sys.stdout.buffer.flush()
     else:
-        print(value)
+        print(value, flush=True)
     return 0
 
 
+def _value_to_set(args: argparse.Namespace) -> str | bytes:
+    if args.value is None or args.value == "-":
+        data = sys.stdin.buffer.read()
+        if args.bytes:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                             f"pass --bytes to store it as bytes") from None
+    # The argument's own bytes (os.fsencode undoes the surrogateescape decoding of argv).
+    return os.fsencode(args.value) if args.bytes else args.value
+
+
 def cmd_set(args: argparse.Namespace) -> int:
+    value = _value_to_set(args)
     block = _open(args)
-    block.set(args.value)
-    if block._sole_holder() and not block.persist:
+    block.set(value)
+    if block.created and not block.persist:   # made by this command: nobody else holds it
         print(
             f"shmemext: note: no other process holds block '{block.name}', so the value goes away "
             f"when this command exits. Keep the block alive with "
@@ -64,50 +120,56 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    block = _open(args)
-    print(f"name:     {block.name}")
-    print(f"capacity: {block.capacity}")
-    print(f"version:  {block.version}")
-    print(f"created:  {block.created}")
-    print(f"persist:  {block.persist}")
+    block = _open_existing(args)
+    # This command's own attachment is not one of the holders worth showing.
+    holders = None if block.holders is None else block.holders - 1
+    info = {"name": block.name, "capacity": block.capacity, "version": block.version, "persist": block.persist,
+            "holders": holders}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for key, value in info.items():
+        print(f"{key + ':':<10}{'-' if value is None else value}")
     return 0
 
 
-def cmd_hold(args: argparse.Namespace) -> int:
-    block = _open(args)
-    stop = threading.Event()
+def _until_interrupted(stop: threading.Event) -> int:
+    """Sleeps until SIGINT or SIGTERM; returns the exit status a shell expects for it."""
+    received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(
-        f"holding block '{block.name}' (capacity {block.capacity}, pid {os.getpid()}); "
-        f"press Ctrl-C to release it",
-        flush=True,
-    )
     while not stop.wait(0.5):
         pass
+    return 128 + received[0] if received else 0
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    block = _open(args)
+    print(f"holding block '{block.name}' (capacity {block.capacity}, pid {os.getpid()}); "
+          f"press Ctrl-C to release it", file=sys.stderr, flush=True)
+    status = _until_interrupted(threading.Event())
     block.close()
-    print(f"released block '{block.name}'", flush=True)
-    return 0
+    print(f"released block '{block.name}'", file=sys.stderr, flush=True)
+    return status
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    block = _open(args)
+    block = _open_existing(args)
     seen = block.version
-    print(f"watching block '{block.name}' from version {seen}; press Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"watching block '{block.name}' from version {seen}: one JSON line per new value; "
+          f"press Ctrl-C to stop", file=sys.stderr, flush=True)
     try:
         while True:
             seen = block.wait(seen)
             value = block.get()   # the newest: sets made while printing are folded into it
-            if isinstance(value, bytes):
-                print(repr(value), flush=True)
-            else:
-                print(value, flush=True)
+            print(_record(seen, value), flush=True)
     except KeyboardInterrupt:
-        return 0
+        return EXIT_INTERRUPTED
 
 
 def _size_text(n: int | None) -> str:
@@ -192,30 +254,41 @@ def _capacity(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", help="block name (default: the default block, $SHMEMEXT_NAME)")
-    common.add_argument("--size", type=_capacity, help="capacity in bytes when the block is created")
+    from shmemext import _quick
+
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--name", help="block name (default: the default block, $SHMEMEXT_NAME)")
+    sized = argparse.ArgumentParser(add_help=False, parents=[which])
+    sized.add_argument("--size", type=_capacity, help="capacity in bytes when the block is created")
     persist = argparse.ArgumentParser(add_help=False)
     persist.add_argument("--persist", action="store_true", help="keep the block after the last process detaches")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead")
 
     parser = argparse.ArgumentParser(prog="python -m shmemext", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"shmemext {shmemext.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("demo", parents=[common], help="write a string and read it back from a child process").set_defaults(func=cmd_demo)
-    sub.add_parser("get", parents=[common], help="print the committed value").set_defaults(func=cmd_get)
-    p = sub.add_parser("set", parents=[common, persist], help="commit a value")
-    p.add_argument("value")
+    sub.add_parser("demo", parents=[sized], help="write a string and read it back from a child process").set_defaults(func=cmd_demo)
+    p = sub.add_parser("get", parents=[which], help="print the committed value (a block nobody holds is an error)",
+                       description="Print the committed value: a str and a newline, or bytes exactly as stored. "
+                                   "--json prints {\"version\", \"type\", \"value\"} on one line, bytes in base64.")
+    p.add_argument("--json", action="store_true", help="one JSON object: version, type (str or bytes), value")
+    p.set_defaults(func=cmd_get)
+    p = sub.add_parser("set", parents=[sized, persist], help="commit a value (from the argument, or standard input)")
+    p.add_argument("value", nargs="?", help="the value; '-' or none reads standard input")
+    p.add_argument("--bytes", action="store_true", help="store bytes: the argument's bytes, or standard input as it is "
+                                                        "(without it, standard input must be UTF-8 and is stored as str)")
     p.set_defaults(func=cmd_set)
-    sub.add_parser("info", parents=[common, persist], help="print name, capacity, version, created, persist").set_defaults(func=cmd_info)
-    sub.add_parser("hold", parents=[common, persist], help="keep a block alive until interrupted").set_defaults(func=cmd_hold)
-    sub.add_parser("watch", parents=[common], help="print each new value as it is committed, until Ctrl-C").set_defaults(func=cmd_watch)
-    sub.add_parser("bench", add_help=False,
-                   help="a quick benchmark against the peers (--full for the whole suite, --help for options)")
-    p = sub.add_parser("ls", help="list this user's blocks: kind, size, persist, holders, creator, age")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    sub.add_parser("info", parents=[which, as_json], help="print name, capacity, version, persist, other holders").set_defaults(func=cmd_info)
+    sub.add_parser("hold", parents=[sized, persist], help="keep a block alive until interrupted").set_defaults(func=cmd_hold)
+    sub.add_parser("watch", parents=[which], help="print each new value as a JSON line, until Ctrl-C").set_defaults(func=cmd_watch)
+    p = sub.add_parser("bench", help="a quick check of speed on this machine (benchmarks/run.py has the full suite)",
+                       description=(_quick.__doc__ or "").split("\n\n")[0].replace("\n", " "))
+    _quick.add_arguments(p)
+    p.set_defaults(func=_quick.run)
+    p = sub.add_parser("ls", parents=[as_json], help="list this user's blocks: kind, size, persist, holders, creator, age")
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser("sweep", help="remove names whose memory is gone, and memory nothing names or holds")
-    p.add_argument("--json", action="store_true", help="print what was removed as a JSON list")
+    p = sub.add_parser("sweep", parents=[as_json], help="remove names whose memory is gone, and memory nothing names or holds")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
     p.add_argument("block", metavar="NAME")
@@ -224,15 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # Its own options and its own process (see shmemext._bench.run).
-        from shmemext import _bench
-
-        return _bench.run(argv[1:], quick_default=True)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except NoSuchBlock as exc:
+        print(f"shmemext: error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         print(f"shmemext: error: {exc}", file=sys.stderr)
         return 1

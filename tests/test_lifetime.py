@@ -131,6 +131,34 @@ def test_block_is_released_when_every_holder_is_gone(name, kind, how):
     assert not block_exists(name), "nothing of ours is left in /dev/shm"
 
 
+@KINDS
+def test_create_false_opens_only_a_live_block(name, kind):
+    ctor = (lambda **kw: shmemext.Value(name, **kw)) if kind == "value" else (lambda **kw: shmemext.Segment(name, 64, **kw))
+    with pytest.raises(FileNotFoundError, match=name) as missing:
+        ctor(create=False)
+    assert missing.value.filename == name and "does not exist" in str(missing.value)
+    assert not block_exists(name), "a refused open leaves nothing behind"
+    # Held by another process: opened, not created.
+    holder = spawn(with_prelude(kind, HOLDER), name, "0")
+    assert holder.stdout.readline() == "True\n"
+    with ctor(create=False) as b:
+        assert not b.created
+    # Its holder SIGKILLed: what is left is dead, and is "not found" too (and is cleared).
+    holder.kill()
+    holder.wait(timeout=30)
+    holder.stdout.close(), holder.stdin.close(), holder.stderr.close()
+    with pytest.raises(FileNotFoundError):
+        ctor(create=False)
+    assert not block_exists(name)
+    # Persistent, with no holder: it exists.
+    python(with_prelude(kind, "import sys\nput(open_block(sys.argv[1], persist=True), 'kept')"), name)
+    try:
+        with ctor(create=False) as b:
+            assert not b.created and b.persist
+    finally:
+        shmemext.unlink(name)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 @KINDS
 def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_path):

@@ -84,6 +84,7 @@ extern "C" {
 #define SHMEMEXT_E_PERSIST 19   /* SHMEMEXT_PERSIST asked of a block that exists without it, on an OS
                                    (Linux) whose kernel frees such a block with its last holder */
 #define SHMEMEXT_E_BUSY 20      /* close() refused: acquire() of the handle not yet released (version 2) */
+#define SHMEMEXT_E_NOTFOUND 21  /* SHMEMEXT_EXISTING, and no live block has the name (version 2) */
 
 /* Block kinds for open(). */
 #define SHMEMEXT_VALUE 1
@@ -92,6 +93,8 @@ extern "C" {
 /* Flags for open(). */
 #define SHMEMEXT_PERSIST 1u     /* keep the block after the last process detaches */
 #define SHMEMEXT_GLOBAL 4u      /* Windows: name it in Global\ (every session; needs SeCreateGlobalPrivilege) */
+#define SHMEMEXT_EXISTING 8u    /* never create: SHMEMEXT_E_NOTFOUND unless a live block has the name (version 2;
+                                   a version 1 shmemext ignores it and creates) */
 
 typedef struct ShmemExt_Block ShmemExt_Block;
 
@@ -110,7 +113,7 @@ typedef struct ShmemExt_CAPI {
     /* [no GIL] Opens the block `name`, creating it zero-filled with `size` bytes
      * (0: the default, 4096) if no process has it.  `mode` is its permission bits
      * when created; 0600 keeps it to the current user.  `flags`: SHMEMEXT_PERSIST,
-     * SHMEMEXT_GLOBAL.  *created tells whether this call created it.  Close the
+     * SHMEMEXT_GLOBAL, SHMEMEXT_EXISTING.  *created tells whether this call created it.  Close the
      * handle with close(). */
     int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode,
                 ShmemExt_Block **out, int *created, ShmemExt_Error *err);

@@ -216,9 +216,9 @@ static void test_persist(void)
     set_text(&a, "persisted");
     shx_block_close(&a, 0, &err);
     CHECK(object_exists(name), "a persistent block outlives its last detach");
-    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !a.created &&
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_OK && !a.created &&
               get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII && strcmp(text, "persisted") == 0,
-          "and keeps its value");
+          "and keeps its value (SHX_EXISTING finds it, with no holder)");
     CHECK(shx_unlink(name, &err) == SHX_OK && !object_exists(name), "unlink removes the name");
     shx_block_close(&a, 0, &err);
     CHECK(shx_unlink(name, &err) == SHX_E_OS && err.os_error == ENOENT, "unlinking a missing name: ENOENT");
@@ -244,6 +244,8 @@ static void test_crash_release(void)
         kill(pid, SIGKILL);
         wait_child(pid);
     }
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_E_NOTFOUND &&
+              !object_exists(name), "what SIGKILLed holders left is no block to SHX_EXISTING (and is cleared)");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
               get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY,
           "after every holder was SIGKILLed, the next open starts afresh");

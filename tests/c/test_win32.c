@@ -123,6 +123,19 @@ static int child(const char *role, const char *name)
 
 /* ---- the cases ---------------------------------------------------------- */
 
+/* Whether a named mapping of this name still exists. */
+static int mapping_exists(const char *name)
+{
+    char os_name[256];
+    shx_error err;
+    if (shx_os_name(name, 0, os_name, sizeof os_name, &err) != SHX_OK)
+        return 0;
+    HANDLE h = OpenFileMappingA(FILE_MAP_READ, FALSE, os_name);
+    if (h != NULL)
+        CloseHandle(h);
+    return h != NULL;
+}
+
 static void test_create_open(const char *name)
 {
     char os_name[300];
@@ -133,8 +146,13 @@ static void test_create_open(const char *name)
               strcmp(os_name, "Global\\jobs") == 0, "or with scope=global in the global one (%s)", os_name);
     shx_block a = {0}, b = {0};
     shx_error err;
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_E_NOTFOUND &&
+              !mapping_exists(name), "SHX_EXISTING: no block of the name, so none is made");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created,
           "CreateFileMapping creates the block: created");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_OK && !b.created,
+          "SHX_EXISTING opens a block that exists");
+    shx_block_close(&b, 0, &err);
     CHECK(a.capacity == SHX_DEFAULT_CAPACITY && strcmp(text_of(&a), "") == 0, "zero-filled: reads empty");
     CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created,
           "ERROR_ALREADY_EXISTS: the second open is not the creator");
@@ -179,19 +197,6 @@ static void test_lifetime_follows_handles(const char *name)
     shx_block_close(&a, 0, &err);
     CloseHandle(ready);
     CloseHandle(go);
-}
-
-/* Whether a named mapping of this name still exists. */
-static int mapping_exists(const char *name)
-{
-    char os_name[256];
-    shx_error err;
-    if (shx_os_name(name, 0, os_name, sizeof os_name, &err) != SHX_OK)
-        return 0;
-    HANDLE h = OpenFileMappingA(FILE_MAP_READ, FALSE, os_name);
-    if (h != NULL)
-        CloseHandle(h);
-    return h != NULL;
 }
 
 static void test_killed_sole_holder(const char *name)

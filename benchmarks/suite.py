@@ -1,7 +1,9 @@
 """The benchmark suite: shmemext against what a user would pick instead, in one run.
 
     python benchmarks/run.py [--quick] [--json FILE] [--plot FILE] [--no-redis]
-    python -m shmemext bench [--full] ...          (quick by default)
+
+(python -m shmemext bench is a much smaller check of an installed package:
+shmemext/_quick.py.)
 
 Sections, each measured interleaved (one round of every method, then the
 next round) so that noise on a shared machine hits all methods alike:
@@ -965,11 +967,9 @@ def parse_kinds(text: str) -> list[str]:
     return kinds
 
 
-def parse_args(argv: list[str] | None, quick_default: bool) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="shmemext bench", description=(__doc__ or "The benchmark suite.").splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", default=quick_default, help="a short run (under 30 s)")
-    mode.add_argument("--full", dest="quick", action="store_false", help="every size, kind and section")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=(__doc__ or "The benchmark suite.").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, kinds and rounds (about 30 s)")
     parser.add_argument("--sections", default="copy,scaling,roundtrip,lock",
                         help="comma-separated: copy, scaling, roundtrip, lock (default: all)")
     parser.add_argument("--rounds", type=int, help="rounds per copy cell (default 15, quick 5)")
@@ -982,8 +982,8 @@ def parse_args(argv: list[str] | None, quick_default: bool) -> argparse.Namespac
     return parser.parse_args(argv)
 
 
-def measure_and_report(argv: list[str] | None = None, quick_default: bool = False) -> int:
-    args = parse_args(argv, quick_default)
+def measure_and_report(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"copy", "scaling", "roundtrip", "lock"}
     if unknown:
@@ -1078,16 +1078,15 @@ def _sizes_asked(argv: list[str]) -> list[int]:
     return []
 
 
-def run(argv: list[str] | None = None, quick_default: bool = False) -> int:
+def run(argv: list[str] | None = None) -> int:
     """Runs the suite in a fresh interpreter with a default block of its own,
     large enough for the biggest payload; the user's default block is never touched."""
     env = dict(os.environ)
     env["SHMEMEXT_NAME"] = f"shmemext-bench-{os.getpid()}"
     env["SHMEMEXT_SIZE"] = str(max([16 * MiB, *_sizes_asked(argv if argv is not None else sys.argv[1:])]) + 64)
-    env["SHMEMEXT_BENCH_QUICK"] = "1" if quick_default else "0"
-    cmd = [sys.executable, "-m", "shmemext._bench", *(argv if argv is not None else sys.argv[1:])]
+    cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])]
     return subprocess.call(cmd, env=env)
 
 
 if __name__ == "__main__":
-    sys.exit(measure_and_report(sys.argv[1:], quick_default=os.environ.get("SHMEMEXT_BENCH_QUICK") == "1"))
+    sys.exit(measure_and_report(sys.argv[1:]))
