@@ -47,7 +47,7 @@ import tempfile
 import time
 import timeit
 from multiprocessing import shared_memory
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import shmemext
 
@@ -513,7 +513,7 @@ def measure_scaling(reader_counts: list[int], seconds: float, progress: Any) -> 
 
 def print_scaling(rows: list[dict[str, Any]], out: Any) -> None:
     cpus = os.cpu_count() or 1
-    print(f"\n## scaling: 256-byte str, readers calling get() while one writer calls set() without pause", file=out)
+    print("\n## scaling: 256-byte str, readers calling get() while one writer calls set() without pause", file=out)
     if cpus < 9:
         print(f"   ({cpus} CPUs here: with more than {max(cpus - 1, 1)} reader(s) the processes share cores, "
               f"so the totals show time-slicing, not the protocol)", file=out)
@@ -613,7 +613,6 @@ def rt_shared_memory_poll(role: str, names: tuple[str, str], rounds: int, conn: 
         conn.send(True)
         for _ in range(rounds):
             send(receive())
-    del mine, theirs
     for b in blocks:
         b.close()
     return times

@@ -40,7 +40,7 @@ static size_t open_count, open_size;
 
 static int remember_handle(shx_block *b)
 {
-    if (open_handles_lock == NULL)   /* made at module import */
+    if (open_handles_lock == NULL) /* made at module import */
         return -1;
     PyThread_acquire_lock(open_handles_lock, WAIT_LOCK);
     int rc = 0;
@@ -108,8 +108,7 @@ static void pause_briefly(void *ctx)
 {
     (void)ctx;
     if (PyGILState_Check()) {
-        Py_BEGIN_ALLOW_THREADS
-        shx_os_pause_briefly();
+        Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
         Py_END_ALLOW_THREADS
     } else {
         shx_os_pause_briefly();
@@ -158,7 +157,6 @@ static int64_t slice_of(int64_t timeout_ns, uint64_t start)
     return left <= 0 ? 0 : left < CAPI_SLICE_NS ? left : CAPI_SLICE_NS;
 }
 
-
 static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode, ShmemExt_Block **out,
                      int *created, ShmemExt_Error *perr)
 {
@@ -177,7 +175,8 @@ static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, 
         shx_fail(&err, SHX_E_OS, 0, 0, "out of memory");
         return report(perr, &err, name);
     }
-    unsigned core_flags = (flags & (SHX_PERSIST | SHX_GLOBAL | SHX_EXISTING)) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
+    unsigned core_flags =
+        (flags & (SHX_PERSIST | SHX_GLOBAL | SHX_EXISTING)) | ((mode & 077) == 0 ? SHX_PRIVATE_OWNER : 0);
     int rc = shx_block_open(b, name, (uint32_t)kind, size, core_flags, mode, &err);
     if (rc != SHX_OK) {
         free(b);
@@ -216,7 +215,7 @@ static int capi_close(ShmemExt_Block *handle, ShmemExt_Error *perr)
             shx_guard_close_end(&b->guard, 0);
     }
     if (pins > 0) {
-        (void)remember_handle(b);   /* room: it was in the list a moment ago */
+        (void)remember_handle(b); /* room: it was in the list a moment ago */
         shx_fail(&err, SHX_E_BUSY, (uint64_t)pins, 0, NULL);
         return report(perr, &err, b->name);
     }
@@ -294,15 +293,15 @@ static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died
     shx_error err;
     int died = 0;
     uint64_t start = shx_os_monotonic_ns();
-    int rc = shx_block_lock(b, timeout_ns < 0 || timeout_ns > CAPI_SLICE_NS ? CAPI_SLICE_NS : timeout_ns, &died,
-                            NULL, &err);
+    int rc =
+        shx_block_lock(b, timeout_ns < 0 || timeout_ns > CAPI_SLICE_NS ? CAPI_SLICE_NS : timeout_ns, &died, NULL, &err);
     for (;;) {
         if (rc == SHX_OK && shx_guard_closing(&b->guard)) {
-            (void)shx_block_unlock(b, &err);   /* won as a close() began: it goes on */
+            (void)shx_block_unlock(b, &err); /* won as a close() began: it goes on */
             rc = SHX_E_TIMEOUT;
         }
         if (rc == SHX_E_TIMEOUT && shx_guard_closing(&b->guard)) {
-            leave(handle);   /* out of its way; back in if it is given up */
+            leave(handle); /* out of its way; back in if it is given up */
             if (!enter(handle, perr))
                 return SHMEMEXT_E_CLOSED;
         }
@@ -342,7 +341,7 @@ static int capi_wait(ShmemExt_Block *handle, uint64_t seen, int64_t timeout_ns, 
         if (rc != SHX_E_TIMEOUT || slice_of(timeout_ns, start) == 0)
             break;
         if (shx_guard_closing(&b->guard)) {
-            leave(handle);   /* out of its way; back in if it is given up */
+            leave(handle); /* out of its way; back in if it is given up */
             if (!enter(handle, perr))
                 return SHMEMEXT_E_CLOSED;
         }
@@ -377,7 +376,7 @@ static int capi_release(ShmemExt_Block *handle, ShmemExt_Error *perr)
             return report_closed(perr, b->name, "was not acquired: release() without acquire()");
     } while (!atomic_compare_exchange_weak(&b->guard.pins, &pins, pins - 1));
     if (b->owner != NULL)
-        Py_DECREF((PyObject *)b->owner);   /* last: it may free the handle */
+        Py_DECREF((PyObject *)b->owner); /* last: it may free the handle */
     return SHMEMEXT_OK;
 }
 

@@ -25,33 +25,32 @@ typedef struct {
     PyTypeObject *value_type;
     PyTypeObject *segment_type;
     PyTypeObject *lock_type;
-    PyObject *default_value;   /* a Value, or NULL when disabled */
+    PyObject *default_value; /* a Value, or NULL when disabled */
     /* shmemext.Error (a ValueError) and its subclasses. */
     PyObject *error;
-    PyObject *foreign_error;   /* the name holds something this shmemext cannot read */
-    PyObject *corrupt_error;   /* a block of ours whose header or value is not well formed */
-    PyObject *closed_error;    /* the handle was closed */
+    PyObject *foreign_error; /* the name holds something this shmemext cannot read */
+    PyObject *corrupt_error; /* a block of ours whose header or value is not well formed */
+    PyObject *closed_error;  /* the handle was closed */
 } module_state;
 
 /* A short per-object lock for state that several fields make up.  Without a
  * free-threaded build (3.12 and older) the GIL already serializes it. */
 #if PY_VERSION_HEX >= 0x030D0000
 typedef PyMutex shx_py_mutex;
-#define SHX_PY_LOCK(m) PyMutex_Lock(m)
+#define SHX_PY_LOCK(m)   PyMutex_Lock(m)
 #define SHX_PY_UNLOCK(m) PyMutex_Unlock(m)
 #else
 typedef struct {
     char unused;
 } shx_py_mutex;
-#define SHX_PY_LOCK(m) ((void)(m))
+#define SHX_PY_LOCK(m)   ((void)(m))
 #define SHX_PY_UNLOCK(m) ((void)(m))
 #endif
 
 /* A Value or a Segment: one attachment.  Every use of its mapping is inside
  * shx_py_enter/shx_py_leave (block.guard); close() goes through the guard. */
 typedef struct {
-    PyObject_HEAD
-    shx_block block;
+    PyObject_HEAD shx_block block;
     int readonly;
     /* Whether a thread of this process holds the segment's lock through a
      * SegmentLock (at most one can: it is a mutex), which thread, a weak
@@ -102,14 +101,16 @@ int shx_py_reentry_init(void);
 typedef struct {
     PyThreadState *saved;
     BlockObject *block;
-    int closing;   /* a lock wait ended because a close() began: retry once it is decided */
+    int closing; /* a lock wait ended because a close() began: retry once it is decided */
 } shx_py_release;
 void shx_py_gil_begin(void *ctx);
 void shx_py_gil_end(void *ctx);
 int shx_py_wait_interrupted(void *ctx);
-#define SHX_PY_HOOKS(release, self)                                                                 \
-    {shx_py_gil_begin, shx_py_gil_end, ((release).block = (self), (release).closing = 0, &(release)), \
-     SHX_PY_LARGE_COPY, shx_py_wait_interrupted}
+#define SHX_PY_HOOKS(release, self)                                                                                    \
+    {                                                                                                                  \
+        shx_py_gil_begin, shx_py_gil_end, ((release).block = (self), (release).closing = 0, &(release)),               \
+            SHX_PY_LARGE_COPY, shx_py_wait_interrupted                                                                 \
+    }
 /* Whether a call that ended with rc should run again: its lock wait gave
  * way to a close() that was then given up (shx_py_enter decides). */
 #define SHX_PY_RETRY(rc, release) ((rc) == SHX_E_INTERRUPTED && (release).closing && !PyErr_Occurred())
@@ -123,8 +124,8 @@ static inline unsigned shx_py_open_flags(int persist, int create)
     return (persist ? SHX_PERSIST : 0u) | (create ? 0u : SHX_EXISTING);
 }
 /* Allocates the object and attaches it; flags SHX_PERSIST, SHX_EXISTING. */
-PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags,
-                           int mode, int readonly, const char *scope, const char *security);
+PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags, int mode,
+                           int readonly, const char *scope, const char *security);
 void shx_py_block_dealloc(BlockObject *self);
 int shx_py_block_traverse(PyObject *self, visitproc visit, void *arg);
 
@@ -146,25 +147,30 @@ PyObject *shx_py_optional_int(int64_t value);
 int shx_py_note_lock_holder(BlockObject *self, void *holder);
 void shx_py_forget_lock_holder(BlockObject *self);
 
-#define SHX_PY_BLOCK_METHODS                                                                                \
-    {"close", (PyCFunction)shx_py_block_close, METH_NOARGS,                                                \
-     "close($self, /)\n--\n\nDetach from the block. The last process to detach releases it. Idempotent."}, \
-    {"__enter__", (PyCFunction)shx_py_block_enter, METH_NOARGS, NULL},                                     \
-    {"__exit__", (PyCFunction)(void (*)(void))shx_py_block_exit, METH_FASTCALL, NULL},                     \
-    {"_sole_holder", (PyCFunction)shx_py_block_sole_holder, METH_NOARGS,                                   \
-     "_sole_holder($self, /)\n--\n\nWhether no other process holds this block."}
+#define SHX_PY_BLOCK_METHODS                                                                                           \
+    {"close", (PyCFunction)shx_py_block_close, METH_NOARGS,                                                            \
+     "close($self, /)\n--\n\nDetach from the block. The last process to detach releases it. Idempotent."},             \
+        {"__enter__", (PyCFunction)shx_py_block_enter, METH_NOARGS, NULL},                                             \
+        {"__exit__", (PyCFunction)(void (*)(void))shx_py_block_exit, METH_FASTCALL, NULL},                             \
+    {                                                                                                                  \
+        "_sole_holder", (PyCFunction)shx_py_block_sole_holder, METH_NOARGS,                                            \
+            "_sole_holder($self, /)\n--\n\nWhether no other process holds this block."                                 \
+    }
 
-#define SHX_PY_BLOCK_GETSET                                                                            \
-    {"name", (getter)shx_py_block_get_name, NULL, "The block's name.", NULL},                          \
-    {"created", (getter)shx_py_block_get_created, NULL,                                                \
-     "True if this process created (or re-created) the block.", NULL},                                 \
-    {"closed", (getter)shx_py_block_get_closed, NULL, "True after close().", NULL},                    \
-    {"persist", (getter)shx_py_block_get_persist, NULL, "True if the block outlives its last process.", NULL}, \
-    {"holders", (getter)shx_py_block_get_holders, NULL,                                                \
-     "How many attachments the block has, this one included (a fork() child's counts), or None\n"     \
-     "where the OS cannot tell.", NULL},                                                              \
-    {"_inflight", (getter)shx_py_block_get_inflight, NULL,                                            \
-     "Calls using the block now, in any thread (0 when none: what close() waits for).", NULL}
+#define SHX_PY_BLOCK_GETSET                                                                                            \
+    {"name", (getter)shx_py_block_get_name, NULL, "The block's name.", NULL},                                          \
+        {"created", (getter)shx_py_block_get_created, NULL, "True if this process created (or re-created) the block.", \
+         NULL},                                                                                                        \
+        {"closed", (getter)shx_py_block_get_closed, NULL, "True after close().", NULL},                                \
+        {"persist", (getter)shx_py_block_get_persist, NULL, "True if the block outlives its last process.", NULL},     \
+        {"holders", (getter)shx_py_block_get_holders, NULL,                                                            \
+         "How many attachments the block has, this one included (a fork() child's counts), or None\n"                  \
+         "where the OS cannot tell.",                                                                                  \
+         NULL},                                                                                                        \
+    {                                                                                                                  \
+        "_inflight", (getter)shx_py_block_get_inflight, NULL,                                                          \
+            "Calls using the block now, in any thread (0 when none: what close() waits for).", NULL                    \
+    }
 
 /* ---- the types ---- */
 

@@ -29,11 +29,11 @@
 enum { SHX_GUARD_OPEN = 0, SHX_GUARD_CLOSING = 1, SHX_GUARD_CLOSED = 2 };
 
 typedef struct shx_guard {
-    _Atomic int state;        /* SHX_GUARD_* */
-    _Atomic int deferred;     /* the closer left the detach to its thread's outermost call */
-    _Atomic long inflight;    /* calls between enter and leave */
-    _Atomic long views;       /* buffers exported and not yet released */
-    _Atomic long pins;        /* C API acquire()s not yet released */
+    _Atomic int state;     /* SHX_GUARD_* */
+    _Atomic int deferred;  /* the closer left the detach to its thread's outermost call */
+    _Atomic long inflight; /* calls between enter and leave */
+    _Atomic long views;    /* buffers exported and not yet released */
+    _Atomic long pins;     /* C API acquire()s not yet released */
 } shx_guard;
 
 /* A guard of a handle that is attached (or about to be). */
@@ -72,9 +72,9 @@ typedef struct shx_guard_waiter {
 } shx_guard_waiter;
 
 enum {
-    SHX_GUARD_WON,        /* drained: detach, then shx_guard_close_end */
-    SHX_GUARD_DEFER,      /* drained but for `own` calls: finish in the outermost's leave */
-    SHX_GUARD_DONE        /* closed already, or by another closer meanwhile, or left to one of own's */
+    SHX_GUARD_WON,   /* drained: detach, then shx_guard_close_end */
+    SHX_GUARD_DEFER, /* drained but for `own` calls: finish in the outermost's leave */
+    SHX_GUARD_DONE   /* closed already, or by another closer meanwhile, or left to one of own's */
 };
 
 /* Begins a close.  `own` is how many of the in-flight calls belong to the

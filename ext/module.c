@@ -139,7 +139,7 @@ static module_state *current_state(void)
     if (mod == NULL)
         return NULL;
     module_state *st = PyModule_GetDef(mod) == &shmemext_module ? get_state(mod) : NULL;
-    Py_DECREF(mod);   /* sys.modules keeps it */
+    Py_DECREF(mod); /* sys.modules keeps it */
     if (st == NULL)
         PyErr_SetString(PyExc_ImportError, "shmemext._shmemext is not the shmemext extension module");
     return st;
@@ -200,7 +200,8 @@ static int default_size(long long *out)
     if (*end != '\0' || errno != 0 || v < 0 || (unsigned long long)v > SHX_MAX_CAPACITY) {
         PyErr_Format(PyExc_ValueError,
                      "SHMEMEXT_SIZE=%s is not a capacity: it must be a whole number of bytes from 1 to %llu, "
-                     "or 0 to disable the default block", env, (unsigned long long)SHX_MAX_CAPACITY);
+                     "or 0 to disable the default block",
+                     env, (unsigned long long)SHX_MAX_CAPACITY);
         return -1;
     }
     *out = v;
@@ -240,18 +241,21 @@ static int add_errors(PyObject *module, module_state *st)
 {
     if (add_error(module, &st->error, "shmemext.Error",
                   "A shmemext failure that is not the operating system's: a bad name or size, a block of the\n"
-                  "wrong kind or too small, a value over the capacity. A ValueError.", PyExc_ValueError) < 0)
+                  "wrong kind or too small, a value over the capacity. A ValueError.",
+                  PyExc_ValueError) < 0)
         return -1;
     if (add_error(module, &st->foreign_error, "shmemext.ForeignBlockError",
                   "The name holds something this shmemext does not read: another program's object, or a\n"
-                  "block of a newer layout. It is never overwritten.", st->error) < 0)
+                  "block of a newer layout. It is never overwritten.",
+                  st->error) < 0)
         return -1;
     if (add_error(module, &st->corrupt_error, "shmemext.CorruptBlockError",
                   "A block whose header or committed value is not well formed: bytes another process\n"
-                  "wrote over it. Nothing is built from them.", st->error) < 0)
+                  "wrote over it. Nothing is built from them.",
+                  st->error) < 0)
         return -1;
-    return add_error(module, &st->closed_error, "shmemext.ClosedError",
-                     "The Value, Segment or handle was closed.", st->error);
+    return add_error(module, &st->closed_error, "shmemext.ClosedError", "The Value, Segment or handle was closed.",
+                     st->error);
 }
 
 static int module_exec(PyObject *module)
@@ -322,15 +326,14 @@ static int module_clear(PyObject *module)
 /* DLL_PROCESS_DETACH: dropping the default Value detaches its block. */
 static void module_free(void *module) { (void)module_clear((PyObject *)module); }
 
-static PyModuleDef_Slot module_slots[] = {
-    {Py_mod_exec, module_exec},
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec},
 #if PY_VERSION_HEX >= 0x030C0000
-    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+                                          {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif
 #if PY_VERSION_HEX >= 0x030D0000
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+                                          {Py_mod_gil, Py_MOD_GIL_NOT_USED},
 #endif
-    {0, NULL}};
+                                          {0, NULL}};
 
 static struct PyModuleDef shmemext_module = {
     PyModuleDef_HEAD_INIT,

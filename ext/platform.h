@@ -50,45 +50,45 @@
 /* What a backend may read of a header it does not attach (to list blocks, or
  * to tell a dead holder's leftover from a block meant to persist): the magic
  * at offset 0 and the persist bit of the flags word. */
-#define SHX_MAGIC "SHMEMEXT"
+#define SHX_MAGIC        "SHMEMEXT"
 #define SHX_FLAGS_OFFSET 40
-#define SHX_PERSIST_BIT 1u
-#define SHX_PEEK_BYTES 512
+#define SHX_PERSIST_BIT  1u
+#define SHX_PEEK_BYTES   512
 
 /* Outcome of a core or platform call.  SHX_OK is zero; everything else is
  * an error whose details are in a shx_error. */
 typedef enum shx_status {
     SHX_OK = 0,
-    SHX_E_OS,        /* a system call failed: os_error, op */
-    SHX_E_NAME,      /* invalid block name: detail */
-    SHX_E_SIZE,      /* invalid size: a = asked, b = limit */
-    SHX_E_FOREIGN,   /* the name holds something that is not a shmemext block */
-    SHX_E_NEWER,     /* block layout a is newer than ours (b) */
-    SHX_E_CORRUPT,   /* header fields are inconsistent: detail */
-    SHX_E_KIND,      /* block is of kind a, kind b was asked for */
-    SHX_E_CAPACITY,  /* asked for capacity a, the existing block has b */
-    SHX_E_TOOBIG,    /* value of a bytes, capacity b */
-    SHX_E_TIMEOUT,   /* a lock wait timed out */
-    SHX_E_NOTOWNER,  /* a private block owned by another user (a = owner) */
-    SHX_E_BADVALUE,  /* the committed value is not well formed: detail */
-    SHX_E_CLOSED,    /* the block was already detached */
-    SHX_E_INUSE,     /* the handle is still attached to a block */
-    SHX_E_RANGE,     /* offset + length a is beyond the size b */
-    SHX_E_BUFFER,    /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
-    SHX_E_ENCODING,  /* text that UTF-8 cannot carry: detail */
+    SHX_E_OS,          /* a system call failed: os_error, op */
+    SHX_E_NAME,        /* invalid block name: detail */
+    SHX_E_SIZE,        /* invalid size: a = asked, b = limit */
+    SHX_E_FOREIGN,     /* the name holds something that is not a shmemext block */
+    SHX_E_NEWER,       /* block layout a is newer than ours (b) */
+    SHX_E_CORRUPT,     /* header fields are inconsistent: detail */
+    SHX_E_KIND,        /* block is of kind a, kind b was asked for */
+    SHX_E_CAPACITY,    /* asked for capacity a, the existing block has b */
+    SHX_E_TOOBIG,      /* value of a bytes, capacity b */
+    SHX_E_TIMEOUT,     /* a lock wait timed out */
+    SHX_E_NOTOWNER,    /* a private block owned by another user (a = owner) */
+    SHX_E_BADVALUE,    /* the committed value is not well formed: detail */
+    SHX_E_CLOSED,      /* the block was already detached */
+    SHX_E_INUSE,       /* the handle is still attached to a block */
+    SHX_E_RANGE,       /* offset + length a is beyond the size b */
+    SHX_E_BUFFER,      /* the caller's buffer (b bytes) is smaller than the value (a bytes) */
+    SHX_E_ENCODING,    /* text that UTF-8 cannot carry: detail */
     SHX_E_INTERRUPTED, /* a wait was given up because the caller's interrupted() hook said so */
-    SHX_E_PERSIST,    /* persist asked of a block that exists without it, where the OS cannot change that */
-    SHX_E_BUSY,       /* close refused: a consumer still holds the handle (a = C API pins) */
-    SHX_E_NOTFOUND    /* SHX_OPEN_EXISTING, and no live block has the name */
+    SHX_E_PERSIST,     /* persist asked of a block that exists without it, where the OS cannot change that */
+    SHX_E_BUSY,        /* close refused: a consumer still holds the handle (a = C API pins) */
+    SHX_E_NOTFOUND     /* SHX_OPEN_EXISTING, and no live block has the name */
 } shx_status;
 
 typedef struct shx_error {
-    int status;          /* a shx_status */
-    int os_error;        /* errno, or GetLastError() on Windows */
-    const char *op;      /* the failing system call, for SHX_E_OS */
-    const char *detail;  /* a static phrase for NAME/CORRUPT/BADVALUE */
-    int win32;           /* os_error is a GetLastError() code, not an errno */
-    uint64_t a, b;       /* numbers the message needs */
+    int status;         /* a shx_status */
+    int os_error;       /* errno, or GetLastError() on Windows */
+    const char *op;     /* the failing system call, for SHX_E_OS */
+    const char *detail; /* a static phrase for NAME/CORRUPT/BADVALUE */
+    int win32;          /* os_error is a GetLastError() code, not an errno */
+    uint64_t a, b;      /* numbers the message needs */
 } shx_error;
 
 /* Records an error and returns its status, so callers can `return shx_fail(...)`. */
@@ -98,44 +98,44 @@ int shx_fail_os(shx_error *err, const char *op);
 
 /* A process-local attachment to a named shared object. */
 typedef struct shx_os_map {
-    void *base;         /* the whole object, header included */
-    size_t size;        /* bytes mapped */
+    void *base;  /* the whole object, header included */
+    size_t size; /* bytes mapped */
 #ifdef _WIN32
-    void *mapping;      /* file-mapping HANDLE */
-    void *mutex;        /* writer-lock mutex HANDLE */
-    void *wake;         /* wake-up semaphore HANDLE: set() releases one token per waiter */
+    void *mapping; /* file-mapping HANDLE */
+    void *mutex;   /* writer-lock mutex HANDLE */
+    void *wake;    /* wake-up semaphore HANDLE: set() releases one token per waiter */
 #else
-    struct shx_os_map *next_attached;  /* process registry, for fork() and exit */
+    struct shx_os_map *next_attached; /* process registry, for fork() and exit */
     /* A writer lock the kernel keeps on a descriptor (flock() or an OFD byte
      * lock), where the block's lock is not a robust mutex in shared memory. */
-    int kernel_lock;    /* the writer lock is the kernel's (below), not a robust mutex in the header */
-    int writer_fd;      /* the descriptor it is taken on (-1 in a fork child that could not get its own) */
-    int writer_fork_fd; /* during fork(): the writer-lock descriptor the child will own */
-    pthread_mutex_t local_writer;   /* excludes this process's threads; the file lock, other processes */
-    struct shx_os_map *next_held;   /* the holding thread's other writer locks, released if it ends */
+    int kernel_lock;              /* the writer lock is the kernel's (below), not a robust mutex in the header */
+    int writer_fd;                /* the descriptor it is taken on (-1 in a fork child that could not get its own) */
+    int writer_fork_fd;           /* during fork(): the writer-lock descriptor the child will own */
+    pthread_mutex_t local_writer; /* excludes this process's threads; the file lock, other processes */
+    struct shx_os_map *next_held; /* the holding thread's other writer locks, released if it ends */
 #if SHX_SYSV
-    int shmid;          /* the System V segment; -1 once detached */
-    uint64_t token;     /* the random token of its name entry and header */
+    int shmid;                    /* the System V segment; -1 once detached */
+    uint64_t token;               /* the random token of its name entry and header */
 #else
-    int fd;             /* holds the liveness lock; -1 once detached */
-    int object_fd;      /* the shared-memory object while attaching */
-    int fork_fd;        /* during fork(): the descriptor the child will own */
-    int keep_name;      /* never unlink: set when a fork child could not get its own lock */
-    uint64_t dev, ino;  /* identity of the liveness file, to reopen it after fork() */
-    int gate_fd;        /* the attach/detach gate file while it is held */
-    unsigned mode;      /* permissions for lock files made anew */
-    uint32_t lock_owner;   /* whose lock directory holds the block's lock files */
+    int fd;              /* holds the liveness lock; -1 once detached */
+    int object_fd;       /* the shared-memory object while attaching */
+    int fork_fd;         /* during fork(): the descriptor the child will own */
+    int keep_name;       /* never unlink: set when a fork child could not get its own lock */
+    uint64_t dev, ino;   /* identity of the liveness file, to reopen it after fork() */
+    int gate_fd;         /* the attach/detach gate file while it is held */
+    unsigned mode;       /* permissions for lock files made anew */
+    uint32_t lock_owner; /* whose lock directory holds the block's lock files */
 #endif
 #endif
-    char os_name[256];  /* the name as the OS sees it */
+    char os_name[256]; /* the name as the OS sees it */
 } shx_os_map;
 
 /* What attach found, passed to the prepare callback while no other process
  * can attach or detach the same name. */
 enum shx_attach_state {
-    SHX_ATTACH_FRESH,   /* new zero-filled object of the requested size: initialize it */
-    SHX_ATTACH_ALONE,   /* an existing object nobody else holds: reuse, or return SHX_REINIT */
-    SHX_ATTACH_SHARED   /* other processes hold it: validate only */
+    SHX_ATTACH_FRESH, /* new zero-filled object of the requested size: initialize it */
+    SHX_ATTACH_ALONE, /* an existing object nobody else holds: reuse, or return SHX_REINIT */
+    SHX_ATTACH_SHARED /* other processes hold it: validate only */
 };
 #define SHX_REINIT (-1)
 
@@ -151,10 +151,10 @@ typedef struct shx_os_interrupt {
 #define SHX_OS_POLL_NS 50000000
 typedef int (*shx_keep_name_fn)(const shx_os_map *m);
 
-#define SHX_OPEN_REQUIRE_OWNER 1u   /* refuse an object another user owns */
-#define SHX_OPEN_GLOBAL 2u          /* Windows: the Global\ namespace, seen by every session */
-#define SHX_OPEN_PERSIST 4u         /* a new object outlives its last holder (until unlink) */
-#define SHX_OPEN_EXISTING 8u        /* never create: SHX_E_NOTFOUND where a new object would be made */
+#define SHX_OPEN_REQUIRE_OWNER 1u /* refuse an object another user owns */
+#define SHX_OPEN_GLOBAL        2u /* Windows: the Global\ namespace, seen by every session */
+#define SHX_OPEN_PERSIST       4u /* a new object outlives its last holder (until unlink) */
+#define SHX_OPEN_EXISTING      8u /* never create: SHX_E_NOTFOUND where a new object would be made */
 
 /* Whether an object made without SHX_OPEN_PERSIST can be made persistent by a
  * later attach.  Not where the kernel frees it by itself (System V memory
@@ -166,14 +166,12 @@ typedef int (*shx_keep_name_fn)(const shx_os_map *m);
  * for new objects (in place of the per-user default); POSIX backends refuse
  * it (SHX_E_OS, EINVAL).  On success the whole object is mapped and *created
  * says whether this call (re)initialized it. */
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
-                  int *created, shx_error *err);
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags, const char *security,
+                  shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr, int *created, shx_error *err);
 /* Detaches; the last process to detach removes the name unless keep_name() says not to.
  * With at_exit set the mapping is left in place (threads may still run).
  * intr as for attach; a detach it gives up (SHX_E_INTERRUPTED) changed nothing. */
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
-                  shx_error *err);
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr, shx_error *err);
 /* Writes the name the OS sees for block `name` (NUL-terminated) into out:
  * "/name" for POSIX shm_open, cut to a stable short form where names are
  * short (a prefix, '~' and a hash: '~' is never in a block name, so a short
@@ -192,13 +190,13 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err);
  * `header` points at a read-only copy of the block's first bytes while the
  * callback runs (NULL when its memory is gone or cannot be read). */
 typedef struct shx_os_info {
-    const char *name;         /* the block's name as the user gave it */
-    uint64_t size;            /* bytes of memory, header included; 0 when gone */
-    int64_t holders;          /* attachments, -1 where the OS cannot tell */
-    int persist;              /* 1, 0, or -1 where the OS cannot tell */
-    int alive;                /* the memory exists (a dead entry's does not) */
+    const char *name; /* the block's name as the user gave it */
+    uint64_t size;    /* bytes of memory, header included; 0 when gone */
+    int64_t holders;  /* attachments, -1 where the OS cannot tell */
+    int persist;      /* 1, 0, or -1 where the OS cannot tell */
+    int alive;        /* the memory exists (a dead entry's does not) */
     uint32_t creator_pid;
-    int64_t created;          /* Unix time of creation, 0 if unknown */
+    int64_t created; /* Unix time of creation, 0 if unknown */
     const void *header;
     size_t header_len;
 } shx_os_info;
@@ -219,8 +217,7 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err);
 /* timeout_ns < 0 waits forever, 0 only tries.  *owner_died is set when the lock
  * was taken from a holder that died; the protected data may need repair.
  * The lock is not recursive: a thread that holds it gets SHX_E_OS (EDEADLK). */
-int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died,
-                shx_error *err);
+int shx_os_lock(shx_os_map *m, void *area, int64_t timeout_ns, int *owner_died, shx_error *err);
 /* Fails (SHX_E_OS, EPERM) when the calling thread does not hold the lock. */
 int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
 

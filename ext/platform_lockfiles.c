@@ -44,9 +44,8 @@
 #include <dirent.h>
 #include <sys/file.h>
 
-
-#define OS_NAME_MAX 31      /* PSHMNAMLEN on macOS, the slash included */
-#define SHORT_PREFIX 13     /* "/" + 13 + "~" + 16 hex digits = 31 */
+#define OS_NAME_MAX      31 /* PSHMNAMLEN on macOS, the slash included */
+#define SHORT_PREFIX     13 /* "/" + 13 + "~" + 16 hex digits = 31 */
 #define DEFAULT_LOCK_DIR "/tmp/.shmemext"
 
 /* ---- names ---------------------------------------------------------------- */
@@ -123,7 +122,7 @@ static int owner_dir(char *out, size_t size, uint32_t owner, shx_error *err)
     }
     if (owner == (uint32_t)geteuid()) {
         if (mkdir(base, 01777) == 0)
-            (void)chmod(base, 01777);   /* mkdir applied the umask */
+            (void)chmod(base, 01777); /* mkdir applied the umask */
         else if (errno != EEXIST)
             return shx_fail_os(err, "mkdir of the lock directory");
         if (mkdir(out, 0711) == 0)
@@ -141,7 +140,10 @@ static int owner_dir(char *out, size_t size, uint32_t owner, shx_error *err)
                  "its lock directory %s cannot be trusted: it is %s owned by uid %lu%s, where a directory of uid %lu "
                  "that no one else may write was expected; remove it (it may have been planted) or point "
                  "SHMEMEXT_LOCK_DIR elsewhere",
-                 out, S_ISDIR(st.st_mode) ? "a directory" : S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory",
+                 out,
+                 S_ISDIR(st.st_mode)   ? "a directory"
+                 : S_ISLNK(st.st_mode) ? "a symbolic link"
+                                       : "not a directory",
                  (unsigned long)st.st_uid, (st.st_mode & 022) ? " and writable by others" : "", (unsigned long)owner);
         errno = EPERM;
         shx_fail_os(err, "the lock directory");
@@ -203,7 +205,8 @@ static int gate_take(shx_os_map *m, unsigned mode, const shx_os_interrupt *intr,
         int got = intr != NULL && intr->interrupted != NULL ? shx_posix_poll_lock(try_exclusive, fd, intr)
                                                             : flock_retry(fd, LOCK_EX);
         if (got != 0 || fstat(fd, &st) != 0) {
-            rc = got == -2 ? shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL) : shx_fail_os(err, "flock of the gate lock file");
+            rc = got == -2 ? shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL)
+                           : shx_fail_os(err, "flock of the gate lock file");
             close(fd);
             return rc;
         }
@@ -305,7 +308,8 @@ static int open_lock_file_again(const shx_os_map *m, enum lock_file which, int f
     char path[1024];
     shx_error ignored;
     struct stat now, again;
-    if (fd_now < 0 || lock_path(path, sizeof path, m->lock_owner, m->os_name, which, &ignored) != SHX_OK || fstat(fd_now, &now) != 0)
+    if (fd_now < 0 || lock_path(path, sizeof path, m->lock_owner, m->os_name, which, &ignored) != SHX_OK ||
+        fstat(fd_now, &now) != 0)
         return -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd >= 0 && (fstat(fd, &again) != 0 || again.st_dev != now.st_dev || again.st_ino != now.st_ino)) {
@@ -400,8 +404,7 @@ static int find_lock_owner(const char *os_name, uint32_t *owner, shx_error *err)
     return SHX_OK;
 }
 
-static int open_and_gate(shx_os_map *m, unsigned mode, unsigned flags, const shx_os_interrupt *intr,
-                         shx_error *err)
+static int open_and_gate(shx_os_map *m, unsigned mode, unsigned flags, const shx_os_interrupt *intr, shx_error *err)
 {
     char path[1024];
     int rc;
@@ -425,7 +428,7 @@ static int open_and_gate(shx_os_map *m, unsigned mode, unsigned flags, const shx
     if (fstat(m->object_fd, &st) != 0)
         return shx_fail_os(err, "fstat");
     if ((uint32_t)st.st_uid != m->lock_owner)
-        return SHX_REINIT;   /* another user made the object meanwhile: its lock files are elsewhere */
+        return SHX_REINIT; /* another user made the object meanwhile: its lock files are elsewhere */
     return SHX_OK;
 }
 
@@ -499,7 +502,7 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
      * Failing here only means another user made the name (or, on macOS, that
      * shm objects take no fchmod): keep what there is. */
     (void)fchmod(fd, (mode_t)mode);
-#ifndef __APPLE__   /* macOS has no posix_fallocate */
+#ifndef __APPLE__ /* macOS has no posix_fallocate */
     int rc;
     do {
         rc = posix_fallocate(fd, 0, (off_t)size);
@@ -507,7 +510,7 @@ static int size_fresh_object(int fd, size_t size, unsigned mode, shx_error *err)
     if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
         errno = rc;
         shx_fail_os(err, "posix_fallocate");
-        err->a = (uint64_t)size;   /* named in the message: how much did not fit */
+        err->a = (uint64_t)size; /* named in the message: how much did not fit */
         return SHX_E_OS;
     }
 #endif
@@ -576,7 +579,7 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         rc = prepare(ctx, m, SHX_ATTACH_ALONE, err);
         if (rc == SHX_REINIT && (flags & SHX_OPEN_EXISTING)) {
             unmap_object(m);
-            state = SHX_ATTACH_FRESH;   /* dead: refused below, as a missing one is */
+            state = SHX_ATTACH_FRESH; /* dead: refused below, as a missing one is */
         } else if (rc == SHX_REINIT) {
             unmap_object(m);
             if ((rc = empty_object(m, mode, err)) != SHX_OK)
@@ -618,9 +621,8 @@ static void clear_map(shx_os_map *m)
     m->gate_fd = m->writer_fd = m->writer_fork_fd = -1;
 }
 
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
-                  int *created, shx_error *err)
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags, const char *security,
+                  shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr, int *created, shx_error *err)
 {
     int rc;
     clear_map(m);
@@ -635,7 +637,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
 
     for (;;) {
         if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
-        return rc;
+            return rc;
         rc = open_and_gate(m, mode, flags, intr, err);
         if (rc == SHX_OK)
             reap_dead_blocks(m->os_name);
@@ -643,7 +645,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
             rc = attach_locked(m, name, size, mode, flags, prepare, ctx, created, err);
         if (rc == SHX_OK) {
             gate_leave(m);
-            close(m->object_fd);   /* the mapping keeps the object */
+            close(m->object_fd); /* the mapping keeps the object */
             m->object_fd = -1;
             shx_posix_registry_add(m);
             shx_posix_registry_leave();
@@ -662,8 +664,7 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     }
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
-                  shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr, shx_error *err)
 {
     int rc = SHX_OK;
     if (m->fd < 0)
@@ -686,7 +687,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const 
             else if (st.st_nlink > 0 && !(keep_name != NULL && keep_name(m)))
                 rc = forget_names(m, err);
             else if (st.st_nlink == 0)
-                drop_unused_lock_files(m);   /* the gate file we may have made anew */
+                drop_unused_lock_files(m); /* the gate file we may have made anew */
         }
         /* Stop counting before the gate opens: a detacher waiting for it must
          * not find our shared lock still there, or neither of us removes the name.
@@ -701,7 +702,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const 
     if (m->writer_fd >= 0)
         close(m->writer_fd);
     m->writer_fd = -1;
-    if (!at_exit)   /* at exit other threads may still be inside the lock calls */
+    if (!at_exit) /* at exit other threads may still be inside the lock calls */
         (void)pthread_mutex_destroy(&m->local_writer);
     if (close(m->fd) != 0 && rc == SHX_OK && errno != EINTR)
         rc = shx_fail_os(err, "close");
@@ -765,7 +766,7 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
 {
     if (m->fd < 0)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    *count = -1;   /* flock() tells "held or not", never by how many */
+    *count = -1; /* flock() tells "held or not", never by how many */
     return SHX_OK;
 }
 
@@ -776,7 +777,7 @@ typedef struct object_peek {
     int exists;
     uint32_t uid;
     uint64_t size;
-    int ours;        /* starts with the shmemext magic, or was never finished (zeros) */
+    int ours; /* starts with the shmemext magic, or was never finished (zeros) */
     int persist;
     unsigned char header[SHX_PEEK_BYTES];
     size_t header_len;
@@ -810,7 +811,7 @@ static void peek_object(const char *os_name, object_peek *p)
             p->ours = memcmp(p->header, SHX_MAGIC, 8) == 0 || memcmp(p->header, zeros, 8) == 0;
             p->persist = memcmp(p->header, SHX_MAGIC, 8) == 0 && (flags & SHX_PERSIST_BIT) != 0;
         } else {
-            p->ours = p->size == 0;   /* a creator that died before sizing it */
+            p->ours = p->size == 0; /* a creator that died before sizing it */
         }
     }
     close(fd);
@@ -861,8 +862,8 @@ static int each_live_file(live_file_fn fn, void *ctx, shx_error *err)
 }
 
 typedef struct reap_request {
-    const char *skip;          /* the OS name being attached (its gate is ours already) */
-    shx_os_info_fn report;     /* told of each block removed, or NULL */
+    const char *skip;      /* the OS name being attached (its gate is ours already) */
+    shx_os_info_fn report; /* told of each block removed, or NULL */
     void *ctx;
 } reap_request;
 
@@ -898,8 +899,15 @@ static int reap_one(void *vrq, const char *stem, int live_fd)
             read_full_name(live_fd, full, sizeof full);
             (void)remove_names(me, os_name, &ignored);
             if (rq->report != NULL) {
-                shx_os_info info = {full[0] ? full : stem, peek.size, 0, 0, 0, 0, (int64_t)then.st_mtime,
-                                    peek.header_len ? peek.header : NULL, peek.header_len};
+                shx_os_info info = {full[0] ? full : stem,
+                                    peek.size,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                    (int64_t)then.st_mtime,
+                                    peek.header_len ? peek.header : NULL,
+                                    peek.header_len};
                 rq->report(rq->ctx, &info);
             }
         }
@@ -954,9 +962,15 @@ static int list_one(void *vrq, const char *stem, int live_fd)
     }
     if (gate >= 0)
         close(gate);
-    shx_os_info info = {full[0] ? full : stem, peek.size, held ? -1 : 0, peek.header_len ? peek.persist : -1,
-                        peek.exists && (held || peek.persist), 0, fstat(live_fd, &st) == 0 ? (int64_t)st.st_mtime : 0,
-                        peek.header_len ? peek.header : NULL, peek.header_len};
+    shx_os_info info = {full[0] ? full : stem,
+                        peek.size,
+                        held ? -1 : 0,
+                        peek.header_len ? peek.persist : -1,
+                        peek.exists && (held || peek.persist),
+                        0,
+                        fstat(live_fd, &st) == 0 ? (int64_t)st.st_mtime : 0,
+                        peek.header_len ? peek.header : NULL,
+                        peek.header_len};
     rq->fn(rq->ctx, &info);
     return SHX_OK;
 }

@@ -321,8 +321,6 @@ int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err)
     return rc;
 }
 
-
-
 int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr)
 {
     uint64_t asked = shx_os_monotonic_ns();
@@ -338,7 +336,7 @@ int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt 
         if (attempt < 4) {
             sched_yield();
         } else {
-            long ns = attempt < 12 ? 20000L << (attempt - 4) : 5000000L;   /* 20 us doubling to 5 ms */
+            long ns = attempt < 12 ? 20000L << (attempt - 4) : 5000000L; /* 20 us doubling to 5 ms */
             struct timespec ts = {0, ns};
             (void)nanosleep(&ts, NULL);
         }
@@ -429,7 +427,7 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
 #endif
     if (rc != 0 && errno == ETIMEDOUT)
         return SHX_E_TIMEOUT;
-    return SHX_OK;   /* woken, EAGAIN (already changed) or EINTR: the caller looks again */
+    return SHX_OK; /* woken, EAGAIN (already changed) or EINTR: the caller looks again */
 }
 
 void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
@@ -475,7 +473,7 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     int rc = sync_wait(addr, expected, sizeof(uint32_t), OS_SYNC_SHARED, OS_CLOCK_MACH_ABSOLUTE, (uint64_t)timeout_ns);
     if (rc < 0 && errno == ETIMEDOUT)
         return SHX_E_TIMEOUT;
-    return SHX_OK;   /* woken, changed already, interrupted: the caller looks again */
+    return SHX_OK; /* woken, changed already, interrupted: the caller looks again */
 }
 
 void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)

@@ -50,11 +50,11 @@
 #error "this backend needs open file description locks (F_OFD_SETLK, Linux 3.15+)"
 #endif
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23   /* Linux 5.14 */
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
 #endif
 
-#define OS_NAME_MAX 255   /* NAME_MAX of /dev/shm */
-#define SHM_DIR "/dev/shm"
+#define OS_NAME_MAX 255 /* NAME_MAX of /dev/shm */
+#define SHM_DIR     "/dev/shm"
 
 /* ---- names ---------------------------------------------------------------- */
 
@@ -80,13 +80,13 @@ typedef struct name_entry {
     char magic[8];
     uint32_t version;
     int32_t shmid;
-    uint64_t token;          /* repeated at SHX_TOKEN_OFFSET in the block */
-    uint64_t size;           /* bytes of the segment */
-    uint64_t ipc_namespace;  /* inode of the creator's IPC namespace; 0 unknown */
+    uint64_t token;         /* repeated at SHX_TOKEN_OFFSET in the block */
+    uint64_t size;          /* bytes of the segment */
+    uint64_t ipc_namespace; /* inode of the creator's IPC namespace; 0 unknown */
     uint32_t creator_uid;
     uint32_t creator_pid;
     uint32_t reserved[2];
-    int64_t created;         /* Unix time */
+    int64_t created; /* Unix time */
 } name_entry;
 
 _Static_assert(sizeof(name_entry) == 64, "a name entry is 64 bytes on every ABI");
@@ -142,7 +142,7 @@ static int take_gate(int fd, const shx_os_interrupt *intr)
         return lock_gate(fd, F_WRLCK, 1);
     int rc = shx_posix_poll_lock(try_gate, fd, intr);
     if (rc == -2)
-        errno = ECANCELED;   /* given up: the caller reports SHX_E_INTERRUPTED */
+        errno = ECANCELED; /* given up: the caller reports SHX_E_INTERRUPTED */
     return rc == 0 ? 0 : -1;
 }
 
@@ -294,7 +294,7 @@ static int prefault(void *base, size_t size, shx_error *err)
     } while (rc != 0 && errno == EINTR);
     if (rc == 0)
         return SHX_OK;
-    if (errno == EINVAL) {   /* a kernel before 5.14: touch every page (fresh memory is zeros) */
+    if (errno == EINVAL) { /* a kernel before 5.14: touch every page (fresh memory is zeros) */
         long page = sysconf(_SC_PAGESIZE);
         for (size_t off = 0; off < size; off += (size_t)(page > 0 ? page : 4096))
             ((volatile unsigned char *)base)[off] = 0;
@@ -450,7 +450,7 @@ static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags
     void *base = shmat(e->shmid, NULL, 0);
     if (base == (void *)-1) {
         if (errno == EINVAL || errno == EIDRM)
-            return SHX_REINIT;   /* its last holder went just now */
+            return SHX_REINIT; /* its last holder went just now */
         return shx_fail_os(err, "shmat");
     }
     if (!token_matches(base, e->token)) {
@@ -470,7 +470,7 @@ static int join_block(shx_os_map *m, int fd, const name_entry *e, unsigned flags
     /* Counted before our shmat: holders come only under the gate we hold,
      * and one that goes meanwhile only makes "shared" too careful. */
     rc = prepare(ctx, m, ds.shm_nattch == 0 ? SHX_ATTACH_ALONE : SHX_ATTACH_SHARED, err);
-    if (rc == SHX_REINIT)   /* nobody else holds it: it goes with our shmdt */
+    if (rc == SHX_REINIT) /* nobody else holds it: it goes with our shmdt */
         (void)shmctl(e->shmid, IPC_RMID, NULL);
     if (rc != SHX_OK) {
         drop_file_lock(m);
@@ -489,9 +489,8 @@ static void clear_map(shx_os_map *m)
     m->writer_fd = m->writer_fork_fd = -1;
 }
 
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
-                  int *created, shx_error *err)
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags, const char *security,
+                  shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr, int *created, shx_error *err)
 {
     int rc;
     clear_map(m);
@@ -526,10 +525,10 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
                            : create_block(m, fd, &st, size, mode, flags, prepare, ctx, err);
         if (rc == SHX_OK)
             *created = 1;
-        else   /* the entry was empty or dead, and we hold its gate: leave nothing behind */
+        else /* the entry was empty or dead, and we hold its gate: leave nothing behind */
             (void)shm_unlink(m->os_name);
     }
-    close(fd);   /* opens the gate */
+    close(fd); /* opens the gate */
     if (rc == SHX_OK)
         shx_posix_registry_add(m);
     shx_posix_registry_leave();
@@ -556,17 +555,16 @@ static void linger(int shmid)
         size_t size = lingering_size ? 2 * lingering_size : 16;
         int *grown = realloc(lingering, size * sizeof *grown);
         if (grown == NULL)
-            return;   /* the name then stays: `sweep` or the next open removes it */
+            return; /* the name then stays: `sweep` or the next open removes it */
         lingering = grown;
         lingering_size = size;
     }
     lingering[lingering_count++] = shmid;
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
-                  shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr, shx_error *err)
 {
-    (void)keep_name;   /* the kernel knows which segments persist: those not marked for removal */
+    (void)keep_name; /* the kernel knows which segments persist: those not marked for removal */
     int rc;
     if (m->shmid < 0)
         return SHX_OK;
@@ -591,7 +589,7 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const 
     }
     if (at_exit) {
         linger(m->shmid);
-        if (m->writer_fd >= 0)   /* other threads may still be inside the lock calls: keep the mutex */
+        if (m->writer_fd >= 0) /* other threads may still be inside the lock calls: keep the mutex */
             close(m->writer_fd);
         m->writer_fd = -1;
     } else {
@@ -720,7 +718,7 @@ static int each_entry(entry_fn fn, void *ctx, shx_error *err)
 
 /* What the kernel knows of an entry's segment, and a copy of its header. */
 typedef struct segment_look {
-    int alive;                 /* 1 live, 0 dead, -1 in another IPC namespace */
+    int alive; /* 1 live, 0 dead, -1 in another IPC namespace */
     struct shmid_ds ds;
     unsigned char header[SHX_PEEK_BYTES];
     size_t header_len;
@@ -766,7 +764,10 @@ static void describe(shx_os_info *info, const char *name, const name_entry *e, c
 typedef struct walk {
     shx_os_info_fn fn;
     void *ctx;
-    struct { int shmid; uint64_t token; } *live;   /* sweep: the segments that live entries name */
+    struct {
+        int shmid;
+        uint64_t token;
+    } * live; /* sweep: the segments that live entries name */
     size_t live_count, live_size;
     shx_error *err;
 } walk;
@@ -809,7 +810,7 @@ static int sweep_entry(void *vw, const char *name, int fd, const name_entry *see
             size_t size = w->live_size ? 2 * w->live_size : 64;
             void *grown = realloc(w->live, size * sizeof *w->live);
             if (grown == NULL)
-                return shx_fail(w->err, SHX_E_OS, 0, 0, NULL);   /* out of memory */
+                return shx_fail(w->err, SHX_E_OS, 0, 0, NULL); /* out of memory */
             w->live = grown;
             w->live_size = size;
         }
@@ -862,8 +863,9 @@ static void sweep_orphans(walk *w)
         if (orphan && shmctl(shmid, IPC_RMID, NULL) == 0) {
             char label[32];
             snprintf(label, sizeof label, "(shmid %d)", shmid);
-            shx_os_info out = {label, (uint64_t)ds.shm_segsz, 0, 1, 1, (uint32_t)ds.shm_cpid, (int64_t)ds.shm_ctime,
-                               look.header, look.header_len};
+            shx_os_info out = {
+                label,       (uint64_t)ds.shm_segsz, 0, 1, 1, (uint32_t)ds.shm_cpid, (int64_t)ds.shm_ctime,
+                look.header, look.header_len};
             w->fn(w->ctx, &out);
         }
     }
@@ -910,7 +912,7 @@ static int init_mutex(pthread_mutex_t *mutex)
  * type and one of another type differ. */
 #define MUTEX_WORDS (sizeof(pthread_mutex_t) / sizeof(uint32_t))
 static uint32_t expected_words[MUTEX_WORDS];
-static unsigned char type_word[MUTEX_WORDS];   /* 1 where the type is kept */
+static unsigned char type_word[MUTEX_WORDS]; /* 1 where the type is kept */
 static pthread_once_t type_word_once = PTHREAD_ONCE_INIT;
 
 static void find_type_word(void)
@@ -1016,5 +1018,3 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err)
     }
     return SHX_OK;
 }
-
-

@@ -146,9 +146,8 @@ static void close_all(shx_os_map *m)
     m->size = 0;
 }
 
-int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags,
-                  const char *security, shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr,
-                  int *created, shx_error *err)
+int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, unsigned flags, const char *security,
+                  shx_prepare_fn prepare, void *ctx, const shx_os_interrupt *intr, int *created, shx_error *err)
 {
     /* Ownership (SHX_OPEN_REQUIRE_OWNER) is enforced by the DACL. */
     int global = (flags & SHX_OPEN_GLOBAL) != 0;
@@ -176,7 +175,8 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     if (m->mutex == NULL) {
         rc = shx_fail_os(err, "CreateMutexW");
         if (global && err->os_error == ERROR_ACCESS_DENIED)
-            err->detail = "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
+            err->detail =
+                "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
         goto done;
     }
     m->wake = CreateSemaphoreW(sa, 0, LONG_MAX, wake_name);
@@ -211,7 +211,8 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     if (m->mapping == NULL) {
         rc = shx_fail_os(err, "CreateFileMappingW");
         if (global && err->os_error == ERROR_ACCESS_DENIED)
-            err->detail = "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
+            err->detail =
+                "a Global\\ block needs SeCreateGlobalPrivilege (services and elevated administrators have it)";
     } else {
         int existed = created_error == ERROR_ALREADY_EXISTS;
         if (!existed && (flags & SHX_OPEN_EXISTING)) {
@@ -246,14 +247,13 @@ done:
     return rc;
 }
 
-int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr,
-                  shx_error *err)
+int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const shx_os_interrupt *intr, shx_error *err)
 {
-    (void)intr;   /* closing handles never waits */
-    (void)keep_name;   /* no kernel persistence: `hold` keeps a handle open instead */
+    (void)intr;      /* closing handles never waits */
+    (void)keep_name; /* no kernel persistence: `hold` keeps a handle open instead */
     (void)err;
     if (at_exit)
-        return SHX_OK;   /* process exit closes every handle */
+        return SHX_OK; /* process exit closes every handle */
     close_all(m);
     return SHX_OK;
 }
@@ -271,7 +271,7 @@ int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
 {
     (void)m;
     (void)err;
-    *alone = 0;   /* Windows does not tell other processes' handle counts */
+    *alone = 0; /* Windows does not tell other processes' handle counts */
     return SHX_OK;
 }
 
@@ -279,7 +279,7 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
 {
     if (m->mapping == NULL)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    *count = -1;   /* the kernel counts the handles, but tells nobody how many */
+    *count = -1; /* the kernel counts the handles, but tells nobody how many */
     return SHX_OK;
 }
 
@@ -302,7 +302,7 @@ int shx_os_sweep(shx_os_info_fn fn, void *ctx, shx_error *err)
     (void)fn;
     (void)ctx;
     (void)err;
-    return SHX_OK;   /* nothing is ever left behind */
+    return SHX_OK; /* nothing is ever left behind */
 }
 
 /* ---- the writer lock: a named mutex ------------------------------------- */
@@ -312,7 +312,7 @@ int shx_os_lock_init(shx_os_map *m, void *area, shx_error *err)
     (void)m;
     (void)area;
     (void)err;
-    return SHX_OK;   /* created with the block, in shx_os_attach */
+    return SHX_OK; /* created with the block, in shx_os_attach */
 }
 
 /* Which thread of this process holds which block's writer lock.  Windows

@@ -190,8 +190,8 @@ int shx_py_timeout_arg(const char *fname, PyObject *obj, double *timeout)
         return 0;
     }
     if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj) || !PyNumber_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s() argument 'timeout' must be None or a number of seconds, not %.100s",
-                     fname, Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s() argument 'timeout' must be None or a number of seconds, not %.100s", fname,
+                     Py_TYPE(obj)->tp_name);
         return -1;
     }
     double t = PyFloat_AsDouble(obj);

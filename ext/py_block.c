@@ -52,28 +52,20 @@ PyObject *shx_py_raise(module_state *st, const shx_error *err, const char *name)
         }
 #endif
         return raise_os_error(PyExc_OSError, err->os_error, msg, name);
-    case SHX_E_NOTOWNER:
-        return raise_os_error(PyExc_PermissionError, EACCES, msg, name);
-    case SHX_E_NOTFOUND:
-        return raise_os_error(PyExc_FileNotFoundError, ENOENT, msg, name);
-    case SHX_E_NAME:
-        return PyErr_Format(st ? st->error : PyExc_ValueError, "invalid block name '%s': %s", name, msg);
-    case SHX_E_TIMEOUT:
-        return PyErr_Format(PyExc_TimeoutError, "block '%s': %s", name, msg);
+    case SHX_E_NOTOWNER: return raise_os_error(PyExc_PermissionError, EACCES, msg, name);
+    case SHX_E_NOTFOUND: return raise_os_error(PyExc_FileNotFoundError, ENOENT, msg, name);
+    case SHX_E_NAME: return PyErr_Format(st ? st->error : PyExc_ValueError, "invalid block name '%s': %s", name, msg);
+    case SHX_E_TIMEOUT: return PyErr_Format(PyExc_TimeoutError, "block '%s': %s", name, msg);
     case SHX_E_INTERRUPTED:
-        if (PyErr_Occurred())   /* the signal handler's exception */
+        if (PyErr_Occurred()) /* the signal handler's exception */
             return NULL;
         return PyErr_Format(PyExc_InterruptedError, "block '%s': %s", name, msg);
     case SHX_E_FOREIGN:
-    case SHX_E_NEWER:
-        return PyErr_Format(st ? st->foreign_error : PyExc_ValueError, "block '%s': %s", name, msg);
+    case SHX_E_NEWER: return PyErr_Format(st ? st->foreign_error : PyExc_ValueError, "block '%s': %s", name, msg);
     case SHX_E_CORRUPT:
-    case SHX_E_BADVALUE:
-        return PyErr_Format(st ? st->corrupt_error : PyExc_ValueError, "block '%s': %s", name, msg);
-    case SHX_E_CLOSED:
-        return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "block '%s': %s", name, msg);
-    default:
-        return PyErr_Format(st ? st->error : PyExc_ValueError, "block '%s': %s", name, msg);
+    case SHX_E_BADVALUE: return PyErr_Format(st ? st->corrupt_error : PyExc_ValueError, "block '%s': %s", name, msg);
+    case SHX_E_CLOSED: return PyErr_Format(st ? st->closed_error : PyExc_ValueError, "block '%s': %s", name, msg);
+    default: return PyErr_Format(st ? st->error : PyExc_ValueError, "block '%s': %s", name, msg);
     }
 }
 
@@ -83,7 +75,7 @@ PyObject *shx_py_raise(module_state *st, const shx_error *err, const char *name)
  * thread-specific slot made once per process (by whichever interpreter
  * imports first). */
 static Py_tss_t reentry_key = Py_tss_NEEDS_INIT;
-static atomic_int reentry_key_state;   /* 0: not made, 1: being made, 2: made, 3: failed */
+static atomic_int reentry_key_state; /* 0: not made, 1: being made, 2: made, 3: failed */
 
 int shx_py_reentry_init(void)
 {
@@ -91,8 +83,7 @@ int shx_py_reentry_init(void)
     if (atomic_compare_exchange_strong(&reentry_key_state, &expected, 1))
         atomic_store(&reentry_key_state, PyThread_tss_create(&reentry_key) == 0 ? 2 : 3);
     while (atomic_load(&reentry_key_state) == 1) {
-        Py_BEGIN_ALLOW_THREADS
-        shx_os_pause_briefly();
+        Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
         Py_END_ALLOW_THREADS
     }
     if (atomic_load(&reentry_key_state) != 2) {
@@ -144,7 +135,7 @@ int shx_py_wait_interrupted(void *ctx)
     if (shx_py_check_signals(release->block) < 0)
         return 1;
     if (shx_guard_closing(&release->block->block.guard)) {
-        release->closing = 1;   /* the caller leaves, then learns whether the close went through */
+        release->closing = 1; /* the caller leaves, then learns whether the close went through */
         return 1;
     }
     return 0;
@@ -160,8 +151,7 @@ static int signals_pending(void *ctx)
 static void pause_without_gil(void *ctx)
 {
     (void)ctx;
-    Py_BEGIN_ALLOW_THREADS
-    shx_os_pause_briefly();
+    Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
     Py_END_ALLOW_THREADS
 }
 
@@ -191,7 +181,7 @@ int shx_py_enter(BlockObject *self)
     }
     if (self->block.attached)
         return 0;
-    shx_guard_leave(g);   /* detached at exit */
+    shx_guard_leave(g); /* detached at exit */
 closed:
     raise_closed(self);
     return -1;
@@ -237,10 +227,10 @@ static PyObject *thread_token(void)
         PyErr_SetString(PyExc_RuntimeError, "no thread state dict");
         return NULL;
     }
-    PyObject *token = PyDict_GetItemString(dict, "shmemext.thread");   /* borrowed; the dict is this thread's */
+    PyObject *token = PyDict_GetItemString(dict, "shmemext.thread"); /* borrowed; the dict is this thread's */
     if (token != NULL)
         return token;
-    token = PySet_New(NULL);   /* any object weak references can point to */
+    token = PySet_New(NULL); /* any object weak references can point to */
     if (token == NULL || PyDict_SetItemString(dict, "shmemext.thread", token) < 0) {
         Py_XDECREF(token);
         return NULL;
@@ -339,8 +329,10 @@ static int refuse_close_in_use(BlockObject *self)
         PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while this thread holds its lock; release it first",
                      shx_py_type_label(self), self->block.name);
     else
-        PyErr_Format(PyExc_RuntimeError, "cannot close %s '%s' while another thread of this process (%lu) holds "
-                     "its lock; release it there first", shx_py_type_label(self), self->block.name, holder);
+        PyErr_Format(PyExc_RuntimeError,
+                     "cannot close %s '%s' while another thread of this process (%lu) holds "
+                     "its lock; release it there first",
+                     shx_py_type_label(self), self->block.name, holder);
     return -1;
 }
 
@@ -365,14 +357,16 @@ static int check_security(const char *security)
 #else
     if (security == NULL)
         return 0;
-    PyErr_Format(PyExc_ValueError, "security='%.100s' is a Windows SDDL descriptor; on this system use mode= "
-                 "(e.g. mode=0o660) to share a block", security);
+    PyErr_Format(PyExc_ValueError,
+                 "security='%.100s' is a Windows SDDL descriptor; on this system use mode= "
+                 "(e.g. mode=0o660) to share a block",
+                 security);
     return -1;
 #endif
 }
 
-PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags,
-                           int mode, int readonly, const char *scope_name, const char *security)
+PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, uint64_t size, unsigned flags, int mode,
+                           int readonly, const char *scope_name, const char *security)
 {
     int scope;
     if ((scope = scope_flag(scope_name)) < 0 || check_security(security) < 0)
@@ -403,10 +397,8 @@ PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, 
 static int detach_now(BlockObject *self, shx_error *err)
 {
     int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_close(&self->block, 0, err);
-    Py_END_ALLOW_THREADS
-    return rc;
+    Py_BEGIN_ALLOW_THREADS rc = shx_block_close(&self->block, 0, err);
+    Py_END_ALLOW_THREADS return rc;
 }
 
 void shx_py_block_dealloc(BlockObject *self)
@@ -434,7 +426,7 @@ static void finish_deferred_close(BlockObject *self)
     if (!atomic_exchange(&self->block.guard.deferred, 0))
         return;
     PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);   /* the call's own outcome stands */
+    PyErr_Fetch(&type, &value, &tb); /* the call's own outcome stands */
     int detached = 0;
     if (refuse_close_in_use(self) == 0) {
         shx_error ignored;
@@ -456,7 +448,7 @@ PyObject *shx_py_block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
      * handler inside a call of this thread, which detaches as it leaves. */
     if (shx_guard_close(g, own_calls(self), &gil_waiter) != SHX_GUARD_WON)
         Py_RETURN_NONE;
-    if (refuse_close_in_use(self) < 0) {   /* taken by a call that ended just now */
+    if (refuse_close_in_use(self) < 0) { /* taken by a call that ended just now */
         shx_guard_close_end(g, 0);
         return NULL;
     }
@@ -488,10 +480,8 @@ PyObject *shx_py_block_sole_holder(BlockObject *self, PyObject *Py_UNUSED(ignore
         return NULL;
     int alone = 0, rc;
     shx_error err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_sole_holder(&self->block, &alone, &err);
-    Py_END_ALLOW_THREADS
-    shx_py_leave(self);
+    Py_BEGIN_ALLOW_THREADS rc = shx_block_sole_holder(&self->block, &alone, &err);
+    Py_END_ALLOW_THREADS shx_py_leave(self);
     if (rc != SHX_OK)
         return shx_py_raise_block(self, &err);
     return PyBool_FromLong(alone);
@@ -512,14 +502,20 @@ PyObject *shx_py_block_get_holders(BlockObject *self, void *Py_UNUSED(c))
     return shx_py_optional_int(count);
 }
 
-PyObject *shx_py_block_get_name(BlockObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->block.name); }
+PyObject *shx_py_block_get_name(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(self->block.name);
+}
 
 PyObject *shx_py_block_get_size(BlockObject *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong(self->block.capacity);
 }
 
-PyObject *shx_py_block_get_created(BlockObject *self, void *Py_UNUSED(c)) { return PyBool_FromLong(self->block.created); }
+PyObject *shx_py_block_get_created(BlockObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->block.created);
+}
 
 PyObject *shx_py_block_get_closed(BlockObject *self, void *Py_UNUSED(c))
 {

@@ -3,9 +3,8 @@
 #include "glue.h"
 
 typedef struct {
-    PyObject_HEAD
-    BlockObject *segment;
-    double timeout;        /* seconds; < 0: wait forever */
+    PyObject_HEAD BlockObject *segment;
+    double timeout; /* seconds; < 0: wait forever */
     int owner_died;
 } LockObject;
 
@@ -32,10 +31,9 @@ static int acquire_block_lock(LockObject *lock, double timeout)
                          seg->block.name);
             return -1;
         }
-        Py_BEGIN_ALLOW_THREADS
-        rc = shx_block_lock(&seg->block, wait, &owner_died, NULL, &err);
-        Py_END_ALLOW_THREADS
-        if (rc == SHX_E_TIMEOUT && shx_py_check_signals(seg) < 0) {
+        Py_BEGIN_ALLOW_THREADS rc = shx_block_lock(&seg->block, wait, &owner_died, NULL, &err);
+        Py_END_ALLOW_THREADS if (rc == SHX_E_TIMEOUT && shx_py_check_signals(seg) < 0)
+        {
             shx_py_leave(seg);
             return -1;
         }
@@ -192,7 +190,8 @@ static PyMethodDef lock_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire($self, /, timeout=None)\n--\n\nTake the lock, waiting at most timeout seconds (TimeoutError after).\n"
      "Returns True. Afterwards owner_died tells whether the previous holder died holding it."},
-    {"release", (PyCFunction)lock_release, METH_NOARGS, "release($self, /)\n--\n\nRelease the lock (held by this thread)."},
+    {"release", (PyCFunction)lock_release, METH_NOARGS,
+     "release($self, /)\n--\n\nRelease the lock (held by this thread)."},
     {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL}};
@@ -200,18 +199,18 @@ static PyMethodDef lock_methods[] = {
 static PyGetSetDef lock_getset[] = {
     {"owner_died", (getter)lock_get_owner_died, NULL,
      "True if the last acquire() took the lock from a holder that died holding it:\n"
-     "the data it guarded may be half-updated.", NULL},
+     "the data it guarded may be half-updated.",
+     NULL},
     {"segment", (getter)lock_get_segment, NULL, "The Segment this lock belongs to.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
-static PyType_Slot lock_slots[] = {
-    {Py_tp_dealloc, lock_dealloc},
-    {Py_tp_traverse, lock_traverse},
-    {Py_tp_clear, lock_clear},
-    {Py_tp_methods, lock_methods},
-    {Py_tp_getset, lock_getset},
-    {Py_tp_doc, (void *)"A Segment's cross-process lock; made by Segment.lock()."},
-    {0, NULL}};
+static PyType_Slot lock_slots[] = {{Py_tp_dealloc, lock_dealloc},
+                                   {Py_tp_traverse, lock_traverse},
+                                   {Py_tp_clear, lock_clear},
+                                   {Py_tp_methods, lock_methods},
+                                   {Py_tp_getset, lock_getset},
+                                   {Py_tp_doc, (void *)"A Segment's cross-process lock; made by Segment.lock()."},
+                                   {0, NULL}};
 
 PyType_Spec shx_py_lock_spec = {
     .name = "shmemext.SegmentLock",

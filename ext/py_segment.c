@@ -47,7 +47,7 @@ static PyObject *segment_read(BlockObject *self, PyObject *const *args, Py_ssize
     if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[0] && shx_py_index_arg(v[0], "n", &n) < 0) ||
         (v[1] && shx_py_index_arg(v[1], "offset", &offset) < 0))
         return NULL;
-    if (shx_py_check_open(self) < 0)   /* closed is said before a bad range */
+    if (shx_py_check_open(self) < 0) /* closed is said before a bad range */
         return NULL;
     uint64_t size = self->block.capacity;
     if (check_offset(self, offset) < 0)
@@ -195,25 +195,24 @@ static PyGetSetDef segment_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(segment_doc,
-"Segment(name, size, *, persist=False, mode=0o600, readonly=False, scope='session', security=None,\n"
-"        create=True)\n--\n\n"
-"A named block of raw shared memory with the buffer protocol.\n\n"
-"The first process to open `name` creates it zero-filled with `size` bytes;\n"
-"later ones get the existing block (which must be at least `size` bytes).\n"
-"It lives while any process has it open, unless persist=True.  scope,\n"
-"security and create are as for Value.");
+             "Segment(name, size, *, persist=False, mode=0o600, readonly=False, scope='session', security=None,\n"
+             "        create=True)\n--\n\n"
+             "A named block of raw shared memory with the buffer protocol.\n\n"
+             "The first process to open `name` creates it zero-filled with `size` bytes;\n"
+             "later ones get the existing block (which must be at least `size` bytes).\n"
+             "It lives while any process has it open, unless persist=True.  scope,\n"
+             "security and create are as for Value.");
 
-static PyType_Slot segment_slots[] = {
-    {Py_tp_new, segment_new},
-    {Py_tp_dealloc, shx_py_block_dealloc},
-    {Py_tp_traverse, shx_py_block_traverse},
-    {Py_tp_repr, segment_repr},
-    {Py_tp_methods, segment_methods},
-    {Py_tp_getset, segment_getset},
-    {Py_tp_doc, (void *)segment_doc},
-    {Py_bf_getbuffer, segment_getbuffer},
-    {Py_bf_releasebuffer, segment_releasebuffer},
-    {0, NULL}};
+static PyType_Slot segment_slots[] = {{Py_tp_new, segment_new},
+                                      {Py_tp_dealloc, shx_py_block_dealloc},
+                                      {Py_tp_traverse, shx_py_block_traverse},
+                                      {Py_tp_repr, segment_repr},
+                                      {Py_tp_methods, segment_methods},
+                                      {Py_tp_getset, segment_getset},
+                                      {Py_tp_doc, (void *)segment_doc},
+                                      {Py_bf_getbuffer, segment_getbuffer},
+                                      {Py_bf_releasebuffer, segment_releasebuffer},
+                                      {0, NULL}};
 
 PyType_Spec shx_py_segment_spec = {
     .name = "shmemext.Segment",

@@ -15,12 +15,30 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
     Py_UCS4 maxchar;
     size_t unit;
     switch (type) {
-    case SHX_TYPE_EMPTY:  maxchar = 0; unit = 1; break;
-    case SHX_TYPE_ASCII:  maxchar = 0x7F; unit = 1; break;
-    case SHX_TYPE_LATIN1: maxchar = 0xFF; unit = 1; break;
-    case SHX_TYPE_UCS2:   maxchar = 0xFFFF; unit = 2; break;
-    case SHX_TYPE_UCS4:   maxchar = 0x10FFFF; unit = 4; break;
-    default:              maxchar = 0; unit = 0; break;
+    case SHX_TYPE_EMPTY:
+        maxchar = 0;
+        unit = 1;
+        break;
+    case SHX_TYPE_ASCII:
+        maxchar = 0x7F;
+        unit = 1;
+        break;
+    case SHX_TYPE_LATIN1:
+        maxchar = 0xFF;
+        unit = 1;
+        break;
+    case SHX_TYPE_UCS2:
+        maxchar = 0xFFFF;
+        unit = 2;
+        break;
+    case SHX_TYPE_UCS4:
+        maxchar = 0x10FFFF;
+        unit = 4;
+        break;
+    default:
+        maxchar = 0;
+        unit = 0;
+        break;
     }
     void *out;
     if (unit == 0 || nbytes % unit != 0) {
@@ -73,7 +91,7 @@ int shx_py_value_set(BlockObject *self, PyObject *value)
             return -1;
 #endif
         int kind = PyUnicode_KIND(value);
-        type = PyUnicode_IS_ASCII(value) ? SHX_TYPE_ASCII
+        type = PyUnicode_IS_ASCII(value)      ? SHX_TYPE_ASCII
                : kind == PyUnicode_1BYTE_KIND ? SHX_TYPE_LATIN1
                : kind == PyUnicode_2BYTE_KIND ? SHX_TYPE_UCS2
                                               : SHX_TYPE_UCS4;
@@ -200,7 +218,8 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     PyObject *v[2];
     uint64_t seen = 0;
     double timeout = -1;
-    if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || (v[0] != NULL && v[0] != Py_None && version_arg(v[0], &seen) < 0) ||
+    if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 ||
+        (v[0] != NULL && v[0] != Py_None && version_arg(v[0], &seen) < 0) ||
         (v[1] != NULL && shx_py_timeout_arg("wait", v[1], &timeout) < 0))
         return NULL;
     if (shx_py_enter(self) < 0)
@@ -213,11 +232,9 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     for (;;) {
         /* A passed deadline still looks once (a wait of 0), so timeout=0 is a poll. */
         int64_t wait = shx_py_next_slice(timeout, start);
-        Py_BEGIN_ALLOW_THREADS
-        rc = shx_value_wait(&self->block, seen, wait, &now, &err);
-        Py_END_ALLOW_THREADS
-        if (rc != SHX_E_TIMEOUT || shx_py_next_slice(timeout, start) == 0 || shx_py_check_signals(self) < 0)
-            break;
+        Py_BEGIN_ALLOW_THREADS rc = shx_value_wait(&self->block, seen, wait, &now, &err);
+        Py_END_ALLOW_THREADS if (rc != SHX_E_TIMEOUT || shx_py_next_slice(timeout, start) == 0 ||
+                                 shx_py_check_signals(self) < 0) break;
         if (shx_guard_closing(&self->block.guard)) {
             /* Out of the close()'s way; back in if it was given up. */
             shx_py_leave(self);
@@ -234,8 +251,10 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
         return shx_py_raise_block(self, &err);
     char secs[32];
     snprintf(secs, sizeof secs, "%g", timeout);
-    return PyErr_Format(PyExc_TimeoutError, "timed out after %s s waiting for a new value in Value '%s' "
-                        "(still version %llu)", secs, self->block.name, (unsigned long long)now);
+    return PyErr_Format(PyExc_TimeoutError,
+                        "timed out after %s s waiting for a new value in Value '%s' "
+                        "(still version %llu)",
+                        secs, self->block.name, (unsigned long long)now);
 }
 
 static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -271,26 +290,26 @@ static PyGetSetDef value_getset[] = {
     {"version", (getter)value_get_version, NULL, "How many values have been committed to the block.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
-PyDoc_STRVAR(value_doc,
-"Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None, create=True)\n--\n\n"
-"A named value cell shared between processes.\n\n"
-"The first process to open `name` creates it zero-filled with `capacity` bytes\n"
-"(4096 when None); later ones take the existing block's capacity.  The block\n"
-"lives while any process has it open, unless persist=True.  create=False\n"
-"opens only a block that exists, and raises FileNotFoundError otherwise.\n\n"
-"scope='global' names it for every session on Windows (Global\\, which needs\n"
-"SeCreateGlobalPrivilege); POSIX names are machine-wide either way.  security\n"
-"is a Windows SDDL descriptor for a new block, in place of the per-user one.");
+PyDoc_STRVAR(
+    value_doc,
+    "Value(name, capacity=None, *, persist=False, mode=0o600, scope='session', security=None, create=True)\n--\n\n"
+    "A named value cell shared between processes.\n\n"
+    "The first process to open `name` creates it zero-filled with `capacity` bytes\n"
+    "(4096 when None); later ones take the existing block's capacity.  The block\n"
+    "lives while any process has it open, unless persist=True.  create=False\n"
+    "opens only a block that exists, and raises FileNotFoundError otherwise.\n\n"
+    "scope='global' names it for every session on Windows (Global\\, which needs\n"
+    "SeCreateGlobalPrivilege); POSIX names are machine-wide either way.  security\n"
+    "is a Windows SDDL descriptor for a new block, in place of the per-user one.");
 
-static PyType_Slot value_slots[] = {
-    {Py_tp_new, value_new},
-    {Py_tp_dealloc, shx_py_block_dealloc},
-    {Py_tp_traverse, shx_py_block_traverse},
-    {Py_tp_repr, value_repr},
-    {Py_tp_methods, value_methods},
-    {Py_tp_getset, value_getset},
-    {Py_tp_doc, (void *)value_doc},
-    {0, NULL}};
+static PyType_Slot value_slots[] = {{Py_tp_new, value_new},
+                                    {Py_tp_dealloc, shx_py_block_dealloc},
+                                    {Py_tp_traverse, shx_py_block_traverse},
+                                    {Py_tp_repr, value_repr},
+                                    {Py_tp_methods, value_methods},
+                                    {Py_tp_getset, value_getset},
+                                    {Py_tp_doc, (void *)value_doc},
+                                    {0, NULL}};
 
 PyType_Spec shx_py_value_spec = {
     .name = "shmemext.Value",

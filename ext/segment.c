@@ -8,7 +8,7 @@
 #define HAVE_STREAMING_STORES 1
 #endif
 #if defined(_MSC_VER)
-#include <intrin.h>   /* _mm_pause, __yield */
+#include <intrin.h> /* _mm_pause, __yield */
 #endif
 
 _Static_assert(offsetof(shx_header, lock_area) == 64, "lock area starts the second cache line");
@@ -36,7 +36,7 @@ _Static_assert(sizeof SHX_MAGIC - 1 == sizeof MAGIC, "one magic");
 #define READ_LOCK_WAIT_NS INT64_C(2000000000)
 #endif
 #define READ_LOCK_NS_PER_BYTE 20
-#define READ_LOCK_STEP_NS INT64_C(100000000)
+#define READ_LOCK_STEP_NS     INT64_C(100000000)
 
 int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *detail)
 {
@@ -69,8 +69,8 @@ int shx_name_check(const char *name, size_t len, shx_error *err)
         return shx_fail(err, SHX_E_NAME, 0, SHX_NAME_MAX, "starts with '.' or '-'");
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)name[i];
-        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                 c == '_' || c == '.' || c == '-';
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' ||
+                 c == '-';
         if (!ok)
             return shx_fail(err, SHX_E_NAME, i, SHX_NAME_MAX, "has a character outside [A-Za-z0-9_.-]");
     }
@@ -82,8 +82,8 @@ int shx_name_check(const char *name, size_t len, shx_error *err)
 typedef struct open_request {
     shx_block *b;
     uint32_t kind;
-    uint64_t capacity;     /* for creation */
-    int capacity_given;    /* an existing block must have at least this much */
+    uint64_t capacity;  /* for creation */
+    int capacity_given; /* an existing block must have at least this much */
     unsigned flags;
 } open_request;
 
@@ -105,8 +105,7 @@ static int init_header(shx_os_map *m, const open_request *rq, shx_error *err)
     h->total_size = total_size(rq->kind, rq->capacity);
     h->kind = rq->kind;
     h->creator_pid = shx_os_pid();
-    atomic_store_explicit(&h->flags, (rq->flags & SHX_PERSIST) ? SHX_FLAG_PERSIST : 0,
-                          memory_order_relaxed);
+    atomic_store_explicit(&h->flags, (rq->flags & SHX_PERSIST) ? SHX_FLAG_PERSIST : 0, memory_order_relaxed);
     int rc = shx_os_lock_init(m, h->lock_area, err);
     if (rc != SHX_OK)
         return rc;
@@ -142,8 +141,7 @@ static int check_header(const shx_os_map *m, shx_error *err)
     if (capacity == 0 || capacity > SHX_MAX_CAPACITY)
         return shx_fail(err, SHX_E_CORRUPT, capacity, SHX_MAX_CAPACITY, "has an impossible capacity");
     if (total_size(kind, capacity) > m->size)
-        return shx_fail(err, SHX_E_CORRUPT, total_size(kind, capacity), m->size,
-                        "is smaller than its header says");
+        return shx_fail(err, SHX_E_CORRUPT, total_size(kind, capacity), m->size, "is smaller than its header says");
     return SHX_OK;
 }
 
@@ -187,8 +185,8 @@ static int on_attach(void *vrq, shx_os_map *m, int state, shx_error *err)
     return SHX_OK;
 }
 
-int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
-                   unsigned flags, unsigned mode, shx_error *err)
+int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags, unsigned mode,
+                   shx_error *err)
 {
     return shx_block_open_secured(b, name, kind, capacity, flags, mode, NULL, err);
 }
@@ -233,8 +231,8 @@ int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_
     int waits = hooks != NULL && hooks->interrupted != NULL;
     if (hooks != NULL && hooks->blocking_begin != NULL)
         hooks->blocking_begin(hooks->ctx);
-    rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags, security,
-                       on_attach, &rq, waits ? &intr : NULL, &b->created, err);
+    rc = shx_os_attach(&b->map, name, (size_t)total_size(kind, rq.capacity), mode, os_flags, security, on_attach, &rq,
+                       waits ? &intr : NULL, &b->created, err);
     if (hooks != NULL && hooks->blocking_end != NULL)
         hooks->blocking_end(hooks->ctx);
     if (rc != SHX_OK)
@@ -351,8 +349,7 @@ int shx_sweep(shx_block_info_fn fn, void *ctx, shx_error *err)
 
 /* ---- lock and copies ---------------------------------------------------- */
 
-int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,
-                   shx_error *err)
+int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks, shx_error *err)
 {
     int rc = shx_os_lock(&b->map, b->hdr->lock_area, 0, owner_died, err);
     if (rc != SHX_E_TIMEOUT || timeout_ns == 0)
@@ -470,8 +467,7 @@ static int segment_range(shx_block *b, uint64_t offset, size_t n, shx_error *err
     return SHX_OK;
 }
 
-int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks,
-                     shx_error *err)
+int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks, shx_error *err)
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
@@ -479,8 +475,7 @@ int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const s
     return rc;
 }
 
-int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks,
-                      shx_error *err)
+int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks, shx_error *err)
 {
     int rc = segment_range(b, offset, n, err);
     if (rc == SHX_OK)
@@ -496,9 +491,9 @@ int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, 
  * and none above 0x10FFFF (exact only when the OR is below 0x110000; else a
  * second, exact pass decides).  Words start at the value's first byte, so
  * each lane of a word is one unit. */
-#define HIGH_BIT_OF_BYTES UINT64_C(0x8080808080808080)
-#define HIGH_BYTE_OF_UCS2 UINT64_C(0xFF00FF00FF00FF00)
-#define ABOVE_UNICODE_UCS4 UINT64_C(0xFFE00000FFE00000)   /* bits that no code point has */
+#define HIGH_BIT_OF_BYTES  UINT64_C(0x8080808080808080)
+#define HIGH_BYTE_OF_UCS2  UINT64_C(0xFF00FF00FF00FF00)
+#define ABOVE_UNICODE_UCS4 UINT64_C(0xFFE00000FFE00000) /* bits that no code point has */
 
 static uint64_t or_words(const unsigned char *p, size_t n)
 {
@@ -523,9 +518,9 @@ static uint64_t decisive_bits(uint32_t type)
     switch (type) {
     case SHX_TYPE_ASCII:
     case SHX_TYPE_LATIN1: return HIGH_BIT_OF_BYTES;
-    case SHX_TYPE_UCS2:   return HIGH_BYTE_OF_UCS2;
-    case SHX_TYPE_UCS4:   return ABOVE_UNICODE_UCS4;
-    default:              return 0;
+    case SHX_TYPE_UCS2: return HIGH_BYTE_OF_UCS2;
+    case SHX_TYPE_UCS4: return ABOVE_UNICODE_UCS4;
+    default: return 0;
     }
 }
 
@@ -543,19 +538,18 @@ static uint32_t max_ucs4(const unsigned char *p, size_t units)
 static int well_formed(uint32_t type, const unsigned char *p, size_t nbytes, uint64_t acc)
 {
     switch (type) {
-    case SHX_TYPE_EMPTY:  return nbytes == 0;
-    case SHX_TYPE_BYTES:  return 1;
-    case SHX_TYPE_ASCII:  return (acc & HIGH_BIT_OF_BYTES) == 0;
+    case SHX_TYPE_EMPTY: return nbytes == 0;
+    case SHX_TYPE_BYTES: return 1;
+    case SHX_TYPE_ASCII: return (acc & HIGH_BIT_OF_BYTES) == 0;
     case SHX_TYPE_LATIN1: return (acc & HIGH_BIT_OF_BYTES) != 0;
-    case SHX_TYPE_UCS2:   return nbytes % 2 == 0 && (acc & HIGH_BYTE_OF_UCS2) != 0;
+    case SHX_TYPE_UCS2: return nbytes % 2 == 0 && (acc & HIGH_BYTE_OF_UCS2) != 0;
     case SHX_TYPE_UCS4: {
         uint32_t lanes = (uint32_t)(acc | (acc >> 32));
         if (nbytes % 4 != 0 || lanes <= 0xFFFF)
             return 0;
         return lanes < 0x110000 || max_ucs4(p, nbytes / 4) <= 0x10FFFF;
     }
-    default:
-        return 0;
+    default: return 0;
     }
 }
 
@@ -625,8 +619,7 @@ static uint64_t copy_or_streaming(unsigned char *dst, const unsigned char *src, 
 #define CHECK_CHUNK 16384
 
 /* Copies a value out of the block and tells whether the copy is well formed. */
-static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, uint32_t type,
-                        const shx_hooks *hooks)
+static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, uint32_t type, const shx_hooks *hooks)
 {
     int began = begin_long_copy(hooks, n);
     uint64_t acc = 0, decisive = decisive_bits(type);
@@ -656,8 +649,7 @@ static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, 
 
 /* ---- the value protocol --------------------------------------------------- */
 
-int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
-                  const shx_hooks *hooks, shx_error *err)
+int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err)
 {
     int owner_died, rc;
     if (!b->attached)
@@ -705,8 +697,8 @@ static void count(_Atomic uint64_t *counter)
 
 static int valid_type(uint32_t type) { return type <= SHX_TYPE_UCS4; }
 
-int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
-                  uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err)
+int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks, uint32_t *type_out,
+                  size_t *nbytes_out, uint64_t *version_out, shx_error *err)
 {
     if (!b->attached)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
@@ -722,7 +714,7 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         shx_slot *s = &h->slot[index];
         uint64_t seq = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (seq & 1)
-            continue;   /* being rewritten: a newer version was committed since we looked */
+            continue; /* being rewritten: a newer version was committed since we looked */
         uint64_t slot_version = s->version;
         uint64_t nbytes = s->nbytes;
         uint32_t type = s->type;
@@ -736,7 +728,7 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         }
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&s->seq, memory_order_relaxed) != seq)
-            continue;   /* overwritten while we copied */
+            continue; /* overwritten while we copied */
         if (!sane)
             return shx_fail(err, SHX_E_BADVALUE, nbytes, b->capacity, "has an impossible length or type");
         /* A slot filled but not yet published (or whose writer died before
@@ -757,8 +749,9 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
      * wrote can look like a writer that never finishes. */
     count(&b->locked_reads);
     int owner_died, rc;
-    int64_t bound = READ_LOCK_WAIT_NS + (int64_t)(b->capacity < (UINT64_C(1) << 40) ? b->capacity : (UINT64_C(1) << 40)) *
-                                            READ_LOCK_NS_PER_BYTE;
+    int64_t bound =
+        READ_LOCK_WAIT_NS +
+        (int64_t)(b->capacity < (UINT64_C(1) << 40) ? b->capacity : (UINT64_C(1) << 40)) * READ_LOCK_NS_PER_BYTE;
     /* Writers that keep committing are alive, however long they keep the
      * lock from us: only a wait in which no version was committed at all is
      * bounded. */
@@ -795,7 +788,7 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
             rc = shx_fail(err, SHX_E_BADVALUE, nbytes, type, "is not a well-formed value of its type");
     }
     shx_error unlock_err;
-    (void)shx_block_unlock(b, &unlock_err);   /* we hold it: cannot fail */
+    (void)shx_block_unlock(b, &unlock_err); /* we hold it: cannot fail */
     if (rc == SHX_OK) {
         *type_out = type;
         *nbytes_out = (size_t)nbytes;
@@ -879,9 +872,7 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
 {
     unsigned long long a = err->a, b = err->b;
     switch (err->status) {
-    case SHX_OK:
-        snprintf(buf, size, "no error");
-        break;
+    case SHX_OK: snprintf(buf, size, "no error"); break;
     case SHX_E_OS:
         if (err->op != NULL && err->win32)
             snprintf(buf, size, "%s failed: Windows error %d", err->op, err->os_error);
@@ -900,27 +891,17 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
         snprintf(buf, size, "it %s; names are 1 to %llu characters from [A-Za-z0-9_.-], not starting with '.' or '-'",
                  err->detail, b);
         break;
-    case SHX_E_SIZE:
-        snprintf(buf, size, "size %llu is out of range: it must be between 1 and %llu bytes", a, b);
-        break;
-    case SHX_E_FOREIGN:
-        snprintf(buf, size, "exists but is not a shmemext block (it %s)", err->detail);
-        break;
+    case SHX_E_SIZE: snprintf(buf, size, "size %llu is out of range: it must be between 1 and %llu bytes", a, b); break;
+    case SHX_E_FOREIGN: snprintf(buf, size, "exists but is not a shmemext block (it %s)", err->detail); break;
     case SHX_E_NEWER:
         snprintf(buf, size, "was made by a newer shmemext (block layout %llu; this one reads layout %llu)", a, b);
         break;
-    case SHX_E_CORRUPT:
-        snprintf(buf, size, "has a corrupt header: it %s", err->detail);
-        break;
-    case SHX_E_KIND:
-        snprintf(buf, size, "is %s, not %s", kind_name(a), kind_name(b));
-        break;
+    case SHX_E_CORRUPT: snprintf(buf, size, "has a corrupt header: it %s", err->detail); break;
+    case SHX_E_KIND: snprintf(buf, size, "is %s, not %s", kind_name(a), kind_name(b)); break;
     case SHX_E_CAPACITY:
         snprintf(buf, size, "exists with a capacity of %llu bytes, less than the %llu bytes asked for", b, a);
         break;
-    case SHX_E_TOOBIG:
-        snprintf(buf, size, "value of %llu bytes does not fit the capacity of %llu bytes", a, b);
-        break;
+    case SHX_E_TOOBIG: snprintf(buf, size, "value of %llu bytes does not fit the capacity of %llu bytes", a, b); break;
     case SHX_E_TIMEOUT:
         if (err->detail != NULL)
             snprintf(buf, size, "timed out after %.3g s: %s", (double)a / 1e9, err->detail);
@@ -928,42 +909,28 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
             snprintf(buf, size, "timed out");
         break;
     case SHX_E_NOTOWNER:
-        snprintf(buf, size, "is a private block owned by another user (uid %llu, you are %llu); "
-                 "blocks meant to be shared across users need an explicit mode", a, b);
+        snprintf(buf, size,
+                 "is a private block owned by another user (uid %llu, you are %llu); "
+                 "blocks meant to be shared across users need an explicit mode",
+                 a, b);
         break;
-    case SHX_E_BADVALUE:
-        snprintf(buf, size, "holds a corrupt value: it %s", err->detail);
-        break;
-    case SHX_E_CLOSED:
-        snprintf(buf, size, "is closed");
-        break;
+    case SHX_E_BADVALUE: snprintf(buf, size, "holds a corrupt value: it %s", err->detail); break;
+    case SHX_E_CLOSED: snprintf(buf, size, "is closed"); break;
     case SHX_E_PERSIST:
-        snprintf(buf, size, "is already open without persist=True, and the kernel frees it with its last holder: "
+        snprintf(buf, size,
+                 "is already open without persist=True, and the kernel frees it with its last holder: "
                  "that cannot be undone while it is held; open it with persist=True before anyone else, "
                  "or keep it alive with `python -m shmemext hold`");
         break;
-    case SHX_E_INUSE:
-        snprintf(buf, size, "handle is still attached to a block");
-        break;
-    case SHX_E_BUSY:
-        snprintf(buf, size, "cannot be closed: %llu acquire() of the C API not yet released", a);
-        break;
+    case SHX_E_INUSE: snprintf(buf, size, "handle is still attached to a block"); break;
+    case SHX_E_BUSY: snprintf(buf, size, "cannot be closed: %llu acquire() of the C API not yet released", a); break;
     case SHX_E_NOTFOUND:
         snprintf(buf, size, "does not exist: no process holds a block of that name, and none persists");
         break;
-    case SHX_E_BUFFER:
-        snprintf(buf, size, "value of %llu bytes does not fit the buffer of %llu bytes", a, b);
-        break;
-    case SHX_E_ENCODING:
-        snprintf(buf, size, "text %s (at %llu)", err->detail, a);
-        break;
-    case SHX_E_INTERRUPTED:
-        snprintf(buf, size, "wait for the writer lock interrupted");
-        break;
-    case SHX_E_RANGE:
-        snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b);
-        break;
-    default:
-        snprintf(buf, size, "unknown error %d", err->status);
+    case SHX_E_BUFFER: snprintf(buf, size, "value of %llu bytes does not fit the buffer of %llu bytes", a, b); break;
+    case SHX_E_ENCODING: snprintf(buf, size, "text %s (at %llu)", err->detail, a); break;
+    case SHX_E_INTERRUPTED: snprintf(buf, size, "wait for the writer lock interrupted"); break;
+    case SHX_E_RANGE: snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b); break;
+    default: snprintf(buf, size, "unknown error %d", err->status);
     }
 }

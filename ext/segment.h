@@ -16,62 +16,63 @@
 #include "handle.h"
 #include "platform.h"
 
-#define SHX_LAYOUT 1
-#define SHX_HEADER_SIZE 4096
-#define SHX_NAME_MAX 200
+#define SHX_LAYOUT           1
+#define SHX_HEADER_SIZE      4096
+#define SHX_NAME_MAX         200
 #define SHX_DEFAULT_CAPACITY 4096
 /* Largest capacity: far beyond any memory, yet doubled plus the header it fits any size_t. */
-#define SHX_MAX_CAPACITY ((uint64_t)(SIZE_MAX / 4) < (UINT64_C(1) << 44) ? (uint64_t)(SIZE_MAX / 4) : (UINT64_C(1) << 44))
+#define SHX_MAX_CAPACITY                                                                                               \
+    ((uint64_t)(SIZE_MAX / 4) < (UINT64_C(1) << 44) ? (uint64_t)(SIZE_MAX / 4) : (UINT64_C(1) << 44))
 
 enum shx_kind { SHX_KIND_VALUE = 1, SHX_KIND_SEGMENT = 2 };
 
 /* What a value slot holds.  Text is stored as PEP 393 code units; the type
  * names their width and whether 1-byte text is pure ASCII. */
 enum shx_type {
-    SHX_TYPE_EMPTY = 0,   /* never written: reads as "" */
+    SHX_TYPE_EMPTY = 0, /* never written: reads as "" */
     SHX_TYPE_BYTES = 1,
-    SHX_TYPE_ASCII = 2,   /* 1-byte units, all < 0x80 */
-    SHX_TYPE_LATIN1 = 3,  /* 1-byte units, at least one >= 0x80 */
-    SHX_TYPE_UCS2 = 4,    /* 2-byte units, at least one > 0xFF */
-    SHX_TYPE_UCS4 = 5     /* 4-byte units, at least one > 0xFFFF, all <= 0x10FFFF */
+    SHX_TYPE_ASCII = 2,  /* 1-byte units, all < 0x80 */
+    SHX_TYPE_LATIN1 = 3, /* 1-byte units, at least one >= 0x80 */
+    SHX_TYPE_UCS2 = 4,   /* 2-byte units, at least one > 0xFF */
+    SHX_TYPE_UCS4 = 5    /* 4-byte units, at least one > 0xFFFF, all <= 0x10FFFF */
 };
 
 #define SHX_FLAG_PERSIST 1u
 
 /* Open flags. */
-#define SHX_PERSIST 1u        /* keep the block after the last detach */
-#define SHX_PRIVATE_OWNER 2u  /* refuse a block another user owns */
-#define SHX_GLOBAL 4u         /* Windows: name the block in Global\ (every session); POSIX names always are */
-#define SHX_EXISTING 8u       /* open only a live block: SHX_E_NOTFOUND rather than create one */
+#define SHX_PERSIST       1u /* keep the block after the last detach */
+#define SHX_PRIVATE_OWNER 2u /* refuse a block another user owns */
+#define SHX_GLOBAL        4u /* Windows: name the block in Global\ (every session); POSIX names always are */
+#define SHX_EXISTING      8u /* open only a live block: SHX_E_NOTFOUND rather than create one */
 
 typedef struct shx_slot {
-    _Atomic uint64_t seq;   /* odd while a writer fills the slot */
-    uint64_t version;       /* the version this slot's value was committed as */
+    _Atomic uint64_t seq; /* odd while a writer fills the slot */
+    uint64_t version;     /* the version this slot's value was committed as */
     uint64_t nbytes;
-    uint32_t type;          /* enum shx_type */
+    uint32_t type; /* enum shx_type */
     uint32_t reserved;
     unsigned char pad[32];
 } shx_slot;
 
 /* The shared header.  Identity fields are written once, before the magic. */
 typedef struct shx_header {
-    char magic[8];                 /* "SHMEMEXT", written last at creation */
-    uint32_t layout;               /* SHX_LAYOUT */
-    uint32_t header_size;          /* SHX_HEADER_SIZE */
-    uint64_t capacity;             /* value: bytes per slot; segment: bytes */
-    uint64_t total_size;           /* header + data, as created */
-    uint32_t kind;                 /* enum shx_kind */
+    char magic[8];        /* "SHMEMEXT", written last at creation */
+    uint32_t layout;      /* SHX_LAYOUT */
+    uint32_t header_size; /* SHX_HEADER_SIZE */
+    uint64_t capacity;    /* value: bytes per slot; segment: bytes */
+    uint64_t total_size;  /* header + data, as created */
+    uint32_t kind;        /* enum shx_kind */
     uint32_t creator_pid;
-    _Atomic uint32_t flags;        /* SHX_FLAG_* */
+    _Atomic uint32_t flags; /* SHX_FLAG_* */
     uint32_t reserved0;
-    uint64_t token;                /* 48: the backend's (SHX_TOKEN_OFFSET); the core never writes it */
+    uint64_t token; /* 48: the backend's (SHX_TOKEN_OFFSET); the core never writes it */
     unsigned char pad0[8];
-    unsigned char lock_area[SHX_LOCK_AREA];   /* 64: the writer lock */
-    _Atomic uint64_t version;                 /* 192: committed sets; slot = version & 1 */
-    _Atomic uint32_t wake_seq;                /* 200: bumped by every set; waiters sleep on it */
-    _Atomic uint32_t waiters;                 /* 204: processes sleeping in shx_value_wait */
+    unsigned char lock_area[SHX_LOCK_AREA]; /* 64: the writer lock */
+    _Atomic uint64_t version;               /* 192: committed sets; slot = version & 1 */
+    _Atomic uint32_t wake_seq;              /* 200: bumped by every set; waiters sleep on it */
+    _Atomic uint32_t waiters;               /* 204: processes sleeping in shx_value_wait */
     unsigned char pad1[48];
-    shx_slot slot[2];                         /* 256, 320 */
+    shx_slot slot[2]; /* 256, 320 */
 } shx_header;
 
 /* A process-local handle.  Sizes are copied out of the header once, after
@@ -79,13 +80,13 @@ typedef struct shx_header {
 typedef struct shx_block {
     shx_os_map map;
     shx_header *hdr;
-    unsigned char *data;      /* segment data, or slot 0 of a value */
+    unsigned char *data; /* segment data, or slot 0 of a value */
     uint64_t capacity;
-    size_t slot_stride;       /* offset of slot 1's data from slot 0's */
+    size_t slot_stride; /* offset of slot 1's data from slot 0's */
     uint32_t kind;
     int created;
     int attached;
-    int heap_owned;           /* allocated by the C API's open(), freed by its close() */
+    int heap_owned; /* allocated by the C API's open(), freed by its close() */
     /* Threads that share the handle enter and leave this around each use of
      * the mapping (handle.h); the core itself does not: its callers do. */
     shx_guard guard;
@@ -107,7 +108,7 @@ typedef struct shx_hooks {
     void (*blocking_begin)(void *ctx);
     void (*blocking_end)(void *ctx);
     void *ctx;
-    size_t large_copy;        /* copies of at least this many bytes count as long */
+    size_t large_copy; /* copies of at least this many bytes count as long */
     /* When set, lock waits run in slices of SHX_WAIT_SLICE_NS and ask it in
      * between (outside blocking_begin/end); nonzero gives up the wait with
      * SHX_E_INTERRUPTED.  How a caller lets Ctrl-C through, or bounds a wait. */
@@ -135,8 +136,8 @@ int shx_name_check(const char *name, size_t len, shx_error *err);
 /* Attaches `b` (zero-initialized, or closed) to the block `name` of `kind`, creating it with `capacity` bytes
  * (0 means SHX_DEFAULT_CAPACITY) if nobody holds it.  An existing block keeps
  * its own capacity; asking for more than it has is SHX_E_CAPACITY. */
-int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity,
-                   unsigned flags, unsigned mode, shx_error *err);
+int shx_block_open(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags, unsigned mode,
+                   shx_error *err);
 /* The same, with a Windows SDDL security descriptor for a new block (NULL:
  * the default, from mode). */
 int shx_block_open_secured(shx_block *b, const char *name, uint32_t kind, uint64_t capacity, unsigned flags,
@@ -180,14 +181,13 @@ static inline uint64_t shx_value_version(const shx_block *b)
 }
 
 /* Commits `nbytes` of `type` as the new value. */
-int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes,
-                  const shx_hooks *hooks, shx_error *err);
+int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err);
 /* Copies one committed value into prepare()'s destination.  *type_out and
  * *nbytes_out describe it; *version_out (may be NULL) is its version.  A value
  * that is not well formed (shx_value_check) is SHX_E_BADVALUE: whatever another
  * process wrote, text copied out is always a str CPython could have built. */
-int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks,
-                  uint32_t *type_out, size_t *nbytes_out, uint64_t *version_out, shx_error *err);
+int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks, uint32_t *type_out,
+                  size_t *nbytes_out, uint64_t *version_out, shx_error *err);
 /* Text as UTF-8, for callers without Python (text.c).  set stores strict
  * UTF-8 as the narrowest PEP 393 width; get copies bytes as they are and text
  * as UTF-8 into buf, or fails with SHX_E_BUFFER and *len = the length needed. */
@@ -205,16 +205,13 @@ int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *e
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
 
 /* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
-int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks,
-                   shx_error *err);
+int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks, shx_error *err);
 int shx_block_unlock(shx_block *b, shx_error *err);
 
 /* A raw segment's bytes: b->data, b->capacity of them.  Copies in and out
  * of it, bounds-checked (SHX_E_RANGE). */
-int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks,
-                     shx_error *err);
-int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks,
-                      shx_error *err);
+int shx_segment_read(shx_block *b, uint64_t offset, void *dst, size_t n, const shx_hooks *hooks, shx_error *err);
+int shx_segment_write(shx_block *b, uint64_t offset, const void *src, size_t n, const shx_hooks *hooks, shx_error *err);
 
 /* A human-readable message for err (without the block name). */
 void shx_strerror(const shx_error *err, char *buf, size_t size);

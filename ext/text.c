@@ -50,7 +50,7 @@ int shx_value_set_utf8(shx_block *b, const char *text, size_t len, const shx_hoo
             return shx_fail(err, SHX_E_ENCODING, i, len, "is not valid UTF-8");
         max = cp > max ? cp : max;
     }
-    if (max < 0x80)   /* ASCII: the UTF-8 is the code units */
+    if (max < 0x80) /* ASCII: the UTF-8 is the code units */
         return shx_value_set(b, SHX_TYPE_ASCII, text, len, hooks, err);
 
     uint32_t type = max < 0x100 ? SHX_TYPE_LATIN1 : max < 0x10000 ? SHX_TYPE_UCS2 : SHX_TYPE_UCS4;
@@ -78,10 +78,10 @@ int shx_value_set_utf8(shx_block *b, const char *text, size_t len, const shx_hoo
 }
 
 typedef struct {
-    unsigned char *buf;   /* the caller's */
+    unsigned char *buf; /* the caller's */
     size_t cap;
     unsigned char *scratch;
-    size_t needed;        /* when the value did not fit buf */
+    size_t needed; /* when the value did not fit buf */
 } utf8_dst;
 
 static void *prepare_utf8(void *ctx, uint32_t type, size_t nbytes)
@@ -161,7 +161,7 @@ int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is
     }
     if (is_text != NULL)
         *is_text = type != SHX_TYPE_BYTES;
-    if (d.scratch == NULL) {   /* bytes or ASCII: already in buf */
+    if (d.scratch == NULL) { /* bytes or ASCII: already in buf */
         *len = nbytes;
         return SHX_OK;
     }

@@ -135,7 +135,7 @@ if _shmemext.__version__ != __version__:
     )
 
 from ._shmemext import (  # noqa: E402
-    _C_API,
+    _C_API as _C_API,   # the capsule other extensions import: shmemext._C_API
     ClosedError,
     CorruptBlockError,
     DEFAULT_CAPACITY,

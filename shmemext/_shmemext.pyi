@@ -1,149 +1,27 @@
-from types import TracebackType
-from typing import Final, Literal, TypedDict, final
+# The compiled module: what the package re-exports (typed in __init__.pyi),
+# and what only it has.
+from typing import Final
 
-from typing_extensions import Buffer, Self
+from shmemext import (
+    DEFAULT_CAPACITY as DEFAULT_CAPACITY,
+    MAX_CAPACITY as MAX_CAPACITY,
+    NAME_MAX as NAME_MAX,
+    ClosedError as ClosedError,
+    CorruptBlockError as CorruptBlockError,
+    Error as Error,
+    ForeignBlockError as ForeignBlockError,
+    Segment as Segment,
+    SegmentLock as SegmentLock,
+    Value as Value,
+    __version__ as __version__,
+    _C_API as _C_API,
+    blocks as blocks,
+    default as default,
+    get as get,
+    set as set,
+    sweep as sweep,
+    unlink as unlink,
+    wait as wait,
+)
 
-__version__: Final[str]
-_C_API: Final[object]  # a PyCapsule holding the C API table (shmemext.h)
-DEFAULT_CAPACITY: Final[int]
-MAX_CAPACITY: Final[int]
-NAME_MAX: Final[int]
-
-class Error(ValueError): ...
-class ForeignBlockError(Error): ...
-class CorruptBlockError(Error): ...
-class ClosedError(Error): ...
-
-@final
-class Value:
-    """A named value cell shared between processes."""
-
-    def __new__(
-        cls,
-        name: str,
-        capacity: int | None = None,
-        *,
-        persist: bool = False,
-        mode: int = 0o600,
-        scope: Literal["session", "global"] = "session",
-        security: str | None = None,
-    ) -> Self: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def capacity(self) -> int: ...
-    @property
-    def created(self) -> bool: ...
-    @property
-    def closed(self) -> bool: ...
-    @property
-    def version(self) -> int: ...
-    @property
-    def persist(self) -> bool: ...
-    @property
-    def holders(self) -> int | None: ...
-    @property
-    def _inflight(self) -> int: ...
-    def get(self) -> str | bytes: ...
-    def set(self, value: str | Buffer, /) -> None: ...
-    def wait(self, version: int | None = None, timeout: float | None = None) -> int: ...
-    def close(self) -> None: ...
-    def _sole_holder(self) -> bool: ...
-    def _read_stats(self) -> tuple[int, int]: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-        /,
-    ) -> None: ...
-
-@final
-class Segment:
-    """A named block of raw shared memory with the buffer protocol."""
-
-    def __new__(
-        cls,
-        name: str,
-        size: int,
-        *,
-        persist: bool = False,
-        mode: int = 0o600,
-        readonly: bool = False,
-        scope: Literal["session", "global"] = "session",
-        security: str | None = None,
-    ) -> Self: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def created(self) -> bool: ...
-    @property
-    def closed(self) -> bool: ...
-    @property
-    def persist(self) -> bool: ...
-    @property
-    def holders(self) -> int | None: ...
-    @property
-    def readonly(self) -> bool: ...
-    @property
-    def _exports(self) -> int: ...
-    @property
-    def _inflight(self) -> int: ...
-    def read(self, n: int = -1, offset: int = 0) -> bytes: ...
-    def write(self, data: Buffer, offset: int = 0) -> int: ...
-    def lock(self, timeout: float | None = None) -> SegmentLock: ...
-    def close(self) -> None: ...
-    def _sole_holder(self) -> bool: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-        /,
-    ) -> None: ...
-
-@final
-class SegmentLock:
-    """A Segment's cross-process lock; made by Segment.lock()."""
-
-    @property
-    def owner_died(self) -> bool: ...
-    @property
-    def segment(self) -> Segment: ...
-    def acquire(self, timeout: float | None = None) -> bool: ...
-    def release(self) -> None: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-        /,
-    ) -> None: ...
-
-default: Final[Value | None]
-
-def get() -> str | bytes: ...
-def set(value: str | Buffer, /) -> None: ...
-def wait(version: int | None = None, timeout: float | None = None) -> int: ...
-def unlink(name: str, /) -> None: ...
-
-class BlockInfo(TypedDict):
-    name: str
-    kind: Literal["value", "segment"] | None
-    size: int
-    capacity: int | None
-    holders: int | None
-    persist: bool | None
-    alive: bool
-    creator_pid: int | None
-    created: float | None
-
-def blocks() -> list[BlockInfo]: ...
-def sweep() -> list[BlockInfo]: ...
+_BACKEND: Final[str]   # which OS mechanism this build uses: "linux-sysv", "posix-lockfiles" or "win32"

@@ -198,7 +198,6 @@ def test_close_racing_get_and_set_is_an_error_never_a_crash(name):
         for t in threads:
             t.join()
         assert closed
-        del v
         gc.collect()
     assert unexpected == []
 
@@ -286,10 +285,16 @@ def test_every_operation_and_error_path_leaks_nothing(name):
             raise AssertionError(f"{fn} did not raise {exc}")
 
     def once():
-        v.set("text"); v.get(); v.set(b"bytes"); v.get(); v.set(big); v.get()
-        v.set(memoryview(b"view")); v.version; v.wait(0, 0)
-        shmemext.set("default"); shmemext.get()
-        seg.write(b"abc", 10); seg.read(3, 10); memoryview(seg).release()
+        for value in ("text", b"bytes", big, memoryview(b"view")):
+            v.set(value)
+            v.get()
+        assert v.version > 0
+        v.wait(0, 0)
+        shmemext.set("default")
+        shmemext.get()
+        seg.write(b"abc", 10)
+        seg.read(3, 10)
+        memoryview(seg).release()
         with seg.lock():
             pass
         with shmemext.Value(name + "-tmp", 64) as tmp:

@@ -4,7 +4,6 @@ later open of the name (Linux, System V backend)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap

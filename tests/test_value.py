@@ -1,6 +1,5 @@
 """The Value API in one process: types, errors, properties."""
 
-import mmap
 import os
 
 import pytest
@@ -306,4 +305,4 @@ def test_errors_of_shmemext_are_value_errors_of_their_own_kind(name):
     with pytest.raises(shmemext.ClosedError, match="is closed"):
         v.get()
     with pytest.raises(shmemext.ClosedError):
-        v.version
+        _ = v.version

@@ -63,50 +63,52 @@ extern "C" {
 #define SHMEMEXT_CAPSULE_NAME "shmemext._C_API"
 
 /* Result codes. */
-#define SHMEMEXT_OK 0
-#define SHMEMEXT_E_OS 1         /* a system call failed: os_error */
-#define SHMEMEXT_E_NAME 2       /* invalid block name */
-#define SHMEMEXT_E_SIZE 3       /* invalid size */
-#define SHMEMEXT_E_FOREIGN 4    /* the name holds something that is not a shmemext block */
-#define SHMEMEXT_E_NEWER 5      /* the block was made by a newer shmemext */
-#define SHMEMEXT_E_CORRUPT 6    /* the block's header is corrupt */
-#define SHMEMEXT_E_KIND 7       /* a value cell used as a segment or the other way round */
-#define SHMEMEXT_E_CAPACITY 8   /* the existing block is smaller than asked */
-#define SHMEMEXT_E_TOOBIG 9     /* the value does not fit the block's capacity */
-#define SHMEMEXT_E_TIMEOUT 10   /* a lock wait timed out */
-#define SHMEMEXT_E_NOTOWNER 11  /* a private block of another user */
-#define SHMEMEXT_E_BADVALUE 12  /* the stored value is corrupt */
-#define SHMEMEXT_E_CLOSED 13    /* the handle was closed, or is not one open() made */
-#define SHMEMEXT_E_RANGE 15     /* an offset or length beyond a segment's size */
-#define SHMEMEXT_E_BUFFER 16    /* the caller's buffer is too small: *len says how much is needed */
-#define SHMEMEXT_E_ENCODING 17  /* text that is not valid UTF-8 */
+#define SHMEMEXT_OK            0
+#define SHMEMEXT_E_OS          1  /* a system call failed: os_error */
+#define SHMEMEXT_E_NAME        2  /* invalid block name */
+#define SHMEMEXT_E_SIZE        3  /* invalid size */
+#define SHMEMEXT_E_FOREIGN     4  /* the name holds something that is not a shmemext block */
+#define SHMEMEXT_E_NEWER       5  /* the block was made by a newer shmemext */
+#define SHMEMEXT_E_CORRUPT     6  /* the block's header is corrupt */
+#define SHMEMEXT_E_KIND        7  /* a value cell used as a segment or the other way round */
+#define SHMEMEXT_E_CAPACITY    8  /* the existing block is smaller than asked */
+#define SHMEMEXT_E_TOOBIG      9  /* the value does not fit the block's capacity */
+#define SHMEMEXT_E_TIMEOUT     10 /* a lock wait timed out */
+#define SHMEMEXT_E_NOTOWNER    11 /* a private block of another user */
+#define SHMEMEXT_E_BADVALUE    12 /* the stored value is corrupt */
+#define SHMEMEXT_E_CLOSED      13 /* the handle was closed, or is not one open() made */
+#define SHMEMEXT_E_RANGE       15 /* an offset or length beyond a segment's size */
+#define SHMEMEXT_E_BUFFER      16 /* the caller's buffer is too small: *len says how much is needed */
+#define SHMEMEXT_E_ENCODING    17 /* text that is not valid UTF-8 */
 #define SHMEMEXT_E_INTERRUPTED 18 /* reserved: a lock wait given up (never returned by this table's calls) */
-#define SHMEMEXT_E_PERSIST 19   /* SHMEMEXT_PERSIST asked of a block that exists without it, on an OS
+#define SHMEMEXT_E_PERSIST                                                                                             \
+    19                         /* SHMEMEXT_PERSIST asked of a block that exists without it, on an OS
                                    (Linux) whose kernel frees such a block with its last holder */
-#define SHMEMEXT_E_BUSY 20      /* close() refused: acquire() of the handle not yet released (version 2) */
-#define SHMEMEXT_E_NOTFOUND 21  /* SHMEMEXT_EXISTING, and no live block has the name (version 2) */
+#define SHMEMEXT_E_BUSY     20 /* close() refused: acquire() of the handle not yet released (version 2) */
+#define SHMEMEXT_E_NOTFOUND 21 /* SHMEMEXT_EXISTING, and no live block has the name (version 2) */
 
 /* Block kinds for open(). */
-#define SHMEMEXT_VALUE 1
+#define SHMEMEXT_VALUE   1
 #define SHMEMEXT_SEGMENT 2
 
 /* Flags for open(). */
-#define SHMEMEXT_PERSIST 1u     /* keep the block after the last process detaches */
-#define SHMEMEXT_GLOBAL 4u      /* Windows: name it in Global\ (every session; needs SeCreateGlobalPrivilege) */
-#define SHMEMEXT_EXISTING 8u    /* never create: SHMEMEXT_E_NOTFOUND unless a live block has the name (version 2;
+#define SHMEMEXT_PERSIST 1u /* keep the block after the last process detaches */
+#define SHMEMEXT_GLOBAL  4u /* Windows: name it in Global\ (every session; needs SeCreateGlobalPrivilege) */
+#define SHMEMEXT_EXISTING                                                                                              \
+    8u /* never create: SHMEMEXT_E_NOTFOUND unless a live block has the name (version 2;
                                    a version 1 shmemext ignores it and creates) */
 
 typedef struct ShmemExt_Block ShmemExt_Block;
 
 typedef struct ShmemExt_Error {
-    int code;            /* a SHMEMEXT_* result code */
-    int os_error;        /* errno (or GetLastError() on Windows) for SHMEMEXT_E_OS */
-    char message[512];   /* a sentence naming the block and the cause */
+    int code;          /* a SHMEMEXT_* result code */
+    int os_error;      /* errno (or GetLastError() on Windows) for SHMEMEXT_E_OS */
+    char message[512]; /* a sentence naming the block and the cause */
 } ShmemExt_Error;
 
 typedef struct ShmemExt_CAPI {
-    uint32_t version;    /* the API version this shmemext provides */
-    uint32_t size;       /* sizeof(ShmemExt_CAPI) in this shmemext */
+    uint32_t version; /* the API version this shmemext provides */
+    uint32_t size;    /* sizeof(ShmemExt_CAPI) in this shmemext */
 
     /* -- version 1 -- */
 
@@ -115,8 +117,8 @@ typedef struct ShmemExt_CAPI {
      * when created; 0600 keeps it to the current user.  `flags`: SHMEMEXT_PERSIST,
      * SHMEMEXT_GLOBAL, SHMEMEXT_EXISTING.  *created tells whether this call created it.  Close the
      * handle with close(). */
-    int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode,
-                ShmemExt_Block **out, int *created, ShmemExt_Error *err);
+    int (*open)(const char *name, int kind, uint64_t size, unsigned flags, unsigned mode, ShmemExt_Block **out,
+                int *created, ShmemExt_Error *err);
     /* [no GIL] Detaches and frees a handle from open(); the last process to
      * detach releases the block.  A second close() of the same handle, or
      * close() of a handle open() did not make, is SHMEMEXT_E_CLOSED and
@@ -148,8 +150,8 @@ typedef struct ShmemExt_CAPI {
      * tells str from bytes.  *version (may be NULL) is the value's version.
      * A str that UTF-8 cannot carry (one with a lone surrogate, set from
      * Python) is SHMEMEXT_E_ENCODING. */
-    int (*get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text,
-               uint64_t *version, ShmemExt_Error *err);
+    int (*get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
+               ShmemExt_Error *err);
     /* Every call below on a block that was closed (a Python object's, by its
      * close(); the default block, at exit) is SHMEMEXT_E_CLOSED. */
     /* [no GIL] How many values have been committed to a value cell (0 once closed). */
@@ -228,7 +230,7 @@ static inline int ShmemExt_Import(void)
             PyErr_Fetch(&ntype, &nvalue, &ntb);
             PyErr_NormalizeException(&ntype, &nvalue, &ntb);
             if (nvalue != NULL)
-                PyException_SetCause(nvalue, value);   /* steals value */
+                PyException_SetCause(nvalue, value); /* steals value */
             else
                 Py_DECREF(value);
             PyErr_Restore(ntype, nvalue, ntb);

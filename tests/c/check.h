@@ -6,18 +6,18 @@
 
 static int passed, failed;
 
-#define CHECK(cond, ...)                                    \
-    do {                                                    \
-        if (cond) {                                         \
-            passed++;                                       \
-            printf("ok - ");                                \
-        } else {                                            \
-            failed++;                                       \
-            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);  \
-        }                                                   \
-        printf(__VA_ARGS__);                                \
-        printf("\n");                                       \
-        fflush(stdout);                                     \
+#define CHECK(cond, ...)                                                                                               \
+    do {                                                                                                               \
+        if (cond) {                                                                                                    \
+            passed++;                                                                                                  \
+            printf("ok - ");                                                                                           \
+        } else {                                                                                                       \
+            failed++;                                                                                                  \
+            printf("FAIL (%s:%d) - ", __FILE__, __LINE__);                                                             \
+        }                                                                                                              \
+        printf(__VA_ARGS__);                                                                                           \
+        printf("\n");                                                                                                  \
+        fflush(stdout);                                                                                                \
     } while (0)
 
 #endif

@@ -117,10 +117,10 @@ static void test_create_open_release(void)
           "first open creates the block");
     CHECK(a.capacity == SHX_DEFAULT_CAPACITY, "default capacity is %d", SHX_DEFAULT_CAPACITY);
     CHECK(get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY && text[0] == '\0', "a new block reads empty");
-    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created,
-          "second open finds it");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created, "second open finds it");
     CHECK(set_text(&a, "hello") == SHX_OK && get_text(&b, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
-              strcmp(text, "hello") == 0, "both handles share the value");
+              strcmp(text, "hello") == 0,
+          "both handles share the value");
     shx_block c = {0}, d = {0};
     CHECK(shx_block_open(&d, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK, "third open");
     CHECK(shx_block_open(&d, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_E_INUSE,
@@ -134,7 +134,8 @@ static void test_create_open_release(void)
     CHECK(shx_block_close(&b, 0, &err) == SHX_OK && !object_exists(name), "the last detach removes it");
     CHECK(shx_block_close(&b, 0, &err) == SHX_OK, "close is idempotent");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
-              get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY, "reopened after release: new and empty");
+              get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY,
+          "reopened after release: new and empty");
     shx_block_close(&a, 0, &err);
 }
 
@@ -162,7 +163,8 @@ static void test_two_processes(void)
     uint64_t version;
     CHECK(rc == 0, "a child process reads the parent's value (exit %d)", rc);
     CHECK(get_text(&a, text, sizeof text, &version) == SHX_TYPE_ASCII && strcmp(text, "from child") == 0 &&
-              version == 2, "the parent reads the child's value, version 2");
+              version == 2,
+          "the parent reads the child's value, version 2");
     CHECK(object_exists(name), "the child's detach does not release the parent's block");
     shx_block_close(&a, 0, &err);
     CHECK(!object_exists(name), "released once both are gone");
@@ -185,13 +187,13 @@ static void test_fork_child_outlives_parent(void)
         if (grandchild == 0) {
             char c;
             if (read(done[0], &c, 1) != 1)
-                _exit(4);   /* the test process says when */
+                _exit(4); /* the test process says when */
             char text[64];
             int ok = get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII;
             shx_block_close(&a, 0, &err);
             _exit(ok && strcmp(text, "kept by the child") == 0 ? 0 : 5);
         }
-        shx_block_close(&a, 0, &err);   /* the parent detaches and exits first */
+        shx_block_close(&a, 0, &err); /* the parent detaches and exits first */
         _exit(write(ready[1], "r", 1) == 1 ? 0 : 3);
     }
     char c;
@@ -245,7 +247,8 @@ static void test_crash_release(void)
         wait_child(pid);
     }
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_E_NOTFOUND &&
-              !object_exists(name), "what SIGKILLed holders left is no block to SHX_EXISTING (and is cleared)");
+              !object_exists(name),
+          "what SIGKILLed holders left is no block to SHX_EXISTING (and is cleared)");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
               get_text(&a, text, sizeof text, NULL) == SHX_TYPE_EMPTY,
           "after every holder was SIGKILLed, the next open starts afresh");
@@ -294,9 +297,11 @@ static void test_lock_owner_death(void)
               err.os_error == EDEADLK && shx_block_unlock(&a, &err) == SHX_OK,
           "relocking by the holder is an error, not a deadlock");
     CHECK(set_text(&a, "after") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
-              strcmp(text, "after") == 0, "writing works again after the owner's death");
+              strcmp(text, "after") == 0,
+          "writing works again after the owner's death");
     CHECK(set_text(&a, "twice") == SHX_OK && get_text(&a, text, sizeof text, NULL) == SHX_TYPE_ASCII &&
-              strcmp(text, "twice") == 0, "both slots are usable");
+              strcmp(text, "twice") == 0,
+          "both slots are usable");
     shx_block_close(&a, 0, &err);
 }
 
@@ -367,13 +372,16 @@ static void test_checked_copy(void)
         size_t at = places[i];
         memset(bytes, 'a', sizeof bytes);
         bytes[at] = 0xE9;
-        CHECK(get_verdict(&a, SHX_TYPE_ASCII, bytes, sizeof bytes - 3) == (at < sizeof bytes - 3 ? SHX_E_BADVALUE : SHX_OK),
+        CHECK(get_verdict(&a, SHX_TYPE_ASCII, bytes, sizeof bytes - 3) ==
+                  (at < sizeof bytes - 3 ? SHX_E_BADVALUE : SHX_OK),
               "ASCII with one high byte at %zu of %zu", at, sizeof bytes - 3);
-        CHECK(get_verdict(&a, SHX_TYPE_LATIN1, bytes, sizeof bytes) == SHX_OK, "Latin-1 whose only high byte is at %zu", at);
+        CHECK(get_verdict(&a, SHX_TYPE_LATIN1, bytes, sizeof bytes) == SHX_OK, "Latin-1 whose only high byte is at %zu",
+              at);
         for (size_t u = 0; u < 30000; u++)
             ucs2[u] = 0x41;
         ucs2[at / 2] = 0x20AC;
-        CHECK(get_verdict(&a, SHX_TYPE_UCS2, ucs2, sizeof ucs2) == SHX_OK, "UCS-2 whose only wide unit is at %zu", at / 2);
+        CHECK(get_verdict(&a, SHX_TYPE_UCS2, ucs2, sizeof ucs2) == SHX_OK, "UCS-2 whose only wide unit is at %zu",
+              at / 2);
         for (size_t u = 0; u < 15000; u++)
             ucs4[u] = 0x1F600;
         ucs4[at / 4] = 0x110000;
@@ -412,7 +420,7 @@ static void test_scribbled_lock(void)
     pthread_mutex_t *mutex = (pthread_mutex_t *)a.hdr->lock_area;
     int *scribbled = &mutex->__data.__kind;
     int saved = *scribbled;
-    *scribbled = 0x40 | saved;   /* the priority-protect bit */
+    *scribbled = 0x40 | saved; /* the priority-protect bit */
 #endif
     CHECK(shx_value_set(&a, SHX_TYPE_BYTES, "no", 2, NULL, &err) == SHX_E_CORRUPT, "a lock of another type is refused");
     describe(&err);
@@ -464,16 +472,18 @@ static void test_large_copies(void)
         memset(src, 'a', len);
         shx_value_set(&a, SHX_TYPE_ASCII, src, len, NULL, &err);
         CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK && got == len &&
-                  dst[len - 1] == 'a', "9 MiB of ASCII read back (destination offset %zu)", 8 * at);
+                  dst[len - 1] == 'a',
+              "9 MiB of ASCII read back (destination offset %zu)", 8 * at);
         src[len - 5] = 0xE9;
         shx_value_set(&a, SHX_TYPE_ASCII, src, len, NULL, &err);
         CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_E_BADVALUE,
               "one high byte near the end of 9 MiB of 'ASCII' is refused (offset %zu)", 8 * at);
         src[len - 5] = 'a';
-        src[len / 2] = 0xE9;   /* a single high byte decides Latin-1 half way through */
+        src[len / 2] = 0xE9; /* a single high byte decides Latin-1 half way through */
         shx_value_set(&a, SHX_TYPE_LATIN1, src, len, NULL, &err);
         CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK &&
-                  memcmp(dst, src, len) == 0, "9 MiB of Latin-1 read back whole (offset %zu)", 8 * at);
+                  memcmp(dst, src, len) == 0,
+              "9 MiB of Latin-1 read back whole (offset %zu)", 8 * at);
         uint32_t *units = (uint32_t *)src;
         size_t count = len / 4;
         for (size_t u = 0; u < count; u++)
@@ -534,7 +544,8 @@ static void test_foreign_header(void)
     a.hdr->layout = SHX_LAYOUT + 1;
     shx_block_close(&a, 0, &err);
     CHECK(shx_block_open(&a, block_name("newer"), SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_E_NEWER &&
-              err.a == SHX_LAYOUT + 1, "a block of a newer layout is refused");
+              err.a == SHX_LAYOUT + 1,
+          "a block of a newer layout is refused");
     shx_unlink(block_name("newer"), &err);
 }
 
@@ -670,7 +681,8 @@ static void test_lock_between_threads(void)
     CHECK(result == NULL && shx_block_lock(&a, 1000000000, &died, NULL, &err) == SHX_OK && died,
           "a thread that ends holding the lock hands it on as an owner death");
     CHECK(shx_block_unlock(&a, &err) == SHX_OK && shx_block_lock(&a, 0, &died, NULL, &err) == SHX_OK && !died &&
-              shx_block_unlock(&a, &err) == SHX_OK, "after which it is an ordinary lock again");
+              shx_block_unlock(&a, &err) == SHX_OK,
+          "after which it is an ordinary lock again");
     shx_block_close(&a, 0, &err);
 }
 
@@ -687,7 +699,10 @@ static const char *lock_file_path(const char *name, const char *suffix)
     return path;
 }
 
-static int lock_file_exists(const char *name, const char *suffix) { return access(lock_file_path(name, suffix), F_OK) == 0; }
+static int lock_file_exists(const char *name, const char *suffix)
+{
+    return access(lock_file_path(name, suffix), F_OK) == 0;
+}
 
 /* The lock files live exactly as long as the block, and the live file's
  * record of the full name turns a short-form collision into an error. */
@@ -741,12 +756,12 @@ static void test_cpu_count_follows_affinity(void)
 
 typedef struct {
     shx_guard guard;
-    unsigned char *mapping;     /* freed by the one close that wins: ASan/valgrind see any use after */
+    unsigned char *mapping; /* freed by the one close that wins: ASan/valgrind see any use after */
     _Atomic int detaches;
-    _Atomic int used_after;     /* a call that saw the mapping gone while inside the guard */
+    _Atomic int used_after; /* a call that saw the mapping gone while inside the guard */
     _Atomic long calls;
     _Atomic int stop;
-    int refuse_first;           /* the first winner gives up, as a close() refused for an export does */
+    int refuse_first; /* the first winner gives up, as a close() refused for an export does */
 } guard_case;
 
 static void guard_pause(void *ctx)
@@ -786,7 +801,7 @@ static void *guard_closer(void *arg)
         if (c->refuse_first) {
             c->refuse_first = 0;
             shx_guard_close_end(&c->guard, 0);
-            continue;   /* and close again, now for real */
+            continue; /* and close again, now for real */
         }
         unsigned char *m = c->mapping;
         c->mapping = NULL;
@@ -830,8 +845,8 @@ static void test_guard_threads(void)
     }
     CHECK(bad_detaches == 0, "guard: %d rounds of %d threads calling and %d closing: one detach each (%d rounds not)",
           ROUNDS, USERS, CLOSERS, bad_detaches);
-    CHECK(used_after == 0 && calls > 0, "guard: no call used the mapping after its close (%d did; %ld calls)", used_after,
-          calls);
+    CHECK(used_after == 0 && calls > 0, "guard: no call used the mapping after its close (%d did; %ld calls)",
+          used_after, calls);
     CHECK(not_closed == 0, "guard: every round ends CLOSED with nothing in flight (%d did not)", not_closed);
 
     /* A close() from inside a call of its own thread (a signal handler's)

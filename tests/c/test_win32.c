@@ -14,7 +14,6 @@
 #include "check.h"
 #include "segment.h"
 
-
 static char self_path[MAX_PATH];
 
 static void *to_buffer(void *ctx, uint32_t type, size_t nbytes)
@@ -81,7 +80,7 @@ static int child(const char *role, const char *name)
     shx_error err;
     if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
         return 2;
-    if (strcmp(role, "open") == 0) {   /* attach and leave: must not wait for a held writer lock */
+    if (strcmp(role, "open") == 0) { /* attach and leave: must not wait for a held writer lock */
         shx_block_close(&b, 0, &err);
         return 0;
     }
@@ -143,11 +142,13 @@ static void test_create_open(const char *name)
     CHECK(shx_os_name("jobs", 0, os_name, sizeof os_name, &name_err) == SHX_OK && strcmp(os_name, "Local\\jobs") == 0,
           "a block's OS name is in the session namespace (%s)", os_name);
     CHECK(shx_os_name("jobs", SHX_OPEN_GLOBAL, os_name, sizeof os_name, &name_err) == SHX_OK &&
-              strcmp(os_name, "Global\\jobs") == 0, "or with scope=global in the global one (%s)", os_name);
+              strcmp(os_name, "Global\\jobs") == 0,
+          "or with scope=global in the global one (%s)", os_name);
     shx_block a = {0}, b = {0};
     shx_error err;
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_E_NOTFOUND &&
-              !mapping_exists(name), "SHX_EXISTING: no block of the name, so none is made");
+              !mapping_exists(name),
+          "SHX_EXISTING: no block of the name, so none is made");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created,
           "CreateFileMapping creates the block: created");
     CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, SHX_EXISTING, 0600, &err) == SHX_OK && !b.created,
@@ -163,7 +164,8 @@ static void test_create_open(const char *name)
     shx_block_close(&a, 0, &err);
     shx_block_close(&b, 0, &err);
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
-              strcmp(text_of(&a), "") == 0, "after the last handle closed, the next open creates it afresh");
+              strcmp(text_of(&a), "") == 0,
+          "after the last handle closed, the next open creates it afresh");
     shx_block_close(&a, 0, &err);
 }
 
@@ -188,12 +190,14 @@ static void test_lifetime_follows_handles(const char *name)
     CHECK(WaitForSingleObject(ready, 30000) == WAIT_OBJECT_0, "the child holds the block");
     shx_block a = {0};
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !a.created &&
-              strcmp(text_of(&a), "held by the child") == 0, "a second process finds it and its value");
+              strcmp(text_of(&a), "held by the child") == 0,
+          "a second process finds it and its value");
     shx_block_close(&a, 0, &err);
     SetEvent(go);
     CHECK(wait_exit(proc) == 0, "the child detaches and exits");
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
-              strcmp(text_of(&a), "") == 0, "with every handle closed the block is gone: created afresh");
+              strcmp(text_of(&a), "") == 0,
+          "with every handle closed the block is gone: created afresh");
     shx_block_close(&a, 0, &err);
     CloseHandle(ready);
     CloseHandle(go);
@@ -211,7 +215,8 @@ static void test_killed_sole_holder(const char *name)
     shx_block a = {0};
     int64_t holders = 0;
     CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
-              strcmp(text_of(&a), "") == 0, "and the next open starts from zeros");
+              strcmp(text_of(&a), "") == 0,
+          "and the next open starts from zeros");
     CHECK(shx_block_holders(&a, &holders, &err) == SHX_OK && holders == -1, "holders: Windows cannot tell (-1)");
     shx_block_close(&a, 0, &err);
     CloseHandle(ready);
@@ -248,7 +253,8 @@ static void test_lock_owner_death(const char *name)
     CHECK(shx_block_unlock(&a, &err) == SHX_OK, "and it releases it");
     CHECK(shx_block_unlock(&a, &err) == SHX_E_OS && err.os_error == EPERM, "releasing a lock not held is an error");
     CHECK(set_text(&a, "after") == SHX_OK && strcmp(text_of(&a), "after") == 0 && set_text(&a, "again") == SHX_OK &&
-              strcmp(text_of(&a), "again") == 0, "writing works again through both slots");
+              strcmp(text_of(&a), "again") == 0,
+          "writing works again through both slots");
     shx_block_close(&a, 0, &err);
     CloseHandle(locked);
 }
@@ -266,8 +272,9 @@ static void test_value_protocol(const char *name)
     char out[16];
     size_t len;
     int is_text;
-    CHECK(shx_value_get_utf8(&a, out, sizeof out, &len, &is_text, NULL, NULL, &err) == SHX_OK && is_text &&
-              len == 5 && memcmp(out, "caf\xc3\xa9", 5) == 0, "and read back as UTF-8");
+    CHECK(shx_value_get_utf8(&a, out, sizeof out, &len, &is_text, NULL, NULL, &err) == SHX_OK && is_text && len == 5 &&
+              memcmp(out, "caf\xc3\xa9", 5) == 0,
+          "and read back as UTF-8");
     uint64_t now;
     CHECK(shx_value_wait(&a, shx_value_version(&a), 20000000, &now, &err) == SHX_E_TIMEOUT, "wait times out");
     shx_block_close(&a, 0, &err);
@@ -298,7 +305,7 @@ static void test_wake_up(const char *name)
     HANDLE waiting = event(name, "waiting");
     HANDLE proc = start_child("wait", name);
     WaitForSingleObject(waiting, 30000);
-    Sleep(300);   /* let it go to sleep on the semaphore */
+    Sleep(300); /* let it go to sleep on the semaphore */
     CHECK(atomic_load(&a.hdr->waiters) == 1, "the other process is registered as a waiter");
     ULONGLONG t0 = GetTickCount64();
     set_text(&a, "wake up");

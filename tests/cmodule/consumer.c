@@ -28,11 +28,8 @@ static PyObject *default_set(PyObject *self, PyObject *arg)
         return NULL;
     ShmemExt_Error err;
     int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ShmemExtAPI->set_utf8(b, text, (size_t)len, &err);
-    Py_END_ALLOW_THREADS
-    if (rc != SHMEMEXT_OK)
-        return raise_api_error(&err);
+    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->set_utf8(b, text, (size_t)len, &err);
+    Py_END_ALLOW_THREADS if (rc != SHMEMEXT_OK) return raise_api_error(&err);
     return PyUnicode_FromString(ShmemExtAPI->name(b));
 }
 
@@ -52,23 +49,23 @@ static PyObject *named_get(PyObject *self, PyObject *args)
     char *buf = (char *)PyMem_Malloc((size_t)cap + 1);
     if (buf == NULL)
         return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
     if (rc == SHMEMEXT_OK) {
         rc = ShmemExtAPI->get(b, buf, (size_t)cap, &len, &is_text, &version, &err);
         ShmemExt_Error ignored;
         ShmemExtAPI->close(b, &ignored);
     }
-    Py_END_ALLOW_THREADS
-    PyObject *result = NULL;
+    Py_END_ALLOW_THREADS PyObject *result = NULL;
     if (rc == SHMEMEXT_E_BUFFER)
         result = Py_BuildValue("(snO)", "too small", (Py_ssize_t)len, Py_None);
     else if (rc != SHMEMEXT_OK)
         raise_api_error(&err);
     else if (is_text)
-        result = Py_BuildValue("(s#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
+        result =
+            Py_BuildValue("(s#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
     else
-        result = Py_BuildValue("(y#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
+        result =
+            Py_BuildValue("(y#KO)", buf, (Py_ssize_t)len, (unsigned long long)version, created ? Py_True : Py_False);
     PyMem_Free(buf);
     return result;
 }
@@ -184,17 +181,14 @@ static PyObject *lock_for(PyObject *self, PyObject *args)
         return NULL;
     ShmemExt_Error err;
     int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ShmemExtAPI->lock(b, -1, NULL, &err);
+    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->lock(b, -1, NULL, &err);
     if (rc == SHMEMEXT_OK) {
         struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
             ;
         rc = ShmemExtAPI->unlock(b, &err);
     }
-    Py_END_ALLOW_THREADS
-    if (rc != SHMEMEXT_OK)
-        return raise_api_error(&err);
+    Py_END_ALLOW_THREADS if (rc != SHMEMEXT_OK) return raise_api_error(&err);
     Py_RETURN_NONE;
 }
 
@@ -211,16 +205,13 @@ static PyObject *wait_change(PyObject *self, PyObject *args)
     ShmemExt_Error err;
     int created, rc;
     uint64_t now = 0;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
     if (rc == SHMEMEXT_OK) {
         rc = ShmemExtAPI->wait(b, seen, timeout_ms * 1000000, &now, &err);
         ShmemExt_Error ignored;
         ShmemExtAPI->close(b, &ignored);
     }
-    Py_END_ALLOW_THREADS
-    if (rc == SHMEMEXT_E_TIMEOUT)
-        Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS if (rc == SHMEMEXT_E_TIMEOUT) Py_RETURN_NONE;
     if (rc != SHMEMEXT_OK)
         return raise_api_error(&err);
     return PyLong_FromUnsignedLongLong(now);
@@ -291,24 +282,23 @@ static PyObject *heap_pins(PyObject *self, PyObject *arg)
     return Py_BuildValue("(iiiiii)", acquired, busy, set, released, again, closed);
 }
 
-static PyMethodDef methods[] = {
-    {"pin", pin, METH_O, NULL},
-    {"unpin", unpin, METH_O, NULL},
-    {"use_kept", use_kept, METH_O, NULL},
-    {"heap_pins", heap_pins, METH_O, NULL},
-    {"copy_until_closed", consumer_copy_until_closed, METH_VARARGS, NULL},
-    {"wait_change", wait_change, METH_VARARGS, NULL},
-    {"lock_for", lock_for, METH_VARARGS, NULL},
-    {"default_set", default_set, METH_O, NULL},
-    {"named_get", named_get, METH_VARARGS, NULL},
-    {"object_set", object_set, METH_VARARGS, NULL},
-    {"segment_fill", segment_fill, METH_VARARGS, NULL},
-    {"close_foreign", close_foreign, METH_O, NULL},
-    {"misuse", misuse, METH_O, NULL},
-    {"after_close", after_close, METH_O, NULL},
-    {"threaded_copies", consumer_threaded_copies, METH_VARARGS, NULL},
-    {"bench", consumer_bench, METH_VARARGS, NULL},
-    {NULL, NULL, 0, NULL}};
+static PyMethodDef methods[] = {{"pin", pin, METH_O, NULL},
+                                {"unpin", unpin, METH_O, NULL},
+                                {"use_kept", use_kept, METH_O, NULL},
+                                {"heap_pins", heap_pins, METH_O, NULL},
+                                {"copy_until_closed", consumer_copy_until_closed, METH_VARARGS, NULL},
+                                {"wait_change", wait_change, METH_VARARGS, NULL},
+                                {"lock_for", lock_for, METH_VARARGS, NULL},
+                                {"default_set", default_set, METH_O, NULL},
+                                {"named_get", named_get, METH_VARARGS, NULL},
+                                {"object_set", object_set, METH_VARARGS, NULL},
+                                {"segment_fill", segment_fill, METH_VARARGS, NULL},
+                                {"close_foreign", close_foreign, METH_O, NULL},
+                                {"misuse", misuse, METH_O, NULL},
+                                {"after_close", after_close, METH_O, NULL},
+                                {"threaded_copies", consumer_threaded_copies, METH_VARARGS, NULL},
+                                {"bench", consumer_bench, METH_VARARGS, NULL},
+                                {NULL, NULL, 0, NULL}};
 
 static int consumer_exec(PyObject *module)
 {
@@ -316,13 +306,12 @@ static int consumer_exec(PyObject *module)
     return ShmemExt_IMPORT;
 }
 
-static PyModuleDef_Slot slots[] = {
-    {Py_mod_exec, consumer_exec},
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, consumer_exec},
 #if PY_VERSION_HEX >= 0x030D0000
-    /* Every call it makes is one of the C API's, which are safe from any thread. */
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+                                   /* Every call it makes is one of the C API's, which are safe from any thread. */
+                                   {Py_mod_gil, Py_MOD_GIL_NOT_USED},
 #endif
-    {0, NULL}};
+                                   {0, NULL}};
 
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "consumer", NULL, 0, methods, slots, NULL, NULL, NULL};
 

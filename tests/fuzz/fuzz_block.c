@@ -20,8 +20,8 @@
 #define CAPACITY 256
 
 static shx_block block;
-static unsigned char *pristine;   /* the header and slots as created */
-static size_t mapped;             /* header + both slots: what a hostile process can reach */
+static unsigned char *pristine; /* the header and slots as created */
+static size_t mapped;           /* header + both slots: what a hostile process can reach */
 static char name[64];
 
 /* Bounds every lock wait: a scribbled lock word may look held forever. */
@@ -91,7 +91,7 @@ static int canonical(uint32_t type, const unsigned char *p, size_t n)
     if (n % width != 0)
         return 0;
     for (size_t i = 0; i < n; i += width) {
-        uint32_t u;   /* code units are in the machine's byte order */
+        uint32_t u; /* code units are in the machine's byte order */
         if (width == 1) {
             u = p[i];
         } else if (width == 2) {
@@ -104,13 +104,13 @@ static int canonical(uint32_t type, const unsigned char *p, size_t n)
         max = u > max ? u : max;
     }
     switch (type) {
-    case SHX_TYPE_EMPTY:  return n == 0;
-    case SHX_TYPE_BYTES:  return 1;
-    case SHX_TYPE_ASCII:  return max < 0x80;
+    case SHX_TYPE_EMPTY: return n == 0;
+    case SHX_TYPE_BYTES: return 1;
+    case SHX_TYPE_ASCII: return max < 0x80;
     case SHX_TYPE_LATIN1: return max >= 0x80 && max <= 0xFF;
-    case SHX_TYPE_UCS2:   return max > 0xFF;
-    case SHX_TYPE_UCS4:   return max > 0xFFFF && max <= 0x10FFFF;
-    default:              return 0;
+    case SHX_TYPE_UCS2: return max > 0xFF;
+    case SHX_TYPE_UCS4: return max > 0xFFFF && max <= 0x10FFFF;
+    default: return 0;
     }
 }
 
@@ -142,7 +142,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         shx_error err;
         switch (op % 8) {
         case 0:
-        case 1: {   /* scribble: up to 32 bytes at any offset of the shared bytes */
+        case 1: { /* scribble: up to 32 bytes at any offset of the shared bytes */
             uint16_t at;
             uint8_t len;
             unsigned char bytes[32];
@@ -158,10 +158,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             memcpy((unsigned char *)block.hdr + offset, bytes, len);
             break;
         }
-        case 2:
-            check_get(&block);
-            break;
-        case 3: {   /* set bytes or checked UTF-8 */
+        case 2: check_get(&block); break;
+        case 3: { /* set bytes or checked UTF-8 */
             uint8_t len, kind;
             unsigned char bytes[CAPACITY];
             if (!take(&r, &kind, 1) || !take(&r, &len, 1) || !take(&r, bytes, len))
@@ -172,7 +170,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 (void)shx_value_set(&block, SHX_TYPE_BYTES, bytes, len, &hooks, &err);
             break;
         }
-        case 4: {   /* another handle attaches to the scribbled block, reads, detaches */
+        case 4: { /* another handle attaches to the scribbled block, reads, detaches */
             shx_block other;
             memset(&other, 0, sizeof other);
             if (shx_block_open(&other, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK) {
@@ -181,7 +179,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             break;
         }
-        case 5: {   /* UTF-8 out, into a buffer of any size up to the capacity */
+        case 5: { /* UTF-8 out, into a buffer of any size up to the capacity */
             uint8_t cap;
             char buf[CAPACITY];
             size_t len = 0;
@@ -196,7 +194,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)shx_value_wait(&block, shx_value_version(&block), 0, &now, &err);
             break;
         }
-        case 7: {   /* a writer that takes the lock and lets go, as a crashing one would not */
+        case 7: { /* a writer that takes the lock and lets go, as a crashing one would not */
             int owner_died = 0;
             if (shx_block_lock(&block, 0, &owner_died, &hooks, &err) == SHX_OK)
                 (void)shx_block_unlock(&block, &err);
