@@ -108,7 +108,8 @@ static void pause_briefly(void *ctx)
 {
     (void)ctx;
     if (PyGILState_Check()) {
-        Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
+        Py_BEGIN_ALLOW_THREADS
+        shx_os_pause_briefly();
         Py_END_ALLOW_THREADS
     } else {
         shx_os_pause_briefly();

@@ -50,7 +50,8 @@ typedef struct {
 /* A Value or a Segment: one attachment.  Every use of its mapping is inside
  * shx_py_enter/shx_py_leave (block.guard); close() goes through the guard. */
 typedef struct {
-    PyObject_HEAD shx_block block;
+    PyObject_HEAD
+    shx_block block;
     int readonly;
     /* Whether a thread of this process holds the segment's lock through a
      * SegmentLock (at most one can: it is a mutex), which thread, a weak

@@ -83,7 +83,8 @@ int shx_py_reentry_init(void)
     if (atomic_compare_exchange_strong(&reentry_key_state, &expected, 1))
         atomic_store(&reentry_key_state, PyThread_tss_create(&reentry_key) == 0 ? 2 : 3);
     while (atomic_load(&reentry_key_state) == 1) {
-        Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
+        Py_BEGIN_ALLOW_THREADS
+        shx_os_pause_briefly();
         Py_END_ALLOW_THREADS
     }
     if (atomic_load(&reentry_key_state) != 2) {
@@ -151,7 +152,8 @@ static int signals_pending(void *ctx)
 static void pause_without_gil(void *ctx)
 {
     (void)ctx;
-    Py_BEGIN_ALLOW_THREADS shx_os_pause_briefly();
+    Py_BEGIN_ALLOW_THREADS
+    shx_os_pause_briefly();
     Py_END_ALLOW_THREADS
 }
 
@@ -397,8 +399,10 @@ PyObject *shx_py_block_new(PyTypeObject *type, const char *name, uint32_t kind, 
 static int detach_now(BlockObject *self, shx_error *err)
 {
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = shx_block_close(&self->block, 0, err);
-    Py_END_ALLOW_THREADS return rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shx_block_close(&self->block, 0, err);
+    Py_END_ALLOW_THREADS
+    return rc;
 }
 
 void shx_py_block_dealloc(BlockObject *self)
@@ -480,8 +484,10 @@ PyObject *shx_py_block_sole_holder(BlockObject *self, PyObject *Py_UNUSED(ignore
         return NULL;
     int alone = 0, rc;
     shx_error err;
-    Py_BEGIN_ALLOW_THREADS rc = shx_block_sole_holder(&self->block, &alone, &err);
-    Py_END_ALLOW_THREADS shx_py_leave(self);
+    Py_BEGIN_ALLOW_THREADS
+    rc = shx_block_sole_holder(&self->block, &alone, &err);
+    Py_END_ALLOW_THREADS
+    shx_py_leave(self);
     if (rc != SHX_OK)
         return shx_py_raise_block(self, &err);
     return PyBool_FromLong(alone);

@@ -3,7 +3,8 @@
 #include "glue.h"
 
 typedef struct {
-    PyObject_HEAD BlockObject *segment;
+    PyObject_HEAD
+    BlockObject *segment;
     double timeout; /* seconds; < 0: wait forever */
     int owner_died;
 } LockObject;
@@ -31,9 +32,10 @@ static int acquire_block_lock(LockObject *lock, double timeout)
                          seg->block.name);
             return -1;
         }
-        Py_BEGIN_ALLOW_THREADS rc = shx_block_lock(&seg->block, wait, &owner_died, NULL, &err);
-        Py_END_ALLOW_THREADS if (rc == SHX_E_TIMEOUT && shx_py_check_signals(seg) < 0)
-        {
+        Py_BEGIN_ALLOW_THREADS
+        rc = shx_block_lock(&seg->block, wait, &owner_died, NULL, &err);
+        Py_END_ALLOW_THREADS
+        if (rc == SHX_E_TIMEOUT && shx_py_check_signals(seg) < 0) {
             shx_py_leave(seg);
             return -1;
         }

@@ -232,9 +232,11 @@ PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     for (;;) {
         /* A passed deadline still looks once (a wait of 0), so timeout=0 is a poll. */
         int64_t wait = shx_py_next_slice(timeout, start);
-        Py_BEGIN_ALLOW_THREADS rc = shx_value_wait(&self->block, seen, wait, &now, &err);
-        Py_END_ALLOW_THREADS if (rc != SHX_E_TIMEOUT || shx_py_next_slice(timeout, start) == 0 ||
-                                 shx_py_check_signals(self) < 0) break;
+        Py_BEGIN_ALLOW_THREADS
+        rc = shx_value_wait(&self->block, seen, wait, &now, &err);
+        Py_END_ALLOW_THREADS
+        if (rc != SHX_E_TIMEOUT || shx_py_next_slice(timeout, start) == 0 || shx_py_check_signals(self) < 0)
+            break;
         if (shx_guard_closing(&self->block.guard)) {
             /* Out of the close()'s way; back in if it was given up. */
             shx_py_leave(self);

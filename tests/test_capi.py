@@ -14,7 +14,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import python
+from conftest import block_exists, python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CMODULE = os.path.join(HERE, "cmodule")
@@ -99,6 +99,15 @@ def test_copies_without_the_gil_from_several_threads(consumer, name):
         bad, failed = consumer.threaded_copies(name, 4, 20000, 4096)
         assert (bad, failed) == (0, 0)
         assert v.version == 4 * 20000
+
+
+def test_shmemext_existing_opens_only_a_live_block(consumer, name):
+    with pytest.raises(OSError, match=rf"error 21: block '{name}': does not exist"):
+        consumer.named_get(name, 10, True)
+    assert not block_exists(name), "a refused open makes nothing"
+    with shmemext.Value(name) as v:
+        v.set("there")
+        assert consumer.named_get(name, 10, True) == ("there", 1, False)
 
 
 def test_errors_come_back_as_codes_with_messages(consumer, name):

@@ -28,18 +28,23 @@ static PyObject *default_set(PyObject *self, PyObject *arg)
         return NULL;
     ShmemExt_Error err;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->set_utf8(b, text, (size_t)len, &err);
-    Py_END_ALLOW_THREADS if (rc != SHMEMEXT_OK) return raise_api_error(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->set_utf8(b, text, (size_t)len, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
     return PyUnicode_FromString(ShmemExtAPI->name(b));
 }
 
-/* named_get(name, cap) -> (value as str or bytes, version, created): opens, reads, closes. */
+/* named_get(name, cap, existing=0) -> (value as str or bytes, version, created): opens
+ * (with SHMEMEXT_EXISTING if asked), reads, closes. */
 static PyObject *named_get(PyObject *self, PyObject *args)
 {
     (void)self;
     const char *name;
     Py_ssize_t cap;
-    if (!PyArg_ParseTuple(args, "sn", &name, &cap))
+    int existing = 0;
+    if (!PyArg_ParseTuple(args, "sn|p", &name, &cap, &existing))
         return NULL;
     ShmemExt_Block *b;
     ShmemExt_Error err;
@@ -49,13 +54,15 @@ static PyObject *named_get(PyObject *self, PyObject *args)
     char *buf = (char *)PyMem_Malloc((size_t)cap + 1);
     if (buf == NULL)
         return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, existing ? SHMEMEXT_EXISTING : 0, 0600, &b, &created, &err);
     if (rc == SHMEMEXT_OK) {
         rc = ShmemExtAPI->get(b, buf, (size_t)cap, &len, &is_text, &version, &err);
         ShmemExt_Error ignored;
         ShmemExtAPI->close(b, &ignored);
     }
-    Py_END_ALLOW_THREADS PyObject *result = NULL;
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
     if (rc == SHMEMEXT_E_BUFFER)
         result = Py_BuildValue("(snO)", "too small", (Py_ssize_t)len, Py_None);
     else if (rc != SHMEMEXT_OK)
@@ -181,14 +188,17 @@ static PyObject *lock_for(PyObject *self, PyObject *args)
         return NULL;
     ShmemExt_Error err;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->lock(b, -1, NULL, &err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->lock(b, -1, NULL, &err);
     if (rc == SHMEMEXT_OK) {
         struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
             ;
         rc = ShmemExtAPI->unlock(b, &err);
     }
-    Py_END_ALLOW_THREADS if (rc != SHMEMEXT_OK) return raise_api_error(&err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
     Py_RETURN_NONE;
 }
 
@@ -205,13 +215,16 @@ static PyObject *wait_change(PyObject *self, PyObject *args)
     ShmemExt_Error err;
     int created, rc;
     uint64_t now = 0;
-    Py_BEGIN_ALLOW_THREADS rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->open(name, SHMEMEXT_VALUE, 0, 0, 0600, &b, &created, &err);
     if (rc == SHMEMEXT_OK) {
         rc = ShmemExtAPI->wait(b, seen, timeout_ms * 1000000, &now, &err);
         ShmemExt_Error ignored;
         ShmemExtAPI->close(b, &ignored);
     }
-    Py_END_ALLOW_THREADS if (rc == SHMEMEXT_E_TIMEOUT) Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS
+    if (rc == SHMEMEXT_E_TIMEOUT)
+        Py_RETURN_NONE;
     if (rc != SHMEMEXT_OK)
         return raise_api_error(&err);
     return PyLong_FromUnsignedLongLong(now);

@@ -96,19 +96,22 @@ PyObject *consumer_copy_until_closed(PyObject *self, PyObject *args)
         ws[t] = (closing_worker){b, 0, 0};
         pthread_create(&tids[t], NULL, copy_until_closed_loop, &ws[t]);
     }
-    Py_BEGIN_ALLOW_THREADS struct timespec ts = {(time_t)delay, (long)((delay - (double)(time_t)delay) * 1e9)};
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts = {(time_t)delay, (long)((delay - (double)(time_t)delay) * 1e9)};
     nanosleep(&ts, NULL);
-    Py_END_ALLOW_THREADS PyObject *r =
-        PyObject_CallMethod(obj, "close", NULL); /* with the C threads inside the guard */
+    Py_END_ALLOW_THREADS
+    PyObject *r = PyObject_CallMethod(obj, "close", NULL); /* with the C threads inside the guard */
     long ok = 0;
     int other = 0;
-    Py_BEGIN_ALLOW_THREADS for (int t = 0; t < threads; t++)
-    {
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
         pthread_join(tids[t], NULL);
         ok += ws[t].ok;
         other = other ? other : ws[t].other;
     }
-    Py_END_ALLOW_THREADS if (r == NULL) return NULL;
+    Py_END_ALLOW_THREADS
+    if (r == NULL)
+        return NULL;
     Py_DECREF(r);
     return Py_BuildValue("(li)", ok, other);
 }
@@ -132,8 +135,8 @@ PyObject *consumer_threaded_copies(PyObject *self, PyObject *args)
     pthread_t tids[64];
     worker ws[64];
     int bad = 0, failed = 0;
-    Py_BEGIN_ALLOW_THREADS for (int t = 0; t < threads; t++)
-    {
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
         ws[t] = (worker){b, t, iterations, 0, 0, (size_t)size};
         pthread_create(&tids[t], NULL, copy_loop, &ws[t]);
     }
@@ -142,7 +145,8 @@ PyObject *consumer_threaded_copies(PyObject *self, PyObject *args)
         bad += ws[t].bad;
         failed += ws[t].failed;
     }
-    Py_END_ALLOW_THREADS ShmemExtAPI->close(b, &err);
+    Py_END_ALLOW_THREADS
+    ShmemExtAPI->close(b, &err);
     return Py_BuildValue("(ii)", bad, failed);
 }
 
