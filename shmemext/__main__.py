@@ -91,6 +91,9 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _value_to_set(args: argparse.Namespace) -> str | bytes:
+    if args.value is None and sys.stdin.isatty():
+        raise ValueError("set needs a value: give it as an argument, or pipe it in (or pass '-' to type it, "
+                         "ending with Ctrl-D)")
     if args.value is None or args.value == "-":
         data = sys.stdin.buffer.read()
         if args.bytes:
