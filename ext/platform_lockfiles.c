@@ -590,9 +590,9 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         }
     }
     if (state == SHX_ATTACH_FRESH && (flags & SHX_OPEN_EXISTING)) {
-        /* What open_and_gate made for a new block goes again; we hold it alone. */
-        shx_error ignored;
-        (void)forget_names(m, &ignored);
+        /* The object open_and_gate made (or a dead one) goes again; we hold it
+         * alone.  Its lock files go in shx_os_attach, gate last. */
+        (void)shm_unlink(m->os_name);
         return shx_fail(err, SHX_E_NOTFOUND, 0, 0, NULL);
     }
     if (state == SHX_ATTACH_FRESH) {
@@ -602,9 +602,10 @@ static int attach_locked(shx_os_map *m, const char *name, size_t size, unsigned 
         if (rc == SHX_OK)
             rc = prepare(ctx, m, SHX_ATTACH_FRESH, err);
         if (rc != SHX_OK) {
-            /* Leave no half-made block behind; we hold it alone, so the name is ours. */
-            shx_error ignored;
-            (void)forget_names(m, &ignored);
+            /* Leave no half-made block behind; we hold it alone, so the name is
+             * ours.  The lock files go in shx_os_attach, the gate last: removed
+             * here, a newcomer could take a new gate while we still work. */
+            (void)shm_unlink(m->os_name);
             return rc;
         }
         *created = 1;

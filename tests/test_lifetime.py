@@ -159,6 +159,47 @@ def test_create_false_opens_only_a_live_block(name, kind):
         shmemext.unlink(name)
 
 
+OPEN_EXISTING = """
+import sys, time
+import shmemext
+found = missing = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        with shmemext.Value(sys.argv[1], create=False) as v:
+            assert not v.created, "create=False created a block"
+            found += 1
+    except FileNotFoundError:
+        missing += 1
+print(found, missing)
+"""
+MAKE_AND_DROP = """
+import sys, time
+import shmemext
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    with shmemext.Value(sys.argv[1]) as v:
+        v.set("x")
+        time.sleep(0.0005)
+"""
+
+
+def test_create_false_racing_creators_and_last_detaches(name):
+    # Openers that must never create, against a process that creates the
+    # block and lets it go again: once, a refused open removed lock files a
+    # newcomer had just made, and openers found a half-made block.
+    procs = [spawn(OPEN_EXISTING, name, "2") for _ in range(3)] + [spawn(MAKE_AND_DROP, name, "2")]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        outs.append(out)
+    counts = [tuple(map(int, o.split())) for o in outs[:3]]
+    assert sum(f for f, _ in counts) > 0 and sum(m for _, m in counts) > 0, counts
+    assert wait_gone(name)
+    assert [b for b in shmemext.blocks() if b["name"] == name] == []
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 @KINDS
 def test_forked_child_keeps_the_block_after_its_parent_exits(name, kind, tmp_path):
