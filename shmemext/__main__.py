@@ -136,9 +136,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _until_interrupted(stop: threading.Event) -> int:
-    """Sleeps until SIGINT or SIGTERM; returns the exit status a shell expects for it."""
-    received: list[int] = []
+def _catch_stop_signals() -> tuple[threading.Event, list[int]]:
+    """SIGINT and SIGTERM set the event; the list gets which came.  Installed
+    before the command says it is ready, so that no signal finds the default action."""
+    stop, received = threading.Event(), []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
@@ -146,19 +147,19 @@ def _until_interrupted(stop: threading.Event) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not stop.wait(0.5):
-        pass
-    return 128 + received[0] if received else 0
+    return stop, received
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
     block = _open(args)
+    stop, received = _catch_stop_signals()
     print(f"holding block '{block.name}' (capacity {block.capacity}, pid {os.getpid()}); "
           f"press Ctrl-C to release it", file=sys.stderr, flush=True)
-    status = _until_interrupted(threading.Event())
+    while not stop.wait(0.5):
+        pass
     block.close()
     print(f"released block '{block.name}'", file=sys.stderr, flush=True)
-    return status
+    return 128 + received[0]   # the status a shell gives a command ended by that signal
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
