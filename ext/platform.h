@@ -236,6 +236,9 @@ uint64_t shx_os_monotonic_ns(void);
 void shx_os_pause_briefly(void);
 /* CPUs this process can run on (at least 1). */
 int shx_os_cpu_count(void);
+/* Bytes of the level-`level` data (or unified) cache of one core, or 0 when
+ * the OS does not say. */
+size_t shx_os_cache_size(int level);
 
 uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */

@@ -1,7 +1,7 @@
 /* What every POSIX backend shares: errors, the process registry (fork() and
- * exit), the clock, the CPU count and the cross-process wait on a word.  The
- * memory and its locks are the backend's: platform_sysv.c (Linux) or
- * platform_lockfiles.c (macOS, the BSDs).
+ * exit), the clock, the CPU count, cache sizes and the cross-process wait on
+ * a word.  The memory and its locks are the backend's: platform_sysv.c
+ * (Linux) or platform_lockfiles.c (macOS, the BSDs).
  */
 #define _GNU_SOURCE
 #include "platform_posix.h"
@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -20,6 +21,7 @@
 #endif
 #ifdef __APPLE__
 #include <dlfcn.h>
+#include <sys/sysctl.h>
 #endif
 
 int shx_fail_os(shx_error *err, const char *op)
@@ -375,6 +377,67 @@ int shx_os_cpu_count(void)
 {
     (void)pthread_once(&cpu_once, count_cpus);
     return cpu_count;
+}
+
+#ifdef __linux__
+/* sysfs says what each cache is; sysconf's figures come from cpuid, which a
+ * virtual machine may report as it likes. */
+static size_t sysfs_cache_size(int level)
+{
+    for (int index = 0; index < 8; index++) {
+        char path[96], text[32];
+        int found_level = 0;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", index);
+        FILE *f = fopen(path, "r");
+        if (f == NULL)
+            break;
+        int ok = fscanf(f, "%d", &found_level) == 1;
+        fclose(f);
+        if (!ok || found_level != level)
+            continue;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/type", index);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        ok = fgets(text, sizeof text, f) != NULL && strncmp(text, "Instruction", 11) != 0;
+        fclose(f);
+        if (!ok)
+            continue;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        unsigned long long n = 0;
+        char unit = 0;
+        int fields = fscanf(f, "%llu%c", &n, &unit);
+        fclose(f);
+        if (fields >= 1)
+            return (size_t)(fields == 2 && unit == 'K' ? n << 10 : fields == 2 && unit == 'M' ? n << 20 : n);
+    }
+    return 0;
+}
+#endif
+
+size_t shx_os_cache_size(int level)
+{
+#ifdef __linux__
+    size_t n = sysfs_cache_size(level);
+    if (n > 0)
+        return n;
+#endif
+#if defined(__APPLE__)
+    char key[32];
+    snprintf(key, sizeof key, "hw.l%dcachesize", level);
+    uint64_t value = 0;
+    size_t len = sizeof value;
+    if (sysctlbyname(key, &value, &len, NULL, 0) == 0 && len <= sizeof value)
+        return (size_t)value;
+    return 0;
+#elif defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+    long v = sysconf(level == 2 ? _SC_LEVEL2_CACHE_SIZE : level == 3 ? _SC_LEVEL3_CACHE_SIZE : _SC_LEVEL1_DCACHE_SIZE);
+    return v > 0 ? (size_t)v : 0;
+#else
+    (void)level;
+    return 0;
+#endif
 }
 
 void shx_os_pause_briefly(void)

@@ -463,6 +463,26 @@ int shx_os_cpu_count(void)
     return count;
 }
 
+size_t shx_os_cache_size(int level)
+{
+    DWORD bytes = 0;
+    if (GetLogicalProcessorInformation(NULL, &bytes) || GetLastError() != ERROR_INSUFFICIENT_BUFFER || bytes == 0)
+        return 0;
+    SYSTEM_LOGICAL_PROCESSOR_INFORMATION *info = (SYSTEM_LOGICAL_PROCESSOR_INFORMATION *)malloc(bytes);
+    size_t size = 0;
+    if (info != NULL && GetLogicalProcessorInformation(info, &bytes)) {
+        for (DWORD i = 0; i < bytes / sizeof *info; i++) {
+            const CACHE_DESCRIPTOR *c = &info[i].Cache;
+            if (info[i].Relationship == RelationCache && c->Level == level && c->Type != CacheInstruction) {
+                size = c->Size;
+                break;
+            }
+        }
+    }
+    free(info);
+    return size;
+}
+
 uint64_t shx_os_monotonic_ns(void)
 {
     static LARGE_INTEGER freq;

@@ -395,6 +395,18 @@ static void test_checked_copy(void)
         ucs4[at / 4] = 0x10FFFF;
         CHECK(get_verdict(&a, SHX_TYPE_UCS4, ucs4, sizeof ucs4) == SHX_OK, "UCS-4 up to U+10FFFF accepted");
     }
+    /* Around the size where the checked copy turns to 32-byte registers, a high
+     * byte in each half of a 64-byte step and in the tail. */
+    int missed = 0;
+    for (size_t n = 200; n <= 400; n++) {
+        const size_t at_list[] = {0, 31, 32, 63, 64, 95, 127, n - 9, n - 1};
+        for (size_t j = 0; j < sizeof at_list / sizeof at_list[0]; j++) {
+            memset(bytes, 'a', n);
+            bytes[at_list[j]] = 0x80;
+            missed += get_verdict(&a, SHX_TYPE_ASCII, bytes, n) != SHX_E_BADVALUE;
+        }
+    }
+    CHECK(missed == 0, "ASCII of 200 to 400 bytes with one high byte anywhere refused (%d missed)", missed);
     memset(bytes, 'a', sizeof bytes);
     CHECK(get_verdict(&a, SHX_TYPE_LATIN1, bytes, sizeof bytes) == SHX_E_BADVALUE, "Latin-1 with no high byte refused");
     CHECK(get_verdict(&a, SHX_TYPE_ASCII, bytes, 7) == SHX_OK, "a short ASCII value accepted");
