@@ -239,6 +239,9 @@ int shx_os_cpu_count(void);
 /* Bytes of the level-`level` data (or unified) cache of one core, or 0 when
  * the OS does not say. */
 size_t shx_os_cache_size(int level);
+/* Whether more threads are runnable right now than this process has CPUs
+ * (0 where the OS does not say).  A system call or more: not for hot paths. */
+int shx_os_cpus_oversubscribed(void);
 
 uint32_t shx_os_pid(void);
 /* Detaches every block this process still holds; for process exit. */

@@ -440,6 +440,23 @@ size_t shx_os_cache_size(int level)
 #endif
 }
 
+int shx_os_cpus_oversubscribed(void)
+{
+#ifdef __linux__
+    /* The fourth field of /proc/loadavg: runnable scheduling entities (this thread included) / all. */
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f == NULL)
+        return 0;
+    double one, five, fifteen;
+    long runnable = 0;
+    int fields = fscanf(f, "%lf %lf %lf %ld/", &one, &five, &fifteen, &runnable);
+    fclose(f);
+    return fields == 4 && runnable > shx_os_cpu_count();
+#else
+    return 0;
+#endif
+}
+
 void shx_os_pause_briefly(void)
 {
     struct timespec ts = {0, 100000};

@@ -463,6 +463,8 @@ int shx_os_cpu_count(void)
     return count;
 }
 
+int shx_os_cpus_oversubscribed(void) { return 0; }
+
 size_t shx_os_cache_size(int level)
 {
     DWORD bytes = 0;

@@ -872,12 +872,10 @@ static void cpu_relax(void)
 /* Watches the version for a short while before sleeping: a partner that
  * answers within that time (a ping-pong, a request and its reply) is seen
  * without either process going through the kernel's sleep and wake-up, which
- * on an idle machine costs tens of microseconds.  Not on a single CPU, where
- * the spinner would only keep the setter from running. */
+ * on an idle machine costs tens of microseconds.  Returns whether it saw a
+ * change. */
 static int spin_for_change(shx_header *h, uint64_t seen, uint64_t until)
 {
-    if (shx_os_cpu_count() < 2)
-        return 0;
     for (;;) {
         for (int i = 0; i < 64; i++) {
             if (atomic_load_explicit(&h->version, memory_order_acquire) != seen)
@@ -889,6 +887,32 @@ static int spin_for_change(shx_header *h, uint64_t seen, uint64_t until)
     }
 }
 
+/* A spin pays only while the partner that would answer it can run.  When one
+ * sees no change and more threads are runnable than there are CPUs, waits
+ * sleep at once, except every SPIN_PROBE_EVERY-th, which spins again; a spin
+ * that sees a change ends that.  (The runnable count is asked only after a
+ * spin that failed, so an answered wait still makes no system call.)  Not at
+ * all on a single CPU, where the spinner would only keep the setter from
+ * running. */
+#define SPIN_PROBE_EVERY 16
+
+static uint64_t spin_budget(shx_block *b)
+{
+    if (shx_os_cpu_count() < 2)
+        return 0;
+    if (!atomic_load_explicit(&b->spin_off, memory_order_relaxed))
+        return SHX_WAIT_SPIN_NS;
+    uint32_t probe = atomic_load_explicit(&b->spin_probe, memory_order_relaxed) + 1;
+    atomic_store_explicit(&b->spin_probe, probe, memory_order_relaxed);
+    return probe % SPIN_PROBE_EVERY == 0 ? SHX_WAIT_SPIN_NS : 0;
+}
+
+static void spin_learn(shx_block *b, int seen_change)
+{
+    int off = !seen_change && shx_os_cpus_oversubscribed();
+    atomic_store_explicit(&b->spin_off, off, memory_order_relaxed);
+}
+
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
 {
     if (!b->attached)
@@ -897,9 +921,11 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
     shx_header *h = b->hdr;
     uint64_t start = shx_os_monotonic_ns();
-    if (timeout_ns != 0) {
-        uint64_t spin = timeout_ns > 0 && timeout_ns < SHX_WAIT_SPIN_NS ? (uint64_t)timeout_ns : SHX_WAIT_SPIN_NS;
-        (void)spin_for_change(h, seen, start + spin);
+    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
+    if (spin > 0 && atomic_load_explicit(&h->version, memory_order_acquire) == seen) {
+        if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
+            spin = (uint64_t)timeout_ns;
+        spin_learn(b, spin_for_change(h, seen, start + spin));
     }
     for (;;) {
         /* wake_seq first: a set after this load changes it, so the sleep below cannot miss it. */

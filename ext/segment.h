@@ -100,6 +100,11 @@ typedef struct shx_block {
      * threads share the handle. */
     _Atomic uint64_t read_retries;
     _Atomic uint64_t locked_reads;
+    /* Whether this handle's waits skip their spin, the CPUs being
+     * oversubscribed, and a count of the waits since, for the occasional
+     * probe (shx_value_wait). */
+    _Atomic int spin_off;
+    _Atomic uint32_t spin_probe;
 } shx_block;
 
 /* Called around work that may take long (lock waits, large copies), so a
