@@ -2,7 +2,7 @@
 
     python benchmarks/bench_wait_load.py [--runs 5] [--rounds 2000]
 
-Two processes ping-pong a 64-byte value: through Value.set + Value.wait, and
+Two processes ping-pong a short value: through Value.set + Value.wait, and
 through a Pipe, in the same run.  That is done on an idle machine, then with
 one and with two CPU-bound processes per CPU running beside it (started and
 stopped here).  Prints the median round trip of each run, as the median and
@@ -19,59 +19,13 @@ import statistics
 import sys
 import time
 
+from shmemext._quick import pipe_roundtrip_us, wait_roundtrip_us
+
 
 def hog(stop: object) -> None:
     while not stop.is_set():  # type: ignore[attr-defined]
         for _ in range(100000):
             pass
-
-
-def wait_partner(names: tuple[str, str], rounds: int) -> None:
-    import shmemext
-
-    ping, pong = shmemext.Value(names[0]), shmemext.Value(names[1])
-    seen = 0   # the blocks are new: the first ping is version 1, however late this process starts
-    for n in range(rounds):
-        seen = ping.wait(seen, timeout=60)
-        pong.set(b"%063d" % n)
-
-
-def pipe_partner(conn: object, rounds: int) -> None:
-    for _ in range(rounds):
-        conn.send_bytes(conn.recv_bytes())  # type: ignore[attr-defined]
-
-
-def wait_roundtrip(ctx: object, rounds: int) -> float:
-    import shmemext
-
-    names = (f"shmemext-wl-ping-{os.getpid()}", f"shmemext-wl-pong-{os.getpid()}")
-    with shmemext.Value(names[0], 64) as ping, shmemext.Value(names[1], 64) as pong:
-        child = ctx.Process(target=wait_partner, args=(names, rounds))  # type: ignore[attr-defined]
-        child.start()
-        time.sleep(0.2)
-        seen, samples = 0, []
-        for n in range(rounds):
-            t = time.perf_counter_ns()
-            ping.set(b"%063d" % n)
-            seen = pong.wait(seen, timeout=60)
-            samples.append(time.perf_counter_ns() - t)
-        child.join(60)
-    return statistics.median(samples) / 1e3
-
-
-def pipe_roundtrip(ctx: object, rounds: int) -> float:
-    here, there = ctx.Pipe()  # type: ignore[attr-defined]
-    child = ctx.Process(target=pipe_partner, args=(there, rounds))  # type: ignore[attr-defined]
-    child.start()
-    time.sleep(0.2)
-    samples = []
-    for _ in range(rounds):
-        t = time.perf_counter_ns()
-        here.send_bytes(b"x" * 64)
-        here.recv_bytes()
-        samples.append(time.perf_counter_ns() - t)
-    child.join(60)
-    return statistics.median(samples) / 1e3
 
 
 def main() -> int:
@@ -92,8 +46,8 @@ def main() -> int:
         results: dict[str, list[float]] = {"wait()": [], "Pipe": []}
         try:
             for _ in range(args.runs):
-                results["wait()"].append(wait_roundtrip(ctx, args.rounds))
-                results["Pipe"].append(pipe_roundtrip(ctx, args.rounds))
+                results["wait()"].append(wait_roundtrip_us(args.rounds))
+                results["Pipe"].append(pipe_roundtrip_us(args.rounds))
         finally:
             stop.set()
             for h in hogs:

@@ -133,7 +133,6 @@ int shx_py_block_traverse(PyObject *self, visitproc visit, void *arg);
 PyObject *shx_py_block_close(BlockObject *self, PyObject *ignored);
 PyObject *shx_py_block_enter(BlockObject *self, PyObject *ignored);
 PyObject *shx_py_block_exit(BlockObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *shx_py_block_sole_holder(BlockObject *self, PyObject *ignored);
 PyObject *shx_py_block_get_holders(BlockObject *self, void *closure);
 PyObject *shx_py_block_get_name(BlockObject *self, void *closure);
 PyObject *shx_py_block_get_size(BlockObject *self, void *closure);
@@ -152,10 +151,8 @@ void shx_py_forget_lock_holder(BlockObject *self);
     {"close", (PyCFunction)shx_py_block_close, METH_NOARGS,                                                            \
      "close($self, /)\n--\n\nDetach from the block. The last process to detach releases it. Idempotent."},             \
         {"__enter__", (PyCFunction)shx_py_block_enter, METH_NOARGS, NULL},                                             \
-        {"__exit__", (PyCFunction)(void (*)(void))shx_py_block_exit, METH_FASTCALL, NULL},                             \
     {                                                                                                                  \
-        "_sole_holder", (PyCFunction)shx_py_block_sole_holder, METH_NOARGS,                                            \
-            "_sole_holder($self, /)\n--\n\nWhether no other process holds this block."                                 \
+        "__exit__", (PyCFunction)(void (*)(void))shx_py_block_exit, METH_FASTCALL, NULL                                \
     }
 
 #define SHX_PY_BLOCK_GETSET                                                                                            \

@@ -180,8 +180,6 @@ int shx_os_detach(shx_os_map *m, shx_keep_name_fn keep_name, int at_exit, const 
 int shx_os_name(const char *name, unsigned flags, char *out, size_t size, shx_error *err);
 /* Removes the name; processes already attached keep their block. */
 int shx_os_unlink(const char *name, shx_error *err);
-/* *alone = 1 when no other process holds this object. */
-int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err);
 /* *count = how many attachments the object has (this one included; a fork()
  * child's inherited one counts), or -1 where the OS cannot tell. */
 int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err);

@@ -373,7 +373,6 @@ void shx_posix_fork_child(shx_os_map *m)
 
 /* ---- the gate and the names, per liveness mechanism ----------------------- */
 
-static int gate_enter(shx_os_map *m, shx_error *err) { return gate_take(m, m->mode, NULL, err); }
 static void gate_leave(shx_os_map *m) { gate_release(m); }
 
 static int open_shm_object(const char *os_name, int oflag, unsigned mode)
@@ -736,30 +735,6 @@ int shx_os_unlink(const char *name, shx_error *err)
     rc = shm_unlink(m.os_name) == 0 ? SHX_OK : shx_fail_os(err, "shm_unlink");
     unlink_lock_files(m.lock_owner, m.os_name);
     gate_release(&m);
-    return rc;
-}
-
-int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
-{
-    int rc;
-    *alone = 0;
-    if (m->fd < 0)
-        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    if ((rc = shx_posix_registry_enter(err)) != SHX_OK)
-        return rc;
-    if ((rc = gate_enter(m, err)) != SHX_OK) {
-        shx_posix_registry_leave();
-        return rc;
-    }
-    if (live_lock(m->fd, F_WRLCK, 0) == 0)
-        *alone = 1;
-    else if (!shx_posix_busy(errno))
-        rc = shx_fail_os(err, "liveness lock");
-    /* Back to shared; a failed flock() upgrade has already dropped it. */
-    if (live_lock(m->fd, F_RDLCK, 0) != 0 && rc == SHX_OK)
-        rc = shx_fail_os(err, "liveness lock");
-    gate_leave(m);
-    shx_posix_registry_leave();
     return rc;
 }
 

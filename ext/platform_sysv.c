@@ -656,14 +656,6 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
     return SHX_OK;
 }
 
-int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
-{
-    int64_t count = 0;
-    int rc = shx_os_holders(m, &count, err);
-    *alone = rc == SHX_OK && count <= 1;
-    return rc;
-}
-
 /* fork(): the kernel counts the child's inherited attachments.  Only a
  * kernel-kept writer lock needs care: its OFD lock belongs to the open file
  * description, which a child shares, so that both would hold the lock at

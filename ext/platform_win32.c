@@ -267,14 +267,6 @@ int shx_os_unlink(const char *name, shx_error *err)
     return shx_fail_os(err, "unlink (a Windows block lives exactly while a handle is open)");
 }
 
-int shx_os_sole_holder(shx_os_map *m, int *alone, shx_error *err)
-{
-    (void)m;
-    (void)err;
-    *alone = 0; /* Windows does not tell other processes' handle counts */
-    return SHX_OK;
-}
-
 int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
 {
     if (m->mapping == NULL)

@@ -478,21 +478,6 @@ PyObject *shx_py_block_exit(BlockObject *self, PyObject *const *Py_UNUSED(args),
     return shx_py_block_close(self, NULL);
 }
 
-PyObject *shx_py_block_sole_holder(BlockObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (shx_py_enter(self) < 0)
-        return NULL;
-    int alone = 0, rc;
-    shx_error err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = shx_block_sole_holder(&self->block, &alone, &err);
-    Py_END_ALLOW_THREADS
-    shx_py_leave(self);
-    if (rc != SHX_OK)
-        return shx_py_raise_block(self, &err);
-    return PyBool_FromLong(alone);
-}
-
 PyObject *shx_py_optional_int(int64_t value) { return value < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(value); }
 
 PyObject *shx_py_block_get_holders(BlockObject *self, void *Py_UNUSED(c))

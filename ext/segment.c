@@ -297,13 +297,6 @@ int shx_block_is_persistent(const shx_block *b)
     return (atomic_load_explicit(&b->hdr->flags, memory_order_relaxed) & SHX_FLAG_PERSIST) != 0;
 }
 
-int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err)
-{
-    if (!b->attached)
-        return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    return shx_os_sole_holder(&b->map, alone, err);
-}
-
 int shx_block_holders(shx_block *b, int64_t *count, shx_error *err)
 {
     if (!b->attached)

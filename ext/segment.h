@@ -161,8 +161,6 @@ int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err)
 void shx_detach_all_at_exit(void);
 int shx_unlink(const char *name, shx_error *err);
 int shx_block_is_persistent(const shx_block *b);
-/* Whether no other process holds the block. */
-int shx_block_sole_holder(shx_block *b, int *alone, shx_error *err);
 /* How many attachments the block has (this one included), or -1 where the OS cannot tell. */
 int shx_block_holders(shx_block *b, int64_t *count, shx_error *err);
 
