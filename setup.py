@@ -32,7 +32,8 @@ def read_version():
 def extension():
     version = read_version()
     # The CPython glue (glue.h lists its files), then the pure-C core.
-    glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c"]
+    glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c",
+            "ext/py_watch.c"]
     sources = glue + ["ext/capi.c", "ext/handle.c", "ext/segment.c", "ext/text.c"]
     libraries = []
     if sys.platform == "win32":

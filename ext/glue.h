@@ -7,6 +7,7 @@
  *   py_segment.c  shmemext.Segment
  *   py_lock.c     shmemext.SegmentLock
  *   py_args.c     the one argument parser and the converters
+ *   py_watch.c    the doorbell and the wait on many Values under wait_async()
  *   capi.c        the C API table
  */
 #ifndef SHMEMEXT_GLUE_H
@@ -25,6 +26,7 @@ typedef struct {
     PyTypeObject *value_type;
     PyTypeObject *segment_type;
     PyTypeObject *lock_type;
+    PyTypeObject *bell_type;
     PyObject *default_value; /* a Value, or NULL when disabled */
     /* shmemext.Error (a ValueError) and its subclasses. */
     PyObject *error;
@@ -175,6 +177,9 @@ void shx_py_forget_lock_holder(BlockObject *self);
 extern PyType_Spec shx_py_value_spec;
 extern PyType_Spec shx_py_segment_spec;
 extern PyType_Spec shx_py_lock_spec;
+extern PyType_Spec shx_py_bell_spec;
+/* ---- waiting on many Values (py_watch.c) ---- */
+PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *shx_py_value_get(BlockObject *self);
 int shx_py_value_set(BlockObject *self, PyObject *value);
 PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);

@@ -116,6 +116,9 @@ static PyMethodDef module_methods[] = {
     {"wait", (PyCFunction)(void (*)(void))mod_wait, METH_FASTCALL | METH_KEYWORDS,
      "wait(version=None, timeout=None)\n--\n\nBlock until the default block's version differs from `version`\n"
      "(default: the version now); return the new version. TimeoutError after `timeout` seconds."},
+    {"_wait_any", (PyCFunction)(void (*)(void))shx_py_wait_any, METH_FASTCALL,
+     "_wait_any(values, versions, bell, rings, timeout, /)\n--\n\nSleep until a version moves, the bell rings\n"
+     "or timeout seconds pass; return the indexes of the values found closed or closing."},
     {"blocks", mod_blocks, METH_NOARGS,
      "blocks()\n--\n\nThis user's blocks as the OS sees them, one dict each (name, kind, size,\n"
      "capacity, holders, persist, alive, creator_pid, created); a value the OS cannot tell is None.\n"
@@ -269,16 +272,20 @@ static int module_exec(PyObject *module)
         return -1;
     st->segment_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_segment_spec, NULL);
     st->lock_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_lock_spec, NULL);
-    if (st->segment_type == NULL || st->lock_type == NULL)
+    st->bell_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_bell_spec, NULL);
+    if (st->segment_type == NULL || st->lock_type == NULL || st->bell_type == NULL)
         return -1;
     if (PyModule_AddObjectRef(module, "Value", (PyObject *)st->value_type) < 0 ||
         PyModule_AddObjectRef(module, "Segment", (PyObject *)st->segment_type) < 0 ||
-        PyModule_AddObjectRef(module, "SegmentLock", (PyObject *)st->lock_type) < 0)
+        PyModule_AddObjectRef(module, "SegmentLock", (PyObject *)st->lock_type) < 0 ||
+        PyModule_AddObjectRef(module, "_Bell", (PyObject *)st->bell_type) < 0)
         return -1;
     if (PyModule_AddStringConstant(module, "__version__", SHMEMEXT_VERSION) < 0 ||
         PyModule_AddStringConstant(module, "_BACKEND", SHX_BACKEND) < 0 ||
         PyModule_AddIntConstant(module, "DEFAULT_CAPACITY", SHX_DEFAULT_CAPACITY) < 0 ||
         PyModule_AddIntConstant(module, "NAME_MAX", SHX_NAME_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "_WAIT_ANY_MAX", SHX_WAIT_ANY_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "_WAIT_ANY_SLEEPS", SHX_OS_WAIT_ANY_MAX > 0) < 0 ||
         PyModule_AddObject(module, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SHX_MAX_CAPACITY)) < 0)
         return -1;
     PyObject *capsule = shmemext_capi_capsule();
@@ -301,6 +308,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->value_type);
     Py_VISIT(st->segment_type);
     Py_VISIT(st->lock_type);
+    Py_VISIT(st->bell_type);
     Py_VISIT(st->default_value);
     Py_VISIT(st->error);
     Py_VISIT(st->foreign_error);
@@ -316,6 +324,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->value_type);
     Py_CLEAR(st->segment_type);
     Py_CLEAR(st->lock_type);
+    Py_CLEAR(st->bell_type);
     Py_CLEAR(st->error);
     Py_CLEAR(st->foreign_error);
     Py_CLEAR(st->corrupt_error);

@@ -228,6 +228,43 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns);
 void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
 
+/* A doorbell inside this process: how a thread ends another's
+ * shx_os_wait_any early (new work for it, or a close()).  Ringing makes no
+ * system call unless someone sleeps on it. */
+typedef struct shx_os_bell {
+#ifdef _WIN32
+    void *event; /* auto-reset event HANDLE: a ring made before the wait is kept */
+#else
+    uint32_t rings;               /* futex word: bumped by every ring */
+    uint32_t sleepers;            /* threads inside shx_os_wait_any on it */
+#endif
+} shx_os_bell;
+int shx_os_bell_init(shx_os_bell *bell, shx_error *err);
+void shx_os_bell_free(shx_os_bell *bell);
+void shx_os_bell_ring(shx_os_bell *bell);
+/* Read before looking at what a wait is for, then given to shx_os_wait_any:
+ * a ring after this read ends that wait. */
+uint32_t shx_os_bell_rings(shx_os_bell *bell);
+
+/* How many shared words one shx_os_wait_any can sleep on: futex_waitv takes
+ * 128 (one is the bell), WaitForMultipleObjects 64.  Elsewhere 0: the caller
+ * polls (and on the lock-file path built on Linux, which stands in for macOS). */
+#if defined(_WIN32)
+#define SHX_OS_WAIT_ANY_MAX 63
+#elif defined(__linux__) && !SHX_LOCK_FILES
+#define SHX_OS_WAIT_ANY_MAX 127
+#else
+#define SHX_OS_WAIT_ANY_MAX 0
+#endif
+/* Sleeps while each words[i] (inside maps[i]) holds expected[i] and the bell
+ * has rung no more than `rung` times, at most timeout_ns (>= 0), until a
+ * shx_os_wake_word on any of the words (callers count themselves as a waiter
+ * of each, as for shx_os_wait_word) or a ring.  SHX_OK: something may have
+ * changed (callers re-check); SHX_E_TIMEOUT; SHX_E_OS: the kernel cannot
+ * (Linux older than 5.16: ENOSYS), and the caller polls instead. */
+int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns);
+
 /* A monotonic clock, for lock-wait deadlines. */
 uint64_t shx_os_monotonic_ns(void);
 /* Sleeps a fraction of a millisecond: for short polls. */

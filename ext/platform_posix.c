@@ -578,3 +578,90 @@ void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
     (void)waiters;
 }
 #endif
+
+/* ---- many words at once ---------------------------------------------------- */
+
+int shx_os_bell_init(shx_os_bell *bell, shx_error *err)
+{
+    (void)err;
+    __atomic_store_n(&bell->rings, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&bell->sleepers, 0, __ATOMIC_SEQ_CST);
+    return SHX_OK;
+}
+
+void shx_os_bell_free(shx_os_bell *bell) { (void)bell; }
+
+uint32_t shx_os_bell_rings(shx_os_bell *bell) { return __atomic_load_n(&bell->rings, __ATOMIC_SEQ_CST); }
+
+void shx_os_bell_ring(shx_os_bell *bell)
+{
+    __atomic_fetch_add(&bell->rings, 1, __ATOMIC_SEQ_CST);
+#ifdef __linux__
+    /* The sleeper counts itself before it sleeps, and its futex_waitv fails
+     * at once if rings moved after it read them: no ring is lost. */
+    if (__atomic_load_n(&bell->sleepers, __ATOMIC_SEQ_CST) != 0)
+        (void)syscall(SYS_futex, &bell->rings, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
+}
+
+#if SHX_OS_WAIT_ANY_MAX > 0
+/* futex_waitv (Linux 5.16).  Declared here, not taken from the system's
+ * headers, so that a build on older headers still uses it where the running
+ * kernel has it; the number is the same on every architecture. */
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+struct shx_futex_waitv {
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+struct shx_kernel_timespec {
+    int64_t tv_sec;
+    int64_t tv_nsec;
+};
+enum { SHX_FUTEX_32 = 2, SHX_FUTEX_PRIVATE = 128 };
+
+int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns)
+{
+    (void)maps;
+    if (n > SHX_OS_WAIT_ANY_MAX) {
+        errno = EINVAL;
+        return SHX_E_OS;
+    }
+    struct shx_futex_waitv w[SHX_OS_WAIT_ANY_MAX + 1];
+    memset(w, 0, sizeof w);
+    for (size_t i = 0; i < n; i++) {
+        w[i].val = expected[i];
+        w[i].uaddr = (uint64_t)(uintptr_t)words[i];
+        w[i].flags = SHX_FUTEX_32; /* shared: keyed by the page, met by every process */
+    }
+    w[n].val = rung;
+    w[n].uaddr = (uint64_t)(uintptr_t)&bell->rings;
+    w[n].flags = SHX_FUTEX_32 | SHX_FUTEX_PRIVATE;
+    uint64_t deadline = shx_os_monotonic_ns() + (uint64_t)timeout_ns;
+    struct shx_kernel_timespec ts = {(int64_t)(deadline / 1000000000u), (int64_t)(deadline % 1000000000u)};
+    __atomic_fetch_add(&bell->sleepers, 1, __ATOMIC_SEQ_CST);
+    long rc = syscall(SYS_futex_waitv, w, (unsigned)(n + 1), 0u, &ts, CLOCK_MONOTONIC);
+    int saved = errno;
+    __atomic_fetch_sub(&bell->sleepers, 1, __ATOMIC_SEQ_CST);
+    if (rc >= 0)
+        return SHX_OK;
+    errno = saved;
+    if (saved == ETIMEDOUT)
+        return SHX_E_TIMEOUT;
+    if (saved == EAGAIN || saved == EINTR)
+        return SHX_OK; /* a word or the bell had moved already, or a signal: the caller looks again */
+    return SHX_E_OS;   /* ENOSYS: a kernel without it */
+}
+#else
+int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns)
+{
+    (void)maps, (void)words, (void)expected, (void)n, (void)bell, (void)rung, (void)timeout_ns;
+    errno = ENOSYS;
+    return SHX_E_OS;
+}
+#endif

@@ -442,6 +442,58 @@ void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
     (void)ReleaseSemaphore((HANDLE)m->wake, waiters > (uint32_t)LONG_MAX ? LONG_MAX : (LONG)waiters, NULL);
 }
 
+int shx_os_bell_init(shx_os_bell *bell, shx_error *err)
+{
+    bell->event = CreateEventW(NULL, FALSE, FALSE, NULL);
+    return bell->event != NULL ? SHX_OK : shx_fail_os(err, "CreateEventW");
+}
+
+void shx_os_bell_free(shx_os_bell *bell)
+{
+    if (bell->event != NULL)
+        CloseHandle((HANDLE)bell->event);
+    bell->event = NULL;
+}
+
+/* The event keeps a ring until a wait takes it: nothing to count. */
+uint32_t shx_os_bell_rings(shx_os_bell *bell)
+{
+    (void)bell;
+    return 0;
+}
+
+void shx_os_bell_ring(shx_os_bell *bell) { (void)SetEvent((HANDLE)bell->event); }
+
+/* The blocks' wake semaphores and the bell's event in one
+ * WaitForMultipleObjects, which takes one token of the first that is
+ * signalled; tokens left in the others wake a later wait once for nothing. */
+int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns)
+{
+    (void)rung;
+    if (n > SHX_OS_WAIT_ANY_MAX) {
+        errno = EINVAL;
+        return SHX_E_OS;
+    }
+    HANDLE handles[SHX_OS_WAIT_ANY_MAX + 1];
+    for (size_t i = 0; i < n; i++) {
+        if (*(volatile uint32_t *)words[i] != expected[i])
+            return SHX_OK;
+        handles[i] = (HANDLE)maps[i]->wake;
+    }
+    handles[n] = (HANDLE)bell->event;
+    DWORD ms = (DWORD)((timeout_ns + 999999) / 1000000);
+    DWORD w = WaitForMultipleObjects((DWORD)(n + 1), handles, FALSE, ms);
+    if (w == WAIT_FAILED)
+        return SHX_E_OS;
+    if (w != WAIT_TIMEOUT)
+        return SHX_OK;
+    for (size_t i = 0; i < n; i++)
+        if (*(volatile uint32_t *)words[i] != expected[i])
+            return SHX_OK;
+    return SHX_E_TIMEOUT;
+}
+
 void shx_os_pause_briefly(void) { Sleep(1); }
 
 int shx_os_cpu_count(void)

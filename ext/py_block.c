@@ -157,7 +157,13 @@ static void pause_without_gil(void *ctx)
     Py_END_ALLOW_THREADS
 }
 
-static const shx_guard_waiter gil_waiter = {pause_without_gil, NULL};
+/* A closer waiting for the calls in flight: watchers of wait_async() that
+ * sleep on the block are woken, not waited out. */
+static void nudge_and_pause(void *ctx)
+{
+    shx_value_nudge_watchers(&((BlockObject *)ctx)->block);
+    pause_without_gil(NULL);
+}
 
 /* ---- the guard ------------------------------------------------------------------ */
 
@@ -450,7 +456,8 @@ PyObject *shx_py_block_close(BlockObject *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     /* DONE: closed already or by another closer.  DEFER: from a signal
      * handler inside a call of this thread, which detaches as it leaves. */
-    if (shx_guard_close(g, own_calls(self), &gil_waiter) != SHX_GUARD_WON)
+    shx_guard_waiter waiter = {nudge_and_pause, self};
+    if (shx_guard_close(g, own_calls(self), &waiter) != SHX_GUARD_WON)
         Py_RETURN_NONE;
     if (refuse_close_in_use(self) < 0) { /* taken by a call that ended just now */
         shx_guard_close_end(g, 0);

@@ -264,6 +264,41 @@ static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     return shx_py_value_wait(self, args, nargs, kwnames);
 }
 
+/* wait_async() and changes() are Python (shmemext/_aio.py): called with self first. */
+static PyObject *call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *aio = PyImport_ImportModule("shmemext._aio");
+    if (aio == NULL)
+        return NULL;
+    PyObject *f = PyObject_GetAttrString(aio, fname);
+    Py_DECREF(aio);
+    if (f == NULL)
+        return NULL;
+    Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject **stack = PyMem_New(PyObject *, total + 1);
+    if (stack == NULL) {
+        Py_DECREF(f);
+        return PyErr_NoMemory();
+    }
+    stack[0] = self;
+    for (Py_ssize_t i = 0; i < total; i++)
+        stack[i + 1] = args[i];
+    PyObject *result = PyObject_Vectorcall(f, stack, (size_t)nargs + 1, kwnames);
+    PyMem_Free(stack);
+    Py_DECREF(f);
+    return result;
+}
+
+static PyObject *value_wait_async(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return call_aio("wait_async", self, args, nargs, kwnames);
+}
+
+static PyObject *value_changes(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return call_aio("changes", self, args, nargs, kwnames);
+}
+
 static PyObject *value_read_stats(BlockObject *self, PyObject *Py_UNUSED(ignored))
 {
     return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&self->block.read_retries),
@@ -279,6 +314,13 @@ static PyMethodDef value_methods[] = {
      "wait($self, /, version=None, timeout=None)\n--\n\nBlock until the committed version differs from `version`\n"
      "(default: the version now) and return the new version. TimeoutError after `timeout` seconds.\n"
      "The OS wakes every waiter in every process at the next set(); nothing spins."},
+    {"wait_async", (PyCFunction)(void (*)(void))value_wait_async, METH_FASTCALL | METH_KEYWORDS,
+     "wait_async($self, /, version=None, timeout=None)\n--\n\nwait() for asyncio: `await v.wait_async()` returns the\n"
+     "new version; TimeoutError after `timeout` seconds.  Cancelling the task leaves nothing waiting;\n"
+     "close() ends it with ClosedError.  One watcher thread sleeps on many Values for all tasks."},
+    {"changes", (PyCFunction)(void (*)(void))value_changes, METH_FASTCALL | METH_KEYWORDS,
+     "changes($self, /, version=None)\n--\n\nAn async iterator of new versions: `async for version in v.changes()`.\n"
+     "Versions it was too slow to see are skipped, as wait() skips them."},
     {"_read_stats", (PyCFunction)value_read_stats, METH_NOARGS,
      "_read_stats($self, /)\n--\n\n(retries, locked_reads) of this handle's gets so far: copies repeated because\n"
      "a writer overtook them, and gets that fell back to the writer lock."},

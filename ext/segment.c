@@ -937,6 +937,101 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
     }
 }
 
+/* Whether the kernel turned down a wait on many words (an old Linux): from
+ * then on this process polls. */
+static _Atomic int wait_any_unsupported;
+
+static int any_changed(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n,
+                       shx_os_bell *bell, uint32_t rung)
+{
+    if (shx_os_bell_rings(bell) != rung)
+        return 1;
+    for (size_t i = 0; i < n; i++) {
+        if (atomic_load_explicit(&blocks[i]->hdr->version, memory_order_acquire) != seen[i] ||
+            atomic_load(&blocks[i]->nudges) != nudges[i])
+            return 1;
+    }
+    return 0;
+}
+
+static int poll_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns)
+{
+    uint64_t start = shx_os_monotonic_ns();
+    for (;;) {
+        if (any_changed(blocks, seen, nudges, n, bell, rung))
+            return SHX_OK;
+        if ((int64_t)(shx_os_monotonic_ns() - start) >= timeout_ns)
+            return SHX_E_TIMEOUT;
+        /* About a millisecond a look: where no wait on many words exists
+         * (macOS, the BSDs, Linux before 5.16). */
+        for (int i = 0; i < 10; i++)
+            shx_os_pause_briefly();
+    }
+}
+
+static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n,
+                     shx_os_bell *bell, uint32_t rung, int64_t timeout_ns)
+{
+    if (SHX_OS_WAIT_ANY_MAX == 0 || atomic_load(&wait_any_unsupported))
+        return poll_any(blocks, seen, nudges, n, bell, rung, timeout_ns);
+    shx_os_map *maps[SHX_WAIT_ANY_MAX];
+    void *words[SHX_WAIT_ANY_MAX];
+    uint32_t expected[SHX_WAIT_ANY_MAX];
+    /* As in shx_value_wait: the wake words first, then the versions, then
+     * count ourselves a waiter of each, so that every set() from now on
+     * either moves a word we sleep on or sees us and wakes us. */
+    for (size_t i = 0; i < n; i++) {
+        shx_header *h = blocks[i]->hdr;
+        maps[i] = &blocks[i]->map;
+        words[i] = (void *)&h->wake_seq;
+        expected[i] = atomic_load_explicit(&h->wake_seq, memory_order_seq_cst);
+    }
+    if (any_changed(blocks, seen, nudges, n, bell, rung))
+        return SHX_OK;
+    for (size_t i = 0; i < n; i++)
+        atomic_fetch_add_explicit(&blocks[i]->hdr->waiters, 1, memory_order_seq_cst);
+    int rc = shx_os_wait_any(maps, words, expected, n, bell, rung, timeout_ns);
+    for (size_t i = 0; i < n; i++)
+        atomic_fetch_sub_explicit(&blocks[i]->hdr->waiters, 1, memory_order_seq_cst);
+    if (rc == SHX_E_OS) {
+        atomic_store(&wait_any_unsupported, 1);
+        return poll_any(blocks, seen, nudges, n, bell, rung, timeout_ns);
+    }
+    return rc;
+}
+
+int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
+                       int64_t timeout_ns, shx_error *err)
+{
+    if (n > SHX_WAIT_ANY_MAX)
+        return shx_fail(err, SHX_E_SIZE, n, SHX_WAIT_ANY_MAX, NULL);
+    for (size_t i = 0; i < n; i++) {
+        if (!blocks[i]->attached)
+            return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+        if (blocks[i]->kind != SHX_KIND_VALUE)
+            return shx_fail(err, SHX_E_KIND, blocks[i]->kind, SHX_KIND_VALUE, NULL);
+    }
+    uint32_t nudges[SHX_WAIT_ANY_MAX] = {0};
+    for (size_t i = 0; i < n; i++) {
+        atomic_fetch_add(&blocks[i]->watching, 1);
+        nudges[i] = atomic_load(&blocks[i]->nudges);
+    }
+    int rc = sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
+    for (size_t i = 0; i < n; i++)
+        atomic_fetch_sub(&blocks[i]->watching, 1);
+    return rc;
+}
+
+void shx_value_nudge_watchers(shx_block *b)
+{
+    if (b->attached && b->kind == SHX_KIND_VALUE && atomic_load(&b->watching) > 0) {
+        atomic_fetch_add(&b->nudges, 1);
+        uint32_t waiters = atomic_load_explicit(&b->hdr->waiters, memory_order_seq_cst);
+        shx_os_wake_word(&b->map, &b->hdr->wake_seq, waiters > 0 ? waiters : 1);
+    }
+}
+
 /* ---- messages -------------------------------------------------------------- */
 
 static const char *kind_name(uint64_t kind)

@@ -105,6 +105,10 @@ typedef struct shx_block {
      * probe (shx_value_wait). */
     _Atomic int spin_off;
     _Atomic uint32_t spin_probe;
+    /* Threads of this process inside shx_value_wait_any on this handle, and
+     * a count of shx_value_nudge_watchers calls, which a polling wait sees. */
+    _Atomic int watching;
+    _Atomic uint32_t nudges;
 } shx_block;
 
 /* Called around work that may take long (lock waits, large copies), so a
@@ -206,6 +210,23 @@ int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *e
  * SHX_E_TIMEOUT when the time ran out.  Wakes early on signals: callers that
  * handle signals call it in slices. */
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
+
+/* At most this many blocks per shx_value_wait_any. */
+#define SHX_WAIT_ANY_MAX (SHX_OS_WAIT_ANY_MAX > 0 ? SHX_OS_WAIT_ANY_MAX : 127)
+/* Waits until the version of some blocks[i] differs from seen[i] or the
+ * bell rings after `rung` (shx_os_bell_rings, read before the caller chose
+ * what to wait for), at most timeout_ns (>= 0): one thread watching many
+ * values.  SHX_OK: something may have changed, the caller looks;
+ * SHX_E_TIMEOUT.  Sleeps in the kernel where it can wait on many words at
+ * once, and elsewhere looks every millisecond.  No spin. */
+int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
+                       int64_t timeout_ns, shx_error *err);
+
+/* Wakes this process's shx_value_wait_any sleepers on b early, so that a
+ * close() waiting for them need not wait out their timeout; other waiters
+ * of the block wake once for nothing and sleep again.  Nothing when none
+ * of this handle's watchers sleeps. */
+void shx_value_nudge_watchers(shx_block *b);
 
 /* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
 int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks, shx_error *err);

@@ -7,6 +7,10 @@ value in and out of it; ``Value`` opens any number of other named cells.
 """
 
 from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Coroutine
 
 from ._version import __version__
 
@@ -175,7 +179,25 @@ __all__ = [
     "sweep",
     "unlink",
     "wait",
+    "wait_async",
+    "changes",
 ]
+
+
+def _default_value() -> Value:
+    if default is None:
+        raise RuntimeError("the default block is disabled (SHMEMEXT_SIZE=0); use shmemext.Value(name) instead")
+    return default
+
+
+def wait_async(version: "int | None" = None, timeout: "float | None" = None) -> "Coroutine[object, object, int]":
+    """Value.wait_async() on the default block: await it for the next version."""
+    return _default_value().wait_async(version, timeout)
+
+
+def changes(version: "int | None" = None) -> "AsyncIterator[int]":
+    """Value.changes() on the default block: async for version in shmemext.changes()."""
+    return _default_value().changes(version)
 
 
 def get_include() -> str:

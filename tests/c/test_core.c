@@ -879,6 +879,114 @@ static void test_guard_threads(void)
           "guard: closing a closed guard is done at once");
 }
 
+/* One thread sleeping on many values: a set() in another process, a ring,
+ * a nudge and the timeout each end the wait, and it leaves no waiter counted. */
+typedef struct {
+    shx_os_bell *bell;
+    shx_block *block; /* nudged instead, when set */
+} ringer_arg;
+
+static void *ring_later(void *p)
+{
+    ringer_arg *r = (ringer_arg *)p;
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    if (r->block != NULL)
+        shx_value_nudge_watchers(r->block);
+    else
+        shx_os_bell_ring(r->bell);
+    return NULL;
+}
+
+static double ms_since(uint64_t start) { return (double)(shx_os_monotonic_ns() - start) / 1e6; }
+
+static void test_wait_any(void)
+{
+    enum { N = 3 };
+    shx_block blocks[N];
+    shx_block *list[N];
+    uint64_t seen[N];
+    shx_error err;
+    char names[N][128];
+    int opened = 1;
+    for (int i = 0; i < N; i++) {
+        char what[16];
+        snprintf(what, sizeof what, "any%d", i);
+        snprintf(names[i], sizeof names[i], "%s", block_name(what));
+        memset(&blocks[i], 0, sizeof blocks[i]);
+        opened &= shx_block_open(&blocks[i], names[i], SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_OK;
+        list[i] = &blocks[i];
+        seen[i] = shx_value_version(&blocks[i]);
+    }
+    CHECK(opened, "three value blocks to watch");
+    if (!opened)
+        return;
+    shx_os_bell bell;
+    CHECK(shx_os_bell_init(&bell, &err) == SHX_OK, "a bell");
+
+    pid_t pid = fork();
+    if (pid == 0) {
+        shx_block b = {0};
+        if (shx_block_open(&b, names[1], SHX_KIND_VALUE, 64, 0, 0600, &err) != SHX_OK)
+            _exit(2);
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        _exit(set_text(&b, "wake the watcher") == SHX_OK ? 0 : 3);
+    }
+    uint64_t start = shx_os_monotonic_ns();
+    int rc = shx_value_wait_any(list, seen, N, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err);
+    double took = ms_since(start);
+    CHECK(rc == SHX_OK && shx_value_version(&blocks[1]) == seen[1] + 1,
+          "a set() of the second of three blocks in another process ends the wait (%.1f ms)", took);
+    CHECK(took < 5000 && wait_child(pid) == 0, "promptly, and the child set it");
+    int counted = 0;
+    for (int i = 0; i < N; i++)
+        counted += (int)atomic_load(&blocks[i].hdr->waiters) + atomic_load(&blocks[i].watching);
+    CHECK(counted == 0, "and no waiter is left counted on any of them");
+    seen[1] = shx_value_version(&blocks[1]);
+
+    start = shx_os_monotonic_ns();
+    rc = shx_value_wait_any(list, seen, N, &bell, shx_os_bell_rings(&bell), 100 * 1000 * 1000, &err);
+    took = ms_since(start);
+    CHECK(rc == SHX_E_TIMEOUT && took >= 99 && took < 3000, "with nothing set it times out (%.1f ms)", took);
+
+    uint32_t rung = shx_os_bell_rings(&bell);
+    shx_os_bell_ring(&bell);
+    start = shx_os_monotonic_ns();
+    rc = shx_value_wait_any(list, seen, N, &bell, rung, INT64_C(10000000000), &err);
+    CHECK(rc == SHX_OK && ms_since(start) < 1000, "a ring made after the count was read ends it at once");
+
+    pthread_t t;
+    ringer_arg ring = {&bell, NULL};
+    pthread_create(&t, NULL, ring_later, &ring);
+    start = shx_os_monotonic_ns();
+    rc = shx_value_wait_any(list, seen, N, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err);
+    took = ms_since(start);
+    pthread_join(t, NULL);
+    CHECK(rc == SHX_OK && took < 5000, "a ring from another thread wakes it (%.1f ms)", took);
+
+    ringer_arg nudge = {&bell, &blocks[2]};
+    pthread_create(&t, NULL, ring_later, &nudge);
+    start = shx_os_monotonic_ns();
+    rc = shx_value_wait_any(list, seen, N, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err);
+    took = ms_since(start);
+    pthread_join(t, NULL);
+    CHECK(rc == SHX_OK && took < 5000 && shx_value_version(&blocks[2]) == seen[2],
+          "so does a nudge of one block's watchers (a close()), which changes nothing (%.1f ms)", took);
+
+    seen[0] = seen[0] + 7;
+    CHECK(shx_value_wait_any(list, seen, N, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err) == SHX_OK,
+          "a version that differs already returns at once");
+    CHECK(shx_value_wait_any(list, seen, SHX_WAIT_ANY_MAX + 1, &bell, 0, 0, &err) == SHX_E_SIZE &&
+              err.a == SHX_WAIT_ANY_MAX + 1 && err.b == SHX_WAIT_ANY_MAX,
+          "more than %d blocks are refused", SHX_WAIT_ANY_MAX);
+    shx_os_bell_free(&bell);
+    for (int i = 0; i < N; i++)
+        shx_block_close(&blocks[i], 0, &err);
+    shx_block *closed = &blocks[0];
+    CHECK(shx_value_wait_any(&closed, seen, 1, &bell, 0, 0, &err) == SHX_E_CLOSED, "a closed block is refused");
+}
+
 int main(void)
 {
     snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
@@ -902,6 +1010,7 @@ int main(void)
     test_long_names();
     test_lock_between_threads();
     test_guard_threads();
+    test_wait_any();
 #if SHX_LOCK_FILES
     test_lock_files();
 #endif

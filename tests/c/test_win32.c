@@ -106,6 +106,12 @@ static int child(const char *role, const char *name)
         shx_block_close(&b, 0, &err);
         return rc == SHX_OK && now == seen + 1 ? 0 : 5;
     }
+    if (strcmp(role, "setlater") == 0) {
+        Sleep(100);
+        int rc = set_text(&b, "wake the watcher");
+        shx_block_close(&b, 0, &err);
+        return rc == SHX_OK ? 0 : 6;
+    }
     if (strcmp(role, "lockdie") == 0) {
         int died;
         shx_block_lock(&b, -1, &died, NULL, &err);
@@ -318,6 +324,61 @@ static void test_wake_up(const char *name)
     shx_block_close(&a, 0, &err);
 }
 
+static DWORD WINAPI ring_later(LPVOID p)
+{
+    Sleep(50);
+    shx_os_bell_ring((shx_os_bell *)p);
+    return 0;
+}
+
+/* One thread sleeping on several blocks' semaphores and a bell. */
+static void test_wait_any(const char *name)
+{
+    char names[3][80];
+    shx_block blocks[3];
+    memset(blocks, 0, sizeof blocks);
+    shx_block *list[3];
+    uint64_t seen[3];
+    shx_error err;
+    int opened = 1;
+    for (int i = 0; i < 3; i++) {
+        snprintf(names[i], sizeof names[i], "%s-%d", name, i);
+        opened &= shx_block_open(&blocks[i], names[i], SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_OK;
+        list[i] = &blocks[i];
+        seen[i] = shx_value_version(&blocks[i]);
+    }
+    shx_os_bell bell;
+    CHECK(opened && shx_os_bell_init(&bell, &err) == SHX_OK, "three blocks and a bell");
+    if (!opened)
+        return;
+    HANDLE proc = start_child("setlater", names[2]);
+    ULONGLONG t0 = GetTickCount64();
+    int rc = shx_value_wait_any(list, seen, 3, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err);
+    ULONGLONG took = GetTickCount64() - t0;
+    CHECK(rc == SHX_OK && shx_value_version(&blocks[2]) == seen[2] + 1,
+          "a set() of the third block in another process ends a wait on all three (%llu ms)", (unsigned long long)took);
+    CHECK(wait_exit(proc) == 0 && took < 5000, "promptly");
+    int counted = 0;
+    for (int i = 0; i < 3; i++)
+        counted += (int)atomic_load(&blocks[i].hdr->waiters);
+    CHECK(counted == 0, "and no waiter is left counted");
+    seen[2] = shx_value_version(&blocks[2]);
+    HANDLE t = CreateThread(NULL, 0, ring_later, &bell, 0, NULL);
+    t0 = GetTickCount64();
+    rc = shx_value_wait_any(list, seen, 3, &bell, shx_os_bell_rings(&bell), INT64_C(10000000000), &err);
+    took = GetTickCount64() - t0;
+    WaitForSingleObject(t, 5000);
+    CloseHandle(t);
+    CHECK(rc == SHX_OK && took < 5000, "a ring from another thread ends it (%llu ms)", (unsigned long long)took);
+    t0 = GetTickCount64();
+    rc = shx_value_wait_any(list, seen, 3, &bell, shx_os_bell_rings(&bell), 100 * 1000 * 1000, &err);
+    took = GetTickCount64() - t0;
+    CHECK(rc == SHX_E_TIMEOUT && took >= 90, "with nothing set it times out (%llu ms)", (unsigned long long)took);
+    shx_os_bell_free(&bell);
+    for (int i = 0; i < 3; i++)
+        shx_block_close(&blocks[i], 0, &err);
+}
+
 static void test_global_and_sddl(const char *name)
 {
     shx_block a = {0}, b = {0};
@@ -350,8 +411,8 @@ int main(int argc, char **argv)
     GetModuleFileNameA(NULL, self_path, sizeof self_path);
     if (argc == 4 && strcmp(argv[1], "child") == 0)
         return child(argv[2], argv[3]);
-    char names[8][64];
-    for (int i = 0; i < 8; i++)
+    char names[9][64];
+    for (int i = 0; i < 9; i++)
         snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
     test_create_open(names[0]);
     test_two_processes(names[1]);
@@ -361,6 +422,7 @@ int main(int argc, char **argv)
     test_wake_up(names[5]);
     test_global_and_sddl(names[6]);
     test_killed_sole_holder(names[7]);
+    test_wait_any(names[8]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

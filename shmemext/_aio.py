@@ -1,0 +1,239 @@
+"""Waiting for a Value from an event loop: Value.wait_async() and Value.changes().
+
+A task that awaits a Value registers a request (its loop, a future and the
+version it has seen) with a watcher: a thread of this process that sleeps on
+up to _WAIT_ANY_MAX Values at once in one system call (futex_waitv on Linux,
+WaitForMultipleObjects on Windows; where neither exists it looks every
+millisecond).  When a version moves, the watcher hands the new version to
+each waiting task's loop with call_soon_threadsafe.  So 1,000 tasks awaiting
+1,000 Values cost ceil(1000 / _WAIT_ANY_MAX) threads, and none while nothing
+is awaited: a watcher with nothing to watch ends after _LINGER seconds.
+
+A new request, a cancelled one and close() ring the watcher's doorbell (or,
+for close(), wake its sleep on the block), so it chooses again what to sleep
+on: a cancelled task leaves no thread and no waiter count behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Optional
+
+from . import _shmemext
+from ._shmemext import Value
+
+_LINGER = 1.0  # seconds a watcher with nothing to watch keeps its thread
+_SLICE = 5.0  # its longest sleep: wake-ups end it early, this bounds a lost one
+
+
+class _Request:
+    __slots__ = ("loop", "future", "seen")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], seen: int) -> None:
+        self.loop = loop
+        self.future = future
+        self.seen = seen
+
+
+def _settle(future: asyncio.Future[int], version: Optional[int], error: Optional[BaseException]) -> None:
+    """On the request's loop."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(version)  # type: ignore[arg-type]
+
+
+class _Watcher:
+    def __init__(self) -> None:
+        self.bell = _shmemext._Bell()
+        self.requests: dict[Value, list[_Request]] = {}
+        self.ending = False
+        self.thread = threading.Thread(target=self._run, name="shmemext-watcher", daemon=True)
+
+    def _run(self) -> None:
+        idle_since: Optional[float] = None
+        while True:
+            rung = self.bell.rings  # before looking: a request added from now on rings again
+            values, versions = self._due()
+            if values:
+                idle_since = None
+            else:
+                with _lock:
+                    now = time.monotonic()
+                    idle_since = idle_since if idle_since is not None else now
+                    if not self.requests and now - idle_since >= _LINGER:
+                        self.ending = True
+                        if self in _watchers:
+                            _watchers.remove(self)
+                        return
+            _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, _SLICE if values else _LINGER)
+
+    def _due(self) -> tuple[list[Value], list[int]]:
+        """Hands new versions (or ClosedError) to the requests they are due
+        to; returns what is left to sleep on.  Versions are read outside the
+        lock: a read waits while a close() of its Value is being decided."""
+        with _lock:
+            items = [(value, tuple(requests)) for value, requests in self.requests.items()]
+        values, versions = [], []
+        for value, requests in items:
+            try:
+                now = value.version
+            except ValueError as closed:  # ClosedError
+                self._answer(value, requests, None, closed)
+                continue
+            due = [r for r in requests if r.seen != now]
+            if due:
+                self._answer(value, due, now, None)
+            if len(due) < len(requests):
+                values.append(value)
+                versions.append(now)
+        return values, versions
+
+    def _answer(
+        self, value: Value, requests: "list[_Request] | tuple[_Request, ...]", version: Optional[int],
+        error: Optional[BaseException],
+    ) -> None:
+        with _lock:
+            waiting = self.requests.get(value, [])
+            answered = [r for r in requests if r in waiting]
+            for r in answered:
+                waiting.remove(r)
+            if not waiting:
+                self.requests.pop(value, None)
+                _where.pop(value, None)
+        for r in answered:
+            try:
+                r.loop.call_soon_threadsafe(_settle, r.future, version, error)
+            except RuntimeError:  # its loop is closed: nobody awaits it any more
+                pass
+
+
+_lock = threading.Lock()
+_watchers: list[_Watcher] = []
+_where: dict[Value, _Watcher] = {}
+
+
+def _forget_after_fork() -> None:
+    """A fork() child has none of its parent's threads."""
+    global _lock
+    _lock = threading.Lock()
+    _watchers.clear()
+    _where.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _watch(value: Value, seen: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int]) -> tuple[_Watcher, _Request]:
+    request = _Request(loop, future, seen)
+    start = False
+    with _lock:
+        watcher = _where.get(value)
+        if watcher is None:
+            limit = _shmemext._WAIT_ANY_MAX
+            watcher = next((w for w in _watchers if len(w.requests) < limit and not w.ending), None)
+            if watcher is None:
+                watcher = _Watcher()
+                _watchers.append(watcher)
+                start = True
+            _where[value] = watcher
+        watcher.requests.setdefault(value, []).append(request)
+    if start:
+        watcher.thread.start()
+    else:
+        watcher.bell.ring()
+    return watcher, request
+
+
+def _unwatch(watcher: _Watcher, value: Value, request: _Request) -> None:
+    with _lock:
+        waiting = watcher.requests.get(value)
+        if waiting is None or request not in waiting:
+            return  # answered already
+        waiting.remove(request)
+        if waiting:
+            return  # still watched for the others
+        del watcher.requests[value]
+        _where.pop(value, None)
+    watcher.bell.ring()  # so that it stops counting itself a waiter of the block
+
+
+def _version_arg(fname: str, value: Value, version: object) -> int:
+    if version is None:
+        return value.version
+    if not isinstance(version, int):
+        raise TypeError(f"{fname}() argument 'version' must be an int or None, not {type(version).__name__}")
+    if not 0 <= version < 1 << 64:
+        raise ValueError(f"version {version!r} is out of range: versions are 0 to 2**64-1")
+    return int(version)
+
+
+def _timeout_arg(fname: str, timeout: object) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, (str, bytes, bytearray)) or not hasattr(type(timeout), "__float__"):
+        raise TypeError(f"{fname}() argument 'timeout' must be None or a number of seconds, not {type(timeout).__name__}")
+    seconds = float(timeout)  # type: ignore[arg-type]
+    if not seconds >= 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    return None if seconds > 1e9 else seconds
+
+
+def _timed_out(value: Value, timeout: float, seen: int) -> TimeoutError:
+    return TimeoutError(
+        f"timed out after {timeout:g} s waiting for a new value in Value '{value.name}' (still version {seen})"
+    )
+
+
+def _expire(future: asyncio.Future[int], error: TimeoutError) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+async def _wait(value: Value, seen: int, timeout: Optional[float]) -> int:
+    now = value.version
+    if now != seen:
+        return now
+    if timeout == 0:
+        raise _timed_out(value, 0, seen)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    watcher, request = _watch(value, seen, loop, future)
+    timer = None if timeout is None else loop.call_later(timeout, _expire, future, _timed_out(value, timeout, seen))
+    try:
+        return await future
+    finally:
+        if timer is not None:
+            timer.cancel()
+        _unwatch(watcher, value, request)
+
+
+def wait_async(
+    value: Value, version: Optional[int] = None, timeout: Optional[float] = None
+) -> Coroutine[object, object, int]:
+    """value.wait_async(): the arguments are checked and the version taken now, at the call."""
+    if not isinstance(value, Value):
+        raise TypeError(f"wait_async() needs a Value, not {type(value).__name__}")
+    seen = _version_arg("wait_async", value, version)
+    limit = _timeout_arg("wait_async", timeout)
+    return _wait(value, seen, limit)
+
+
+def changes(value: Value, version: Optional[int] = None) -> AsyncIterator[int]:
+    """value.changes(): the version to start from is taken now, at the call."""
+    if not isinstance(value, Value):
+        raise TypeError(f"changes() needs a Value, not {type(value).__name__}")
+    return _changes(value, _version_arg("changes", value, version))
+
+
+async def _changes(value: Value, seen: int) -> AsyncIterator[int]:
+    while True:
+        seen = await _wait(value, seen, None)
+        yield seen
