@@ -190,6 +190,16 @@ static PyObject *value_get_version(BlockObject *self, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(version);
 }
 
+/* A diagnostic: how many waiters the block's header counts (every process's). */
+static PyObject *value_get_waiters(BlockObject *self, void *Py_UNUSED(c))
+{
+    if (shx_py_enter(self) < 0)
+        return NULL;
+    uint32_t waiters = atomic_load(&self->block.hdr->waiters);
+    shx_py_leave(self);
+    return PyLong_FromUnsignedLong(waiters);
+}
+
 static int version_arg(PyObject *arg, uint64_t *out)
 {
     if (!PyLong_Check(arg)) {
@@ -332,6 +342,8 @@ static PyGetSetDef value_getset[] = {
     {"capacity", (getter)shx_py_block_get_size, NULL, "The largest value in bytes (str: characters x their width).",
      NULL},
     {"version", (getter)value_get_version, NULL, "How many values have been committed to the block.", NULL},
+    {"_waiters", (getter)value_get_waiters, NULL, "Waiters the block counts now, in every process (a diagnostic).",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(

@@ -1,6 +1,6 @@
 # The compiled module: what the package re-exports (typed in __init__.pyi),
 # and what only it has.
-from typing import Final
+from typing import Final, final
 
 from shmemext import (
     DEFAULT_CAPACITY as DEFAULT_CAPACITY,
@@ -23,5 +23,19 @@ from shmemext import (
     unlink as unlink,
     wait as wait,
 )
+
+@final
+class _Bell:
+    def __init__(self) -> None: ...
+    def ring(self) -> None: ...
+    @property
+    def rings(self) -> int: ...
+
+_WAIT_ANY_MAX: Final[int]     # Values one _wait_any sleeps on
+_WAIT_ANY_SLEEPS: Final[int]  # 1: in the kernel; 0: it looks every millisecond
+
+def _wait_any(
+    values: tuple[Value, ...], versions: tuple[int, ...], bell: _Bell, rings: int, timeout: float, /
+) -> list[int]: ...
 
 _BACKEND: Final[str]   # which OS mechanism this build uses: "linux-sysv", "posix-lockfiles" or "win32"
