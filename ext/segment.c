@@ -1001,6 +1001,33 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
     return rc;
 }
 
+/* As shx_value_wait watches before it sleeps, and for the same reason: a
+ * watcher that hands a version to an event loop is often asked for the next
+ * one (a new request rings the bell) or sees the answer within microseconds.
+ * The first block's spin state decides and learns for the whole wait. */
+static int spin_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n, shx_os_bell *bell,
+                    uint32_t rung, int64_t timeout_ns)
+{
+    uint64_t spin = n > 0 ? spin_budget(blocks[0]) : shx_os_cpu_count() >= 2 ? SHX_WAIT_SPIN_NS : 0;
+    if (spin == 0)
+        return 0;
+    if ((uint64_t)timeout_ns < spin)
+        spin = (uint64_t)timeout_ns;
+    uint64_t until = shx_os_monotonic_ns() + spin;
+    int changed = 0;
+    for (;;) {
+        for (int i = 0; i < 16 && !changed; i++) {
+            changed = any_changed(blocks, seen, nudges, n, bell, rung);
+            cpu_relax();
+        }
+        if (changed || shx_os_monotonic_ns() >= until)
+            break;
+    }
+    if (n > 0)
+        spin_learn(blocks[0], changed);
+    return changed;
+}
+
 int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
                        int64_t timeout_ns, shx_error *err)
 {
@@ -1017,7 +1044,11 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
         atomic_fetch_add(&blocks[i]->watching, 1);
         nudges[i] = atomic_load(&blocks[i]->nudges);
     }
-    int rc = sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
+    int rc = SHX_E_TIMEOUT;
+    if (timeout_ns > 0 && spin_any(blocks, seen, nudges, n, bell, rung, timeout_ns))
+        rc = SHX_OK;
+    else
+        rc = sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
     for (size_t i = 0; i < n; i++)
         atomic_fetch_sub(&blocks[i]->watching, 1);
     return rc;

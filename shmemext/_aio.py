@@ -28,6 +28,7 @@ from ._shmemext import Value
 
 _LINGER = 1.0  # seconds a watcher with nothing to watch keeps its thread
 _SLICE = 5.0  # its longest sleep: wake-ups end it early, this bounds a lost one
+_WARM = 0.05  # seconds a Value stays watched after its last request was answered
 
 
 class _Request:
@@ -53,47 +54,75 @@ class _Watcher:
     def __init__(self) -> None:
         self.bell = _shmemext._Bell()
         self.requests: dict[Value, list[_Request]] = {}
+        # Values whose last request was answered lately, watched on for
+        # _WARM seconds: a task that asks again at once (a ping-pong, a loop
+        # over changes()) then finds the watcher already asleep on the block
+        # and needs no ring.  Never also in requests.
+        self.warm: dict[Value, float] = {}
+        # What the watcher sleeps on now, or will look at again when it
+        # wakes: a request for one of these needs no ring.
+        self.watching: frozenset[Value] = frozenset()
         self.ending = False
         self.thread = threading.Thread(target=self._run, name="shmemext-watcher", daemon=True)
+
+    def load(self) -> int:
+        return len(self.requests) + len(self.warm)
 
     def _run(self) -> None:
         idle_since: Optional[float] = None
         while True:
             rung = self.bell.rings  # before looking: a request added from now on rings again
-            values, versions = self._due()
+            values, versions, timeout = self._due()
             if values:
                 idle_since = None
             else:
                 with _lock:
                     now = time.monotonic()
                     idle_since = idle_since if idle_since is not None else now
-                    if not self.requests and now - idle_since >= _LINGER:
+                    if not self.requests and not self.warm and now - idle_since >= _LINGER:
                         self.ending = True
                         if self in _watchers:
                             _watchers.remove(self)
                         return
-            _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, _SLICE if values else _LINGER)
+            _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, timeout)
 
-    def _due(self) -> tuple[list[Value], list[int]]:
+    def _due(self) -> tuple[list[Value], list[int], float]:
         """Hands new versions (or ClosedError) to the requests they are due
-        to; returns what is left to sleep on.  Versions are read outside the
-        lock: a read waits while a close() of its Value is being decided."""
+        to; returns what is left to sleep on, and for how long.  Versions
+        are read outside the lock: a read waits while a close() of its Value
+        is being decided."""
+        now = time.monotonic()
         with _lock:
+            for value in [v for v, until in self.warm.items() if until <= now]:
+                del self.warm[value]
+                _where.pop(value, None)
             items = [(value, tuple(requests)) for value, requests in self.requests.items()]
+            warm = list(self.warm)
         values, versions = [], []
         for value, requests in items:
             try:
-                now = value.version
+                version = value.version
             except ValueError as closed:  # ClosedError
                 self._answer(value, requests, None, closed)
                 continue
-            due = [r for r in requests if r.seen != now]
+            due = [r for r in requests if r.seen != version]
             if due:
-                self._answer(value, due, now, None)
-            if len(due) < len(requests):
+                self._answer(value, due, version, None)
+            values.append(value)  # watched on, warm if nothing is left
+            versions.append(version)
+        for value in warm:
+            try:
+                versions.append(value.version)
                 values.append(value)
-                versions.append(now)
-        return values, versions
+            except ValueError:
+                with _lock:
+                    self.warm.pop(value, None)
+                    _where.pop(value, None)
+        with _lock:
+            self.watching = frozenset(values)
+            # Until the first warm Value cools (those answered just now included).
+            timeout = min([_SLICE] + [until - now for until in self.warm.values()])
+        return values, versions, (max(timeout, 0.001) if values else _LINGER)
 
     def _answer(
         self, value: Value, requests: "list[_Request] | tuple[_Request, ...]", version: Optional[int],
@@ -106,7 +135,10 @@ class _Watcher:
                 waiting.remove(r)
             if not waiting:
                 self.requests.pop(value, None)
-                _where.pop(value, None)
+                if error is None:
+                    self.warm[value] = time.monotonic() + _WARM
+                else:
+                    _where.pop(value, None)
         for r in answered:
             try:
                 r.loop.call_soon_threadsafe(_settle, r.future, version, error)
@@ -138,16 +170,19 @@ def _watch(value: Value, seen: int, loop: asyncio.AbstractEventLoop, future: asy
         watcher = _where.get(value)
         if watcher is None:
             limit = _shmemext._WAIT_ANY_MAX
-            watcher = next((w for w in _watchers if len(w.requests) < limit and not w.ending), None)
+            watcher = next((w for w in _watchers if w.load() < limit and not w.ending), None)
             if watcher is None:
                 watcher = _Watcher()
                 _watchers.append(watcher)
                 start = True
             _where[value] = watcher
+        watcher.warm.pop(value, None)
         watcher.requests.setdefault(value, []).append(request)
+        # Asleep on the block already (or about to look again): the next set() wakes it.
+        ring = value not in watcher.watching
     if start:
         watcher.thread.start()
-    else:
+    elif ring:
         watcher.bell.ring()
     return watcher, request
 
