@@ -159,6 +159,7 @@ def rss_kib() -> int:
 async def idle_cost(count: int, seconds: float) -> dict[str, float]:
     tag = uuid.uuid4().hex[:8]
     values = [shmemext.Value(f"bench-async-{tag}-{i}", 64) for i in range(count)]
+    await asyncio.sleep(1.5)  # the watchers of the runs before end
     try:
         threads_before, rss_before = threading.active_count(), rss_kib()
         tasks = [asyncio.ensure_future(v.wait_async()) for v in values]
