@@ -5,8 +5,7 @@
 
 typedef struct {
     PyObject_HEAD
-    shx_os_bell bell;
-    int ready;
+    shx_os_bell bell; /* zeroed by tp_alloc, which shx_os_bell_free accepts */
 } BellObject;
 
 static PyObject *bell_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -23,15 +22,13 @@ static PyObject *bell_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return shx_py_raise(NULL, &err, "(bell)");
     }
-    self->ready = 1;
     return (PyObject *)self;
 }
 
 static void bell_dealloc(BellObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    if (self->ready)
-        shx_os_bell_free(&self->bell);
+    shx_os_bell_free(&self->bell);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }

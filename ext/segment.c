@@ -1044,11 +1044,9 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
         atomic_fetch_add(&blocks[i]->watching, 1);
         nudges[i] = atomic_load(&blocks[i]->nudges);
     }
-    int rc = SHX_E_TIMEOUT;
-    if (timeout_ns > 0 && spin_any(blocks, seen, nudges, n, bell, rung, timeout_ns))
-        rc = SHX_OK;
-    else
-        rc = sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
+    int rc = timeout_ns > 0 && spin_any(blocks, seen, nudges, n, bell, rung, timeout_ns)
+                 ? SHX_OK
+                 : sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
     for (size_t i = 0; i < n; i++)
         atomic_fetch_sub(&blocks[i]->watching, 1);
     return rc;
