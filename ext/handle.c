@@ -16,7 +16,7 @@ int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter)
         /* CLOSED: done.  OPEN: the closer gave up; try again, to say why. */
     }
     /* Calls under way end soon: copies finish, waits end at their next slice. */
-    while (atomic_load(&g->inflight) > own)
+    while (shx_guard_inflight(g) > own)
         waiter->pause(waiter->ctx);
     if (own > 0) {
         atomic_store(&g->deferred, 1);

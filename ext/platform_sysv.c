@@ -35,6 +35,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -904,40 +905,47 @@ static int init_mutex(pthread_mutex_t *mutex)
  * type and one of another type differ. */
 #define MUTEX_WORDS (sizeof(pthread_mutex_t) / sizeof(uint32_t))
 static uint32_t expected_words[MUTEX_WORDS];
-static unsigned char type_word[MUTEX_WORDS]; /* 1 where the type is kept */
+static unsigned char type_words[MUTEX_WORDS]; /* the indexes of the words the type is kept in */
+static size_t type_word_count;
+static _Atomic int type_words_known; /* so that a lock's check costs no call into the library */
 static pthread_once_t type_word_once = PTHREAD_ONCE_INIT;
 
-static void find_type_word(void)
+static void find_type_words(void)
 {
     pthread_mutex_t ours, other;
     pthread_mutexattr_t attr;
     memset(&ours, 0, sizeof ours);
     memset(&other, 0, sizeof other);
-    if (init_mutex(&ours) != 0)
-        return;
-    int ok = pthread_mutexattr_init(&attr) == 0;
-    ok = ok && pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED) == 0 &&
-         pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST) == 0 &&
-         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL) == 0 && pthread_mutex_init(&other, &attr) == 0;
-    if (ok) {
-        memcpy(expected_words, &ours, sizeof expected_words);
-        uint32_t words[MUTEX_WORDS];
-        memcpy(words, &other, sizeof words);
-        for (size_t i = 0; i < MUTEX_WORDS; i++)
-            type_word[i] = words[i] != expected_words[i];
-        (void)pthread_mutex_destroy(&other);
+    if (init_mutex(&ours) == 0) {
+        int ok = pthread_mutexattr_init(&attr) == 0;
+        ok = ok && pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED) == 0 &&
+             pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST) == 0 &&
+             pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL) == 0 && pthread_mutex_init(&other, &attr) == 0;
+        if (ok) {
+            memcpy(expected_words, &ours, sizeof expected_words);
+            uint32_t words[MUTEX_WORDS];
+            memcpy(words, &other, sizeof words);
+            for (size_t i = 0; i < MUTEX_WORDS; i++) {
+                if (words[i] != expected_words[i])
+                    type_words[type_word_count++] = (unsigned char)i;
+            }
+            (void)pthread_mutex_destroy(&other);
+        }
+        (void)pthread_mutexattr_destroy(&attr);
+        (void)pthread_mutex_destroy(&ours);
     }
-    (void)pthread_mutexattr_destroy(&attr);
-    (void)pthread_mutex_destroy(&ours);
+    atomic_store_explicit(&type_words_known, 1, memory_order_release);
 }
 
 static int mutex_intact(const pthread_mutex_t *mutex)
 {
-    (void)pthread_once(&type_word_once, find_type_word);
-    uint32_t words[MUTEX_WORDS];
-    memcpy(words, (const void *)mutex, sizeof words);
-    for (size_t i = 0; i < MUTEX_WORDS; i++) {
-        if (type_word[i] && words[i] != expected_words[i])
+    if (!atomic_load_explicit(&type_words_known, memory_order_acquire))
+        (void)pthread_once(&type_word_once, find_type_words);
+    const unsigned char *bytes = (const unsigned char *)(const void *)mutex;
+    for (size_t i = 0; i < type_word_count; i++) {
+        uint32_t word;
+        memcpy(&word, bytes + 4 * (size_t)type_words[i], sizeof word);
+        if (word != expected_words[type_words[i]])
             return 0;
     }
     return 1;

@@ -179,17 +179,27 @@ static PyObject *raise_closed(BlockObject *self)
  * so that a close() that is refused never fails the calls around it.  Not
  * from inside a call of this thread on the block (a signal handler's), nor
  * once the close waits for such a call: that would wait for itself. */
+/* Python's calls and close() of a block hold its interpreter's GIL: they are
+ * the guard's serialized callers.  Without a GIL they count atomically. */
+#ifdef Py_GIL_DISABLED
+#define guard_enter shx_guard_enter
+#define guard_leave shx_guard_leave
+#else
+#define guard_enter shx_guard_enter_serialized
+#define guard_leave shx_guard_leave_serialized
+#endif
+
 int shx_py_enter(BlockObject *self)
 {
     shx_guard *g = &self->block.guard;
-    while (!shx_guard_enter(g)) {
+    while (!guard_enter(g)) {
         if (shx_guard_closed(g) || atomic_load(&g->deferred) || own_calls(self) > 0)
             goto closed;
         pause_without_gil(NULL);
     }
     if (self->block.attached)
         return 0;
-    shx_guard_leave(g); /* detached at exit */
+    guard_leave(g); /* detached at exit */
 closed:
     raise_closed(self);
     return -1;
@@ -197,11 +207,11 @@ closed:
 
 int shx_py_enter_quietly(BlockObject *self)
 {
-    if (!shx_guard_enter(&self->block.guard))
+    if (!guard_enter(&self->block.guard))
         return 0;
     if (self->block.attached)
         return 1;
-    shx_guard_leave(&self->block.guard);
+    guard_leave(&self->block.guard);
     return 0;
 }
 
@@ -219,7 +229,7 @@ static void finish_deferred_close(BlockObject *self);
 
 void shx_py_leave(BlockObject *self)
 {
-    shx_guard_leave(&self->block.guard);
+    guard_leave(&self->block.guard);
     if (atomic_load(&self->block.guard.deferred) && own_calls(self) == 0)
         finish_deferred_close(self);
 }
@@ -531,5 +541,5 @@ PyObject *shx_py_block_get_persist(BlockObject *self, void *Py_UNUSED(c))
 
 PyObject *shx_py_block_get_inflight(BlockObject *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromLong(atomic_load(&self->block.guard.inflight));
+    return PyLong_FromLong(shx_guard_inflight(&self->block.guard));
 }

@@ -773,13 +773,60 @@ typedef struct {
     _Atomic int used_after; /* a call that saw the mapping gone while inside the guard */
     _Atomic long calls;
     _Atomic int stop;
-    int refuse_first; /* the first winner gives up, as a close() refused for an export does */
+    int refuse_first;     /* the first winner gives up, as a close() refused for an export does */
+    pthread_mutex_t *big; /* where set: the lock of serialized callers (a GIL), which closers hold too */
 } guard_case;
 
 static void guard_pause(void *ctx)
 {
     (void)ctx;
     sched_yield();
+}
+
+/* A closer's pause under the big lock lets it go meanwhile, as close() does the GIL. */
+static void guard_pause_unlocked(void *ctx)
+{
+    guard_case *c = (guard_case *)ctx;
+    pthread_mutex_unlock(c->big);
+    sched_yield();
+    pthread_mutex_lock(c->big);
+}
+
+static void guard_touch(guard_case *c)
+{
+    unsigned char *m = c->mapping;
+    if (m == NULL)
+        atomic_fetch_add(&c->used_after, 1);
+    else
+        __atomic_fetch_add(&m[atomic_fetch_add(&c->calls, 1) % 4096], 1, __ATOMIC_RELAXED);
+}
+
+/* A call under the big lock that lets it go mid-way every other time, as a
+ * long copy or a wait lets the GIL go, and uses the mapping on both sides. */
+static void *guard_user_serialized(void *arg)
+{
+    guard_case *c = (guard_case *)arg;
+    for (long n = 0; !atomic_load(&c->stop); n++) {
+        pthread_mutex_lock(c->big);
+        if (shx_guard_enter_serialized(&c->guard)) {
+            guard_touch(c);
+            if (n % 2) {
+                pthread_mutex_unlock(c->big);
+                guard_touch(c);
+                sched_yield(); /* a closer gets the lock now */
+                guard_touch(c);
+                pthread_mutex_lock(c->big);
+            }
+            guard_touch(c);
+            shx_guard_leave_serialized(&c->guard);
+        }
+        int closed = shx_guard_closed(&c->guard);
+        pthread_mutex_unlock(c->big);
+        if (closed)
+            break;
+        sched_yield();
+    }
+    return NULL;
 }
 
 static void *guard_user(void *arg)
@@ -792,11 +839,7 @@ static void *guard_user(void *arg)
             sched_yield();
             continue;
         }
-        unsigned char *m = c->mapping;
-        if (m == NULL)
-            atomic_fetch_add(&c->used_after, 1);
-        else
-            __atomic_fetch_add(&m[atomic_fetch_add(&c->calls, 1) % 4096], 1, __ATOMIC_RELAXED);
+        guard_touch(c);
         shx_guard_leave(&c->guard);
     }
     return NULL;
@@ -805,11 +848,13 @@ static void *guard_user(void *arg)
 static void *guard_closer(void *arg)
 {
     guard_case *c = (guard_case *)arg;
-    static const shx_guard_waiter waiter = {guard_pause, NULL};
+    const shx_guard_waiter waiter = {c->big != NULL ? guard_pause_unlocked : guard_pause, c};
+    if (c->big != NULL)
+        pthread_mutex_lock(c->big);
     for (;;) {
         int r = shx_guard_close(&c->guard, 0, &waiter);
         if (r == SHX_GUARD_DONE)
-            return NULL;
+            break;
         if (c->refuse_first) {
             c->refuse_first = 0;
             shx_guard_close_end(&c->guard, 0);
@@ -820,13 +865,19 @@ static void *guard_closer(void *arg)
         free(m);
         atomic_fetch_add(&c->detaches, 1);
         shx_guard_close_end(&c->guard, 1);
-        return NULL;
+        break;
     }
+    if (c->big != NULL)
+        pthread_mutex_unlock(c->big);
+    return NULL;
 }
 
-static void test_guard_threads(void)
+/* Rounds of users calling and closers closing at once; with `big`, half
+ * the users are serialized callers under it. */
+static void guard_rounds(pthread_mutex_t *big)
 {
     enum { USERS = 4, CLOSERS = 3 };
+    const char *how = big != NULL ? "guard (half the callers serialized under a lock the closers hold)" : "guard";
     /* Fewer under valgrind, which runs one thread at a time. */
     const char *env = getenv("SHX_GUARD_ROUNDS");
     const int ROUNDS = env != NULL ? atoi(env) : 200;
@@ -838,9 +889,10 @@ static void test_guard_threads(void)
         shx_guard_init(&c.guard);
         c.mapping = (unsigned char *)calloc(1, 4096);
         c.refuse_first = round % 2;
+        c.big = big;
         pthread_t users[USERS], closers[CLOSERS];
         for (int i = 0; i < USERS; i++)
-            pthread_create(&users[i], NULL, guard_user, &c);
+            pthread_create(&users[i], NULL, big != NULL && i % 2 ? guard_user_serialized : guard_user, &c);
         struct timespec pause = {0, (round % 7) * 20000L};
         nanosleep(&pause, NULL);
         for (int i = 0; i < CLOSERS; i++)
@@ -852,14 +904,21 @@ static void test_guard_threads(void)
             pthread_join(users[i], NULL);
         bad_detaches += atomic_load(&c.detaches) != 1;
         used_after += atomic_load(&c.used_after);
-        not_closed += !shx_guard_closed(&c.guard) || atomic_load(&c.guard.inflight) != 0;
+        not_closed += !shx_guard_closed(&c.guard) || shx_guard_inflight(&c.guard) != 0;
         calls += atomic_load(&c.calls);
     }
-    CHECK(bad_detaches == 0, "guard: %d rounds of %d threads calling and %d closing: one detach each (%d rounds not)",
+    CHECK(bad_detaches == 0, "%s: %d rounds of %d threads calling and %d closing: one detach each (%d rounds not)", how,
           ROUNDS, USERS, CLOSERS, bad_detaches);
-    CHECK(used_after == 0 && calls > 0, "guard: no call used the mapping after its close (%d did; %ld calls)",
+    CHECK(used_after == 0 && calls > 0, "%s: no call used the mapping after its close (%d did; %ld calls)", how,
           used_after, calls);
-    CHECK(not_closed == 0, "guard: every round ends CLOSED with nothing in flight (%d did not)", not_closed);
+    CHECK(not_closed == 0, "%s: every round ends CLOSED with nothing in flight (%d did not)", how, not_closed);
+}
+
+static void test_guard_threads(void)
+{
+    guard_rounds(NULL);
+    pthread_mutex_t big = PTHREAD_MUTEX_INITIALIZER;
+    guard_rounds(&big);
 
     /* A close() from inside a call of its own thread (a signal handler's)
      * cannot wait for that call: it is deferred, and a second close() from
