@@ -375,16 +375,16 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
 
 int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->map, b->hdr->lock_area, err); }
 
-/* Copies from this size up bypass the cache.  A copy this large evicts
- * itself anyway, and ordinary stores would first read every destination line
- * (for a set, a value cell alternates between two slots: twice the value's
+/* Copies into a block (or out of a segment into a caller's buffer) from this
+ * size up bypass the cache.  A copy this large evicts itself anyway, and
+ * ordinary stores would first read every destination line (for a set, a value cell alternates between two slots: twice the value's
  * size of destination), which cost 1.4-1.8x more than streaming stores at
  * 8-32 MiB on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
 #define STREAM_COPY_MIN ((size_t)8 << 20)
 
 #ifdef HAVE_STREAMING_STORES
-/* Copies 64 bytes to a 16-byte aligned dst past the cache; returns their OR (16-byte lanes). */
-static __m128i stream_line(unsigned char *dst, const unsigned char *src)
+/* Copies 64 bytes to a 16-byte aligned dst past the cache. */
+static void stream_line(unsigned char *dst, const unsigned char *src)
 {
     __m128i a = _mm_loadu_si128((const __m128i *)src);
     __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
@@ -394,7 +394,6 @@ static __m128i stream_line(unsigned char *dst, const unsigned char *src)
     _mm_stream_si128((__m128i *)(dst + 16), b);
     _mm_stream_si128((__m128i *)(dst + 32), c);
     _mm_stream_si128((__m128i *)(dst + 48), d);
-    return _mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d));
 }
 #endif
 
@@ -422,11 +421,13 @@ static void copy_streaming(unsigned char *dst, const unsigned char *src, size_t 
     (void)stream_min; /* where there are no streaming stores */
 #ifdef HAVE_STREAMING_STORES
     if (n >= stream_min) {
-        size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+        /* From a line boundary on: each line is then written whole by its
+         * four stores, which the write-combining buffers send out at once. */
+        size_t head = (64 - ((uintptr_t)dst & 63)) & 63;
         memcpy(dst, src, head);
         size_t i = head;
         for (; i + 64 <= n; i += 64)
-            (void)stream_line(dst + i, src + i);
+            stream_line(dst + i, src + i);
         memcpy(dst + i, src + i, n - i);
         /* Streaming stores are weakly ordered: all of them before what publishes them. */
         _mm_sfence();
@@ -638,27 +639,6 @@ __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst,
 /* Below this a value is copied in the time a choice of copy takes. */
 #define SMALL_CHECKED_COPY 1024
 
-#ifdef HAVE_STREAMING_STORES
-/* copy_or for large copies, with streaming stores.  dst must be 8-byte
- * aligned so that, after at most one word to reach 16, every word still
- * starts a whole number of words from the value's start (its lanes are units). */
-static uint64_t copy_or_streaming(unsigned char *dst, const unsigned char *src, size_t n)
-{
-    size_t head = ((uintptr_t)dst & 15) ? 8 : 0;
-    if (head > n)
-        head = n;
-    uint64_t acc = copy_or(dst, src, head);
-    __m128i lanes = _mm_setzero_si128();
-    size_t i = head;
-    for (; i + 64 <= n; i += 64)
-        lanes = _mm_or_si128(lanes, stream_line(dst + i, src + i));
-    _mm_sfence();
-    uint64_t halves[2];
-    _mm_storeu_si128((__m128i *)halves, lanes);
-    return acc | halves[0] | halves[1] | copy_or(dst + i, src + i, n - i);
-}
-#endif
-
 /* Once the verdict is known the rest is copied without looking. */
 #define CHECK_CHUNK 16384
 
@@ -674,18 +654,21 @@ static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, 
     if (__builtin_cpu_supports("avx2"))
         copy_chunk = copy_or_avx2;
 #endif
-#ifdef HAVE_STREAMING_STORES
-    if (n >= STREAM_COPY_MIN && ((uintptr_t)dst & 7) == 0)
-        copy_chunk = copy_or_streaming;
-#endif
+    /* No streaming stores here: dst is an object just made, which for a large
+     * value is memory just mapped, whose pages the kernel zeroes through the
+     * cache as the copy first touches them; ordinary stores then hit those
+     * lines and streaming ones must evict them.  At 64 MiB, streaming cost
+     * 1.15-1.2x the copy floor and ordinary stores 1.0x, and at 4-16 MiB
+     * both were within 1.1x (benchmarks/bench_floor.py).  Unchecked bytes go
+     * to the C library's copy, which makes the same choice itself. */
     size_t done = 0;
     if (decisive == 0) {
-        copy_streaming(dst, src, n, STREAM_COPY_MIN);
+        memcpy(dst, src, n);
         done = n;
     }
     while (done < n) {
         if (acc & decisive) {
-            copy_streaming(dst + done, src + done, n - done, STREAM_COPY_MIN);
+            memcpy(dst + done, src + done, n - done);
             break;
         }
         size_t k = n - done < CHECK_CHUNK ? n - done : CHECK_CHUNK;
