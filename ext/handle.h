@@ -115,8 +115,9 @@ enum {
 
 /* Begins a close.  `own` is how many of the in-flight calls belong to the
  * calling thread, which holds the lock of the serialized callers, if there
- * are any, whenever it looks (waiter->pause may let it go).  A loser with no calls of its own waits for the winner; if
- * the winner gave up, it tries to close again itself. */
+ * are any, whenever it looks (waiter->pause may let it go).  A loser with no
+ * calls of its own waits for the winner; if the winner gave up, it tries to
+ * close again itself. */
 int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter);
 
 /* Ends a close begun with SHX_GUARD_WON or _DEFER: CLOSED when detached,

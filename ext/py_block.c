@@ -174,11 +174,6 @@ static PyObject *raise_closed(BlockObject *self)
                         self->block.name);
 }
 
-/* A call that finds a close() under way waits for its outcome: closed, it
- * raises ClosedError; given up (something still used the block), it goes on,
- * so that a close() that is refused never fails the calls around it.  Not
- * from inside a call of this thread on the block (a signal handler's), nor
- * once the close waits for such a call: that would wait for itself. */
 /* Python's calls and close() of a block hold its interpreter's GIL: they are
  * the guard's serialized callers.  Without a GIL they count atomically. */
 #ifdef Py_GIL_DISABLED
@@ -189,6 +184,11 @@ static PyObject *raise_closed(BlockObject *self)
 #define guard_leave shx_guard_leave_serialized
 #endif
 
+/* A call that finds a close() under way waits for its outcome: closed, it
+ * raises ClosedError; given up (something still used the block), it goes on,
+ * so that a close() that is refused never fails the calls around it.  Not
+ * from inside a call of this thread on the block (a signal handler's), nor
+ * once the close waits for such a call: that would wait for itself. */
 int shx_py_enter(BlockObject *self)
 {
     shx_guard *g = &self->block.guard;

@@ -377,9 +377,10 @@ int shx_block_unlock(shx_block *b, shx_error *err) { return shx_os_unlock(&b->ma
 
 /* Copies into a block (or out of a segment into a caller's buffer) from this
  * size up bypass the cache.  A copy this large evicts itself anyway, and
- * ordinary stores would first read every destination line (for a set, a value cell alternates between two slots: twice the value's
- * size of destination), which cost 1.4-1.8x more than streaming stores at
- * 8-32 MiB on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
+ * ordinary stores would first read every destination line (for a set, a
+ * value cell alternates between two slots: twice the value's size of
+ * destination), which cost 1.4-1.8x more than streaming stores at 8-32 MiB
+ * on a 32 MiB-L3 x86-64; at 4 MiB and less ordinary stores won. */
 #define STREAM_COPY_MIN ((size_t)8 << 20)
 
 #ifdef HAVE_STREAMING_STORES
