@@ -449,6 +449,49 @@ static void *large_dst(void *ctx, uint32_t type, size_t nbytes)
     return *(void **)ctx;
 }
 
+/* A checked copy aligns its stores to the destination, so its first bytes
+ * are copied twice: at every destination offset in a line, every byte must
+ * arrive and a single high byte anywhere (in the doubled head above all) must
+ * fail an ASCII value, at sizes around the small-copy and chunk boundaries. */
+static void test_checked_copy_alignment(void)
+{
+    static const size_t sizes[] = {1023, 1024, 1025, 1088, 4096 + 37, 16384, 16384 + 63, 70001};
+    const size_t most = 70001;
+    unsigned char *src = malloc(most), *out = malloc(most + 128);
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, block_name("aligned"), SHX_KIND_VALUE, most, 0, 0600, &err);
+    int arrived = 1, refused = 1, cases = 0;
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        for (size_t i = 0; i < n; i++)
+            src[i] = (unsigned char)('a' + (i * 7 + k) % 26);
+        size_t spots[] = {0, 1, 15, 16, 31, 32, 33, 63, 64, n / 2, n - 33, n - 1};
+        for (size_t off = 0; off < 64; off++) {
+            unsigned char *dst = out + off;
+            void *dst_ctx = dst;
+            uint32_t type;
+            size_t got;
+            shx_value_set(&a, SHX_TYPE_ASCII, src, n, NULL, &err);
+            memset(out, 0, most + 128);
+            int rc = shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err);
+            arrived &= rc == SHX_OK && got == n && memcmp(dst, src, n) == 0;
+            for (size_t j = 0; j < sizeof spots / sizeof spots[0]; j++) {
+                src[spots[j]] |= 0x80;
+                shx_value_set(&a, SHX_TYPE_ASCII, src, n, NULL, &err);
+                refused &= shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_E_BADVALUE;
+                src[spots[j]] &= 0x7F;
+                cases++;
+            }
+        }
+    }
+    CHECK(arrived, "checked copies of 1023 B to 68 KiB arrive whole at all 64 destination offsets");
+    CHECK(refused, "a high byte at head, middle or tail fails ASCII at every destination offset (%d cases)", cases);
+    shx_block_close(&a, 0, &err);
+    free(src);
+    free(out);
+}
+
 /* Values of 8 MiB and more go into the block with streaming stores: every
  * byte must still arrive, whatever the alignment of either side. */
 static void test_large_copies(void)
@@ -1062,6 +1105,7 @@ int main(void)
     test_value_protocol();
     test_checked_copy();
     test_scribbled_lock();
+    test_checked_copy_alignment();
     test_large_copies();
     test_segment();
     test_foreign_header();
