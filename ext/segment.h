@@ -208,7 +208,10 @@ int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *e
 /* Waits until the committed version differs from `seen`, at most timeout_ns
  * (< 0: forever), sleeping in the kernel.  *now is the version then.
  * SHX_E_TIMEOUT when the time ran out.  Wakes early on signals: callers that
- * handle signals call it in slices. */
+ * handle signals call it in slices.  It holds the writer lock for a moment to
+ * count itself a waiter, so it waits out a holder of that lock (within the
+ * timeout), and fails as shx_os_lock does for a thread that holds it or a
+ * lock that was overwritten. */
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
 
 /* At most this many blocks per shx_value_wait_any. */

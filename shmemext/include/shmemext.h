@@ -170,7 +170,9 @@ typedef struct ShmemExt_CAPI {
     /* [no GIL] Sleeps until the value cell's version differs from `seen`, at
      * most timeout_ns (< 0: forever); *now (may be NULL) is the version then.
      * SHMEMEXT_E_TIMEOUT when the time ran out.  Signals do not end the wait:
-     * to stay interruptible, wait in slices and check in between. */
+     * to stay interruptible, wait in slices and check in between.  It takes
+     * the cell's lock for a moment: a thread that holds it (lock() above)
+     * gets an error instead of a wait no set() could end. */
     int (*wait)(ShmemExt_Block *block, uint64_t seen, int64_t timeout_ns, uint64_t *now, ShmemExt_Error *err);
 
     /* -- version 2 -- */

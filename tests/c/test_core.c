@@ -449,6 +449,58 @@ static void *large_dst(void *ctx, uint32_t type, size_t nbytes)
     return *(void **)ctx;
 }
 
+/* Waits for the other side's next version: SHX_OK, or what went wrong. */
+static int answer_wait(shx_block *b, uint64_t *seen)
+{
+    shx_error err;
+    uint64_t now;
+    int rc = shx_value_wait(b, *seen, 2000000000, &now, &err);
+    *seen = now;
+    return rc;
+}
+
+/* Two processes answer each other's set() thousands of times.  The child's
+ * waits do not spin, so nearly every one counts itself a waiter and sleeps;
+ * the parent's spin, so its next set() comes within a microsecond of the
+ * child's answer, while the child is counting itself: a wake-up lost between
+ * the two leaves a wait to time out. */
+static void test_wait_ping_pong(void)
+{
+    enum { ROUNDS = 20000 };
+    shx_block ping = {0}, pong = {0};
+    shx_error err;
+    CHECK(shx_block_open(&ping, block_name("ping"), SHX_KIND_VALUE, 16, 0, 0600, &err) == SHX_OK &&
+              shx_block_open(&pong, block_name("pong"), SHX_KIND_VALUE, 16, 0, 0600, &err) == SHX_OK,
+          "two values to answer on");
+    atomic_store(&ping.spin_off, 1);
+    uint64_t seen_ping = shx_value_version(&ping), seen_pong = shx_value_version(&pong);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (int i = 0; i < ROUNDS; i++) {
+            if (answer_wait(&ping, &seen_ping) != SHX_OK ||
+                shx_value_set(&pong, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err) != SHX_OK)
+                _exit(1);
+        }
+        _exit(0);
+    }
+    int lost = 0, i = 0;
+    for (; i < ROUNDS && lost == 0; i++) {
+        shx_value_set(&ping, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err);
+        lost += answer_wait(&pong, &seen_pong) != SHX_OK;
+    }
+    if (lost)
+        kill(pid, SIGKILL);
+    CHECK(wait_child(pid) == 0 && lost == 0 && i == ROUNDS, "%d set/wait round trips between processes, none lost", i);
+    int died;
+    uint64_t now;
+    CHECK(shx_block_lock(&ping, 0, &died, NULL, &err) == SHX_OK &&
+              shx_value_wait(&ping, shx_value_version(&ping), 2000000000, &now, &err) == SHX_E_OS &&
+              shx_block_unlock(&ping, &err) == SHX_OK,
+          "a wait by the holder of the lock, which no set() could end, is an error");
+    shx_block_close(&ping, 0, &err);
+    shx_block_close(&pong, 0, &err);
+}
+
 /* A checked copy aligns its stores to the destination, so its first bytes
  * are copied twice: at every destination offset in a line, every byte must
  * arrive and a single high byte anywhere (in the doubled head above all) must
@@ -1105,6 +1157,7 @@ int main(void)
     test_value_protocol();
     test_checked_copy();
     test_scribbled_lock();
+    test_wait_ping_pong();
     test_checked_copy_alignment();
     test_large_copies();
     test_segment();
