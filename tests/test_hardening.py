@@ -473,6 +473,53 @@ def test_a_reader_never_waits_unboundedly_on_a_scribbled_lock(name):
         assert v.get() == "again"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes the block's header as another process")
+def test_a_value_whose_lock_is_stuck_does_not_hold_up_async_waits_on_others(name):
+    """Waits count themselves under each value's lock: one watcher thread
+    serves both values here, and the one whose lock nobody can take must not
+    keep it from the other's set() in another process."""
+    import asyncio
+
+    with shmemext.Value(name, 64) as stuck, shmemext.Value(name + "-fine", 64) as fine:
+        if shmemext._shmemext._BACKEND != "linux-sysv":
+            pytest.skip("the lock-file lock is the kernel's: a scribbled word cannot hold it")
+        with block_bytes(name) as memory:
+            saved = bytes(memory[64:192])
+            memory[64:68] = (0x3FFFFFFF).to_bytes(4, "little")   # "held" by a thread that does not exist
+        setter = spawn("""
+            import sys, time, shmemext
+            v = shmemext.Value(sys.argv[1])
+            sys.stdin.readline()
+            v.set("now")
+            print(time.monotonic(), flush=True)
+            sys.stdin.readline()
+        """, name + "-fine")
+
+        async def main():
+            stuck_wait = asyncio.ensure_future(stuck.wait_async(timeout=30))
+            fine_wait = asyncio.ensure_future(fine.wait_async(timeout=20))
+            await asyncio.sleep(0.3)   # both asleep in the watcher by now
+            setter.stdin.write("\n")
+            setter.stdin.flush()
+            version = await fine_wait
+            woken = time.monotonic()
+            assert not stuck_wait.done()
+            stuck_wait.cancel()
+            return version, woken
+
+        try:
+            version, woken = asyncio.run(main())
+            set_at = float(setter.stdout.readline())
+        finally:
+            setter.communicate("\n", timeout=30)
+            with block_bytes(name) as memory:
+                memory[64:192] = saved
+        assert version == fine.version
+        assert woken - set_at < 0.25, f"woken {woken - set_at:.3f} s after the set"
+        stuck.set("again")
+        assert stuck.get() == "again"
+
+
 SQUATTED = """
 import importlib.util, os, sys
 import shmemext
