@@ -621,8 +621,9 @@ static uint64_t copy_or(unsigned char *dst, const unsigned char *src, size_t n)
  * 32-byte boundary about half the time (where the allocator put the object),
  * and then every other 32-byte store splits a cache line, which cost
  * 1.2-1.6x the aligned loop at 16-256 KiB.  The first 32 bytes are copied
- * (and ORed) unaligned, and the aligned loop starts inside them: a byte ORed
- * twice changes nothing. */
+ * (and ORed) unaligned, and the aligned loop starts inside them: what it
+ * stores over them it ORs too, so the check still sees each byte as stored,
+ * however the source changes between the two loads. */
 __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst, const unsigned char *src, size_t n)
 {
     if (n < 64)
