@@ -941,6 +941,12 @@ static int register_waiter(shx_block *b, uint64_t seen, int64_t timeout_ns, uint
     return rc;
 }
 
+/* What a wait begun at `start` has left of timeout_ns; a wait forever sleeps a second at a time. */
+static int64_t wait_left(int64_t timeout_ns, uint64_t start)
+{
+    return timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+}
+
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
 {
     if (!b->attached)
@@ -960,7 +966,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         *now = version;
         if (version != seen)
             return SHX_OK;
-        int64_t left = timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+        int64_t left = wait_left(timeout_ns, start);
         if (left <= 0)
             return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
         uint32_t word;
@@ -970,7 +976,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
             return rc;
         if (!registered)
             continue;
-        left = timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+        left = wait_left(timeout_ns, start);
         if (left > 0 && atomic_load_explicit(&h->version, memory_order_acquire) == seen)
             (void)shx_os_wait_word(&b->map, &h->wake_seq, word, left);
         atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_relaxed);
@@ -1029,21 +1035,25 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
      * others. */
     int64_t wait_ns = timeout_ns;
     shx_error ignored;
-    for (size_t i = 0; i < n; i++) {
+    int changed = 0;
+    size_t counted = 0;
+    for (; counted < n && !changed; counted++) {
+        size_t i = counted;
         shx_header *h = blocks[i]->hdr;
         maps[i] = &blocks[i]->map;
         words[i] = (void *)&h->wake_seq;
-        if (register_waiter(blocks[i], seen[i], 0, &expected[i], &registered[i], &ignored) != SHX_OK ||
-            !registered[i]) {
+        if (register_waiter(blocks[i], seen[i], 0, &expected[i], &registered[i], &ignored) != SHX_OK) {
             expected[i] = atomic_load_explicit(&h->wake_seq, memory_order_relaxed);
             if (wait_ns > BUSY_LOCK_POLL_NS)
                 wait_ns = BUSY_LOCK_POLL_NS;
+        } else if (!registered[i]) {
+            changed = 1; /* its version moved: nothing to sleep for */
         }
     }
-    int rc = any_changed(blocks, seen, nudges, n, bell, rung)
+    int rc = changed || any_changed(blocks, seen, nudges, n, bell, rung)
                  ? SHX_OK
                  : shx_os_wait_any(maps, words, expected, n, bell, rung, wait_ns);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < counted; i++) {
         if (registered[i])
             atomic_fetch_sub_explicit(&blocks[i]->hdr->waiters, 1, memory_order_relaxed);
     }
