@@ -544,6 +544,54 @@ static void test_checked_copy_alignment(void)
     free(out);
 }
 
+/* Unchecked copies from 4 KiB up go by aligned vector stores, which end with
+ * a store over bytes stored already: at every offset of source and
+ * destination in a line, each byte must arrive and none past the end be
+ * written, for every length of the tail left after the loop. */
+static void test_unchecked_copy_alignment(void)
+{
+    static const size_t sizes[] = {4095, 4096, 4097, 4096 + 31, 4096 + 32, 4096 + 33, 4096 + 63, 70001};
+    const size_t most = 70001;
+    unsigned char *src = malloc(most + 64), *out = malloc(most + 192);
+    for (size_t i = 0; i < most + 64; i++)
+        src[i] = (unsigned char)(i * 13 + (i >> 8));
+    shx_block v = {0}, seg = {0};
+    shx_error err;
+    shx_block_open(&v, block_name("unchecked"), SHX_KIND_VALUE, most, 0, 0600, &err);
+    shx_block_open(&seg, block_name("unchecked-seg"), SHX_KIND_SEGMENT, most + 128, 0, 0600, &err);
+    int values_ok = 1, writes_ok = 1, reads_ok = 1, cases = 0;
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        for (size_t so = 0; so < 64; so++) {
+            for (size_t dso = 0; dso < 64; dso += so % 8 == 0 ? 1 : 21) {
+                uint32_t type;
+                size_t got;
+                memset(out, 0xA5, most + 192);
+                void *dst_ctx = out + 64 + dso;
+                shx_value_set(&v, SHX_TYPE_BYTES, src + so, n, NULL, &err);
+                int rc = shx_value_get(&v, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err);
+                values_ok &= rc == SHX_OK && got == n && memcmp(out + 64 + dso, src + so, n) == 0 &&
+                             out[63 + dso] == 0xA5 && out[64 + dso + n] == 0xA5;
+                memset(seg.data, 0x5A, most + 128);
+                rc = shx_segment_write(&seg, dso, src + so, n, NULL, &err);
+                writes_ok &= rc == SHX_OK && memcmp(seg.data + dso, src + so, n) == 0 && seg.data[dso + n] == 0x5A &&
+                             (dso == 0 || seg.data[dso - 1] == 0x5A);
+                memset(out, 0xA5, most + 192);
+                rc = shx_segment_read(&seg, dso, out + 64 + so, n, NULL, &err);
+                reads_ok &= rc == SHX_OK && memcmp(out + 64 + so, src + so, n) == 0 && out[64 + so + n] == 0xA5;
+                cases++;
+            }
+        }
+    }
+    CHECK(values_ok, "byte values of 4095 B to 68 KiB arrive whole, nothing past either end (%d offsets)", cases);
+    CHECK(writes_ok, "segment writes of 4095 B to 68 KiB at every offset stay within their range");
+    CHECK(reads_ok, "segment reads of 4095 B to 68 KiB at every offset stay within their range");
+    shx_block_close(&v, 0, &err);
+    shx_block_close(&seg, 0, &err);
+    free(src);
+    free(out);
+}
+
 /* Values of 8 MiB and more go into the block with streaming stores: every
  * byte must still arrive, whatever the alignment of either side. */
 static void test_large_copies(void)
@@ -1159,6 +1207,7 @@ int main(void)
     test_scribbled_lock();
     test_wait_ping_pong();
     test_checked_copy_alignment();
+    test_unchecked_copy_alignment();
     test_large_copies();
     test_segment();
     test_foreign_header();
