@@ -1,11 +1,14 @@
 """Value.get/set against the copy floor: the same bytes copied by CPython itself.
 
-    python benchmarks/bench_floor.py [--runs 5] [--sizes 16,256,4K,64K,1M,16M,64M] [--kinds ...] [--json FILE]
+    python benchmarks/bench_floor.py [--runs 5] [--sizes 16,256,4K,64K,1M,16M,64M] [--kinds ...] [--cells 3] [--json FILE]
 
 Per point (payload kind and size) three Value blocks are used in turn, each
 holding its own payload, and so are three floor buffers: a call's source and
 destination are warm in the caches, as in a program that moves values
-around, but no point measures one line copied over itself.  The floor is
+around, but no point measures one line copied over itself.  A Value's two
+slots make a set() touch (2 + 1) x cells x size where the floor touches
+2 x cells x size: --cells moves the sizes where the first outgrows a cache
+level and the second does not (--cells 1 shows the copy without that).  The floor is
     set: mv[:] = payload, into a memoryview of a bytearray of the same size;
     get: buf[8:8 + n], a new bytes object copied out of a bytes buffer,
 which is one copy each (plus, for get, the allocation of the result, as
@@ -55,15 +58,16 @@ def payload(kind: str, size: int, variant: int) -> str | bytes:
     return CHAR[kind] + body
 
 
-def measure(kinds: list[str], sizes: list[int], rounds: int) -> list[dict]:
+def measure(kinds: list[str], sizes: list[int], rounds: int, cells: int = 3) -> list[dict]:
     import shmemext
 
     rows = []
+    each = range(cells)
     for size in sizes:
-        blocks = [shmemext.Value(f"shmemext-floor-{os.getpid()}-{i}", size) for i in range(3)]
+        blocks = [shmemext.Value(f"shmemext-floor-{os.getpid()}-{i}", size) for i in each]
         try:
             for kind in kinds:
-                values = [payload(kind, size, i) for i in range(3)]
+                values = [payload(kind, size, i) for i in each]
                 # The floor copies the same bytes as stored (never bytes(size), whose
                 # untouched pages all read one shared zero page, which is always cached).
                 raws = [v.encode(CODEC[kind]) if isinstance(v, str) else v for v in values]
@@ -72,16 +76,16 @@ def measure(kinds: list[str], sizes: list[int], rounds: int) -> list[dict]:
                 env = {f"b{i}": b for i, b in enumerate(blocks)}
                 env.update({f"p{i}": v for i, v in enumerate(values)})
                 env.update({f"r{i}": r for i, r in enumerate(raws)})
-                env.update({f"m{i}": memoryview(bytearray(size)) for i in range(3)})
+                env.update({f"m{i}": memoryview(bytearray(size)) for i in each})
                 env.update({f"s{i}": bytes(8) + r + bytes(8) for i, r in enumerate(raws)})
                 env["n"] = size
                 env.update({f"get{i}": b.get for i, b in enumerate(blocks)})
                 env.update({f"set{i}": b.set for i, b in enumerate(blocks)})
                 stmts = {
-                    "get ours": "get0(); get1(); get2()",
-                    "get floor": "s0[8:8 + n]; s1[8:8 + n]; s2[8:8 + n]",
-                    "set ours": "set0(p0); set1(p1); set2(p2)",
-                    "set floor": "m0[:] = r0; m1[:] = r1; m2[:] = r2",
+                    "get ours": "; ".join(f"get{i}()" for i in each),
+                    "get floor": "; ".join(f"s{i}[8:8 + n]" for i in each),
+                    "set ours": "; ".join(f"set{i}(p{i})" for i in each),
+                    "set floor": "; ".join(f"m{i}[:] = r{i}" for i in each),
                 }
                 timers = {m: timeit.Timer(s, globals=env) for m, s in stmts.items()}
                 number = {}
@@ -95,7 +99,7 @@ def measure(kinds: list[str], sizes: list[int], rounds: int) -> list[dict]:
                 for _ in range(rounds):
                     random.shuffle(order)
                     for m in order:
-                        samples[m].append(timers[m].timeit(number[m]) / number[m] / 3 * 1e9)
+                        samples[m].append(timers[m].timeit(number[m]) / number[m] / cells * 1e9)
                 ns = {m: statistics.median(s) for m, s in samples.items()}
                 for op in ("get", "set"):
                     rows.append({"kind": kind, "size": size, "op": op, "ours_ns": ns[f"{op} ours"],
@@ -119,17 +123,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds per cell within a run (default 7)")
     parser.add_argument("--sizes", type=parse_sizes, default=SIZES)
     parser.add_argument("--kinds", type=lambda t: t.split(","), default=KINDS)
+    parser.add_argument("--cells", type=int, default=3, help="Value blocks (and floor buffers) used in turn (default 3)")
     parser.add_argument("--json", metavar="FILE", help="write every run's rows as JSON")
     parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cells < 1:
+        parser.error(f"--cells must be at least 1, not {args.cells}")
     if args.one_run:
-        json.dump(measure(args.kinds, args.sizes, args.rounds), sys.stdout)
+        json.dump(measure(args.kinds, args.sizes, args.rounds, args.cells), sys.stdout)
         return 0
     runs = []
     for r in range(args.runs):
         print(f"run {r + 1} of {args.runs}...", file=sys.stderr, flush=True)
         env = dict(os.environ, SHMEMEXT_SIZE="0")   # no default block: only the measured ones
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one-run", "--rounds", str(args.rounds),
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one-run", "--rounds", str(args.rounds), "--cells", str(args.cells),
                               "--sizes", ",".join(map(str, args.sizes)), "--kinds", ",".join(args.kinds)],
                              env=env, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out))
