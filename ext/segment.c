@@ -666,8 +666,8 @@ __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst,
  * aligned stores.  On an Intel Xeon (AVX-512, 2 MiB of L2 per core) it went
  * the other way: there the C library copies with rep movsb, which fills
  * whole lines without reading them first, and aligned stores made sets of
- * 3-4 MiB cost 1.4-1.5x the floor against 1.03-1.13x, sets of 4 KiB 1.25-1.43x
- * against 1.02-1.16x and gets of 4-8 KiB 0.95x against 0.80x
+ * 3-4 MiB cost 1.4-1.5x the floor against 1.01-1.13x, sets of 4 KiB
+ * 1.25-1.43x against 0.97-1.17x and gets of 4-8 KiB 0.95x against 0.80x
  * (benchmarks/bench_floor.py).  Below 4 KiB the C library's copy was as fast
  * or faster on both; past the upper bound it chooses its own stores (past the
  * cache, from sizes it derives from the machine). */
