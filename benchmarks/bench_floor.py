@@ -8,7 +8,7 @@ destination are warm in the caches, as in a program that moves values
 around, but no point measures one line copied over itself.  A Value's two
 slots make a set() touch (2 + 1) x cells x size where the floor touches
 2 x cells x size: --cells moves the sizes where the first outgrows a cache
-level and the second does not (--cells 1 shows the copy without that).  The floor is
+level and the second does not.  The floor is
     set: mv[:] = payload, into a memoryview of a bytearray of the same size;
     get: buf[8:8 + n], a new bytes object copied out of a bytes buffer,
 which is one copy each (plus, for get, the allocation of the result, as

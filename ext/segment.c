@@ -677,13 +677,8 @@ __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst,
 #ifdef HAVE_AVX2_COPY
 static int aligned_copy_wins(void)
 {
-    static _Atomic int cached; /* 0: not yet asked, 1: no, 2: yes */
-    int v = atomic_load_explicit(&cached, memory_order_relaxed);
-    if (v == 0) {
-        v = __builtin_cpu_supports("avx2") && __builtin_cpu_is("amd") ? 2 : 1;
-        atomic_store_explicit(&cached, v, memory_order_relaxed);
-    }
-    return v == 2;
+    /* Both read what the runtime found at load time: no cache needed. */
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_is("amd");
 }
 #endif
 
