@@ -597,7 +597,7 @@ static void test_unchecked_copy_alignment(void)
 static void test_large_copies(void)
 {
     const size_t n = ((size_t)9 << 20) + 13;
-    unsigned char *src = malloc(n + 16), *out = malloc(n + 16);
+    unsigned char *src = malloc(n + 16), *out = malloc(n + 64);
     for (size_t i = 0; i < n + 16; i++)
         src[i] = (unsigned char)(i * 31 + (i >> 13));
     shx_block a = {0}, seg = {0};
@@ -609,13 +609,19 @@ static void test_large_copies(void)
         uint32_t type;
         size_t got;
         shx_value_set(&a, SHX_TYPE_BYTES, src + shift * 3, n - shift, NULL, &err);
-        void *dst_ctx = out;
+        unsigned char *dst = out + shift * 11; /* 0, 11, 22 and 33 bytes past malloc's alignment */
+        memset(out, 0x5A, n + 64);
+        void *dst_ctx = dst;
         int rc = shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err);
-        all_ok &= rc == SHX_OK && got == n - shift && memcmp(out, src + shift * 3, n - shift) == 0;
+        all_ok &= rc == SHX_OK && got == n - shift && memcmp(dst, src + shift * 3, n - shift) == 0;
+        for (unsigned char *p = dst + (n - shift); p < out + n + 64; p++)
+            all_ok &= *p == 0x5A;
+        for (unsigned char *p = out; p < dst; p++)
+            all_ok &= *p == 0x5A;
         rc = shx_segment_write(&seg, 1 + shift * 7, src + shift, n - 8, NULL, &err);
         all_ok &= rc == SHX_OK && memcmp(seg.data + 1 + shift * 7, src + shift, n - 8) == 0;
     }
-    CHECK(all_ok, "9 MiB values and segment writes arrive whole at every alignment");
+    CHECK(all_ok, "9 MiB values and segment writes arrive whole at every alignment, nothing written around them");
 
     /* Text checked while streaming, into destinations 8 or 16 bytes aligned. */
     for (size_t at = 0; at < 2; at++) {
@@ -639,6 +645,13 @@ static void test_large_copies(void)
         CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK &&
                   memcmp(dst, src, len) == 0,
               "9 MiB of Latin-1 read back whole (offset %zu)", 8 * at);
+        src[len / 2] = 'a';
+        src[0] = 0xE9; /* decided in the first chunk: the rest, over 8 MiB, is copied unchecked */
+        shx_value_set(&a, SHX_TYPE_LATIN1, src, len, NULL, &err);
+        memset(out, 0, n + 64);
+        CHECK(shx_value_get(&a, large_dst, &dst_ctx, NULL, &type, &got, NULL, &err) == SHX_OK && got == len &&
+                  memcmp(dst, src, len) == 0,
+              "9 MiB of Latin-1 decided by its first byte read back whole (offset %zu)", 8 * at);
         uint32_t *units = (uint32_t *)src;
         size_t count = len / 4;
         for (size_t u = 0; u < count; u++)
