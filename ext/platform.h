@@ -224,9 +224,11 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
  * word from any process.  Returns SHX_OK (woken, changed, interrupted by a
  * signal, or woken spuriously: callers re-check) or SHX_E_TIMEOUT.  Waking
  * must need no system call when nobody waits: callers count their waiters and
- * pass that count to wake, which is called only when it is not zero. */
+ * pass that count to wake, which is called only when it is not zero.  Wake
+ * returns how many sleepers it woke, or -1 where the OS does not tell: a count
+ * that keeps finding nobody asleep has kept waiters that died. */
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns);
-void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
+int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
 
 /* A doorbell inside this process: how a thread ends another's
  * shx_os_wait_any early (new work for it, or a close()).  Ringing makes no

@@ -510,11 +510,12 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     return SHX_OK; /* woken, EAGAIN (already changed) or EINTR: the caller looks again */
 }
 
-void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 {
     (void)m;
     (void)waiters;
-    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    long woken = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    return woken < 0 ? -1 : woken > INT_MAX ? INT_MAX : (int)woken;
 }
 #elif defined(__APPLE__)
 /* os_sync_wait_on_address (macOS 14.4 and later) with its SHARED flag, which
@@ -556,13 +557,14 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     return SHX_OK; /* woken, changed already, interrupted: the caller looks again */
 }
 
-void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 {
     (void)m;
     (void)waiters;
     (void)pthread_once(&sync_once, find_os_sync);
     if (sync_wake != NULL)
         (void)sync_wake(addr, sizeof(uint32_t), OS_SYNC_SHARED);
+    return -1; /* no count of the woken, and no macOS here to learn what its errors tell */
 }
 #else
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns)
@@ -571,11 +573,12 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     return poll_word(addr, expected, timeout_ns);
 }
 
-void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 {
     (void)m;
     (void)addr;
     (void)waiters;
+    return -1; /* waiters poll */
 }
 #endif
 

@@ -436,10 +436,11 @@ int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeo
     return SHX_OK;
 }
 
-void shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
+int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters)
 {
     (void)addr;
     (void)ReleaseSemaphore((HANDLE)m->wake, waiters > (uint32_t)LONG_MAX ? LONG_MAX : (LONG)waiters, NULL);
+    return -1; /* a semaphore does not say who took its tokens */
 }
 
 int shx_os_bell_init(shx_os_bell *bell, shx_error *err)

@@ -195,7 +195,7 @@ static PyObject *value_get_waiters(BlockObject *self, void *Py_UNUSED(c))
 {
     if (shx_py_enter(self) < 0)
         return NULL;
-    uint32_t waiters = atomic_load(&self->block.hdr->waiters);
+    uint32_t waiters = shx_value_waiters(&self->block);
     shx_py_leave(self);
     return PyLong_FromUnsignedLong(waiters);
 }

@@ -757,6 +757,68 @@ static int copy_checked(unsigned char *dst, const unsigned char *src, size_t n, 
     return ok;
 }
 
+/* ---- waiter counts ---------------------------------------------------------- */
+
+/* A wait counts itself while it sleeps, so that a set() makes a system call
+ * only when someone may sleep.  A waiter that dies (SIGKILL) never uncounts
+ * itself, and every set() after it would wake nobody: one futex call each,
+ * 6x the cost of a 16-byte set().  So a set() whose wakes keep finding nobody
+ * asleep recounts: under the writer lock, where no wait can count itself, it
+ * moves the word they sleep on, wakes every sleeper, and starts a new epoch
+ * at zero.  Each live waiter then finds its sleep ended, or its word moved,
+ * and counts itself again in the new epoch; those counted in the old one
+ * (the dead among them) no longer move the count. */
+
+/* Under the writer lock: counts a wait, and returns the epoch it is counted in. */
+static uint32_t count_waiter(shx_header *h)
+{
+    return (uint32_t)(atomic_fetch_add_explicit(&h->waiters, 1, memory_order_relaxed) >> 32);
+}
+
+static void uncount_waiter(shx_header *h, uint32_t epoch)
+{
+    uint64_t w = atomic_load_explicit(&h->waiters, memory_order_relaxed);
+    while ((uint32_t)(w >> 32) == epoch && (uint32_t)w != 0 &&
+           !atomic_compare_exchange_weak_explicit(&h->waiters, &w, w - 1, memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+/* Wakes in a row that may find nobody asleep before a set() recounts: a live
+ * waiter is between counting itself and sleeping when a set() comes now and
+ * then, rarely several times running. */
+#define IDLE_WAKES_BEFORE_RECOUNT 4
+
+int shx_value_recount_waiters(shx_block *b)
+{
+    shx_header *h = b->hdr;
+    shx_error ignored;
+    int died;
+    if (shx_os_lock(&b->map, h->lock_area, 0, &died, &ignored) != SHX_OK)
+        return 0; /* a set() or a wait holds it: a later set() recounts */
+    /* Word first, wake next, count last: a recounter that dies before its
+     * wake leaves the old count, whose next set() wakes the sleepers. */
+    atomic_store_explicit(&h->wake_seq, atomic_load_explicit(&h->wake_seq, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    (void)shx_os_wake_word(&b->map, &h->wake_seq, shx_value_waiters(b));
+    uint64_t epoch = atomic_load_explicit(&h->waiters, memory_order_relaxed) >> 32;
+    atomic_store_explicit(&h->waiters, (epoch + 1) << 32, memory_order_relaxed);
+    atomic_store_explicit(&h->idle_wakes, 0, memory_order_relaxed);
+    (void)shx_os_unlock(&b->map, h->lock_area, &ignored);
+    return 1;
+}
+
+/* After a set()'s wake: woken is how many it woke, or -1 where the OS does not say. */
+static void after_wake(shx_block *b, int woken)
+{
+    shx_header *h = b->hdr;
+    if (woken < 0)
+        return;
+    uint32_t idle = woken == 0 ? atomic_load_explicit(&h->idle_wakes, memory_order_relaxed) + 1 : 0;
+    atomic_store_explicit(&h->idle_wakes, idle, memory_order_relaxed);
+    if (idle >= IDLE_WAKES_BEFORE_RECOUNT)
+        (void)shx_value_recount_waiters(b);
+}
+
 /* ---- the value protocol --------------------------------------------------- */
 
 int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err)
@@ -791,12 +853,12 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, 
      * version, with no barrier here.  No system call when nobody waits. */
     atomic_store_explicit(&h->wake_seq, atomic_load_explicit(&h->wake_seq, memory_order_relaxed) + 1,
                           memory_order_relaxed);
-    uint32_t waiters = atomic_load_explicit(&h->waiters, memory_order_relaxed);
+    uint32_t waiters = shx_value_waiters(b);
     rc = shx_block_unlock(b, err);
     /* After unlocking: a woken process that answers with a set() at once
      * must not find the lock still held and sleep a second time. */
     if (waiters != 0)
-        shx_os_wake_word(&b->map, &h->wake_seq, waiters);
+        after_wake(b, shx_os_wake_word(&b->map, &h->wake_seq, waiters));
     return rc;
 }
 
@@ -980,9 +1042,10 @@ static void spin_learn(shx_block *b, int seen_change)
  * the copy's stores have drained: a 4 KiB set() cost 1.15-1.27x the copy
  * floor with one, 1.03-1.08x without.)  A held lock is nearly always a set()
  * about to publish, so we watch for that first.  With timeout_ns 0 we only
- * try.  *registered says whether we were counted; the caller uncounts us. */
+ * try.  *registered says whether we were counted, and *epoch in which epoch;
+ * the caller uncounts us. */
 static int register_waiter(shx_block *b, uint64_t seen, int64_t timeout_ns, uint32_t *word, int *registered,
-                           shx_error *err)
+                           uint32_t *epoch, shx_error *err)
 {
     shx_header *h = b->hdr;
     int died, rc = SHX_E_TIMEOUT;
@@ -998,11 +1061,11 @@ static int register_waiter(shx_block *b, uint64_t seen, int64_t timeout_ns, uint
         rc = shx_os_lock(&b->map, h->lock_area, timeout_ns, &died, err);
     if (rc != SHX_OK)
         return rc;
-    atomic_fetch_add_explicit(&h->waiters, 1, memory_order_relaxed);
+    *epoch = count_waiter(h);
     *word = atomic_load_explicit(&h->wake_seq, memory_order_relaxed);
     rc = shx_os_unlock(&b->map, h->lock_area, err);
     if (rc != SHX_OK)
-        atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_relaxed);
+        uncount_waiter(h, *epoch);
     else
         *registered = 1;
     return rc;
@@ -1036,9 +1099,9 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         int64_t left = wait_left(timeout_ns, start);
         if (left <= 0)
             return shx_fail(err, SHX_E_TIMEOUT, (uint64_t)timeout_ns, 0, NULL);
-        uint32_t word;
+        uint32_t word, epoch;
         int registered;
-        int rc = register_waiter(b, seen, left, &word, &registered, err);
+        int rc = register_waiter(b, seen, left, &word, &registered, &epoch, err);
         if (rc != SHX_OK)
             return rc;
         if (!registered)
@@ -1046,7 +1109,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         left = wait_left(timeout_ns, start);
         if (left > 0 && atomic_load_explicit(&h->version, memory_order_acquire) == seen)
             (void)shx_os_wait_word(&b->map, &h->wake_seq, word, left);
-        atomic_fetch_sub_explicit(&h->waiters, 1, memory_order_relaxed);
+        uncount_waiter(h, epoch);
     }
 }
 
@@ -1095,6 +1158,7 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
     void *words[SHX_WAIT_ANY_MAX];
     uint32_t expected[SHX_WAIT_ANY_MAX];
     int registered[SHX_WAIT_ANY_MAX];
+    uint32_t epochs[SHX_WAIT_ANY_MAX];
     /* As in shx_value_wait: count ourselves a waiter of each under its lock,
      * then look at the versions, so that every set() from now on sees us and
      * wakes us.  A block whose lock stays held (or is not a lock any more) is
@@ -1109,7 +1173,7 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
         shx_header *h = blocks[i]->hdr;
         maps[i] = &blocks[i]->map;
         words[i] = (void *)&h->wake_seq;
-        if (register_waiter(blocks[i], seen[i], 0, &expected[i], &registered[i], &ignored) != SHX_OK) {
+        if (register_waiter(blocks[i], seen[i], 0, &expected[i], &registered[i], &epochs[i], &ignored) != SHX_OK) {
             expected[i] = atomic_load_explicit(&h->wake_seq, memory_order_relaxed);
             if (wait_ns > BUSY_LOCK_POLL_NS)
                 wait_ns = BUSY_LOCK_POLL_NS;
@@ -1122,7 +1186,7 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
                  : shx_os_wait_any(maps, words, expected, n, bell, rung, wait_ns);
     for (size_t i = 0; i < counted; i++) {
         if (registered[i])
-            atomic_fetch_sub_explicit(&blocks[i]->hdr->waiters, 1, memory_order_relaxed);
+            uncount_waiter(blocks[i]->hdr, epochs[i]);
     }
     if (rc == SHX_E_TIMEOUT && wait_ns < timeout_ns)
         return SHX_OK; /* a poll of a held lock's block, not the caller's timeout: it looks again */
@@ -1188,8 +1252,9 @@ void shx_value_nudge_watchers(shx_block *b)
 {
     if (b->attached && b->kind == SHX_KIND_VALUE && atomic_load(&b->watching) > 0) {
         atomic_fetch_add(&b->nudges, 1);
-        uint32_t waiters = atomic_load_explicit(&b->hdr->waiters, memory_order_seq_cst);
-        shx_os_wake_word(&b->map, &b->hdr->wake_seq, waiters > 0 ? waiters : 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        uint32_t waiters = shx_value_waiters(b);
+        (void)shx_os_wake_word(&b->map, &b->hdr->wake_seq, waiters > 0 ? waiters : 1);
     }
 }
 

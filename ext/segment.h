@@ -16,7 +16,7 @@
 #include "handle.h"
 #include "platform.h"
 
-#define SHX_LAYOUT           1
+#define SHX_LAYOUT           2
 #define SHX_HEADER_SIZE      4096
 #define SHX_NAME_MAX         200
 #define SHX_DEFAULT_CAPACITY 4096
@@ -70,8 +70,13 @@ typedef struct shx_header {
     unsigned char lock_area[SHX_LOCK_AREA]; /* 64: the writer lock */
     _Atomic uint64_t version;               /* 192: committed sets; slot = version & 1 */
     _Atomic uint32_t wake_seq;              /* 200: bumped by every set; waiters sleep on it */
-    _Atomic uint32_t waiters;               /* 204: processes sleeping in shx_value_wait */
-    unsigned char pad1[48];
+    uint32_t reserved1;
+    /* 208: waits counted now (low 32 bits) and the count's epoch (high 32):
+     * a recount starts a new epoch at zero, and a wait counted in an older
+     * one no longer uncounts itself. */
+    _Atomic uint64_t waiters;
+    _Atomic uint32_t idle_wakes; /* 216: wakes in a row that found nobody asleep */
+    unsigned char pad1[36];
     shx_slot slot[2]; /* 256, 320 */
 } shx_header;
 
@@ -186,6 +191,17 @@ static inline uint64_t shx_value_version(const shx_block *b)
 {
     return atomic_load_explicit(&b->hdr->version, memory_order_acquire);
 }
+
+/* Waits the block counts now, in every process (a diagnostic). */
+static inline uint32_t shx_value_waiters(const shx_block *b)
+{
+    return (uint32_t)atomic_load_explicit(&b->hdr->waiters, memory_order_relaxed);
+}
+
+/* Starts the count of waits afresh, as set() does when its wakes keep finding
+ * nobody asleep (a waiter died counted): every sleeper is woken and counts
+ * itself again.  Returns 0 when the writer lock was busy and nothing was done. */
+int shx_value_recount_waiters(shx_block *b);
 
 /* Commits `nbytes` of `type` as the new value. */
 int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err);

@@ -96,6 +96,34 @@ def test_wake_counter_wrap_around(name):
             assert int.from_bytes(memory[200:204], "little") == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="the count is repaired where a wake-up says how many it woke: Linux's futex")
+def test_a_killed_waiters_count_is_repaired_by_the_next_sets(name):
+    with shmemext.Value(name) as v:
+        doomed = spawn(WAITER, name)
+        assert doomed.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while v._waiters == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # asleep in the kernel
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate(timeout=30)
+        assert v._waiters == 1
+        for i in range(5):
+            v.set(f"after {i}")
+        assert v._waiters == 0
+        live = [spawn(WAITER, name) for _ in range(2)]
+        for w in live:
+            assert w.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        v.set("still heard")
+        outs = [w.communicate(timeout=30)[0] for w in live]
+        assert time.monotonic() - t0 < 5
+        assert outs == ["6 still heard\n"] * 2
+        assert v._waiters == 0
+
+
 def test_an_infinite_timeout_waits_forever(name):
     with shmemext.Value(name) as v:
         threading.Timer(0.2, lambda: v.set("x")).start()

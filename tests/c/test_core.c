@@ -501,6 +501,84 @@ static void test_wait_ping_pong(void)
     shx_block_close(&pong, 0, &err);
 }
 
+#ifdef __linux__
+/* A waiter SIGKILLed while it sleeps never uncounts itself.  The set()s
+ * after it find nobody asleep and recount; a live waiter is still woken
+ * after that, and a phantom count (a dead waiter's, written in each round)
+ * makes thousands of round trips recount without losing a wake-up. */
+static void test_dead_waiters(void)
+{
+    enum { ROUNDS = 5000 };
+    shx_block ping = {0}, pong = {0};
+    shx_error err;
+    uint64_t now;
+    CHECK(shx_block_open(&ping, block_name("dead-ping"), SHX_KIND_VALUE, 16, 0, 0600, &err) == SHX_OK &&
+              shx_block_open(&pong, block_name("dead-pong"), SHX_KIND_VALUE, 16, 0, 0600, &err) == SHX_OK,
+          "two values to answer on");
+    atomic_store(&ping.spin_off, 1);
+    pid_t doomed = fork();
+    if (doomed == 0)
+        _exit(shx_value_wait(&ping, shx_value_version(&ping), 30000000000, &now, &err) == SHX_OK ? 0 : 1);
+    for (int i = 0; i < 2000 && shx_value_waiters(&ping) == 0; i++)
+        usleep(1000);
+    usleep(50000); /* asleep in the kernel by now */
+    kill(doomed, SIGKILL);
+    int counted = (int)shx_value_waiters(&ping);
+    wait_child(doomed);
+    int sets = 0;
+    while (shx_value_waiters(&ping) != 0 && sets < 10) {
+        shx_value_set(&ping, SHX_TYPE_BYTES, &sets, sizeof sets, NULL, &err);
+        sets++;
+    }
+    CHECK(counted == 1 && shx_value_waiters(&ping) == 0 && sets <= 5,
+          "a killed waiter's count is gone after %d set()s (was %d)", sets, counted);
+
+    uint64_t before = shx_value_version(&ping);
+    pid_t sleeper = fork();
+    if (sleeper == 0)
+        _exit(shx_value_wait(&ping, before, 10000000000, &now, &err) == SHX_OK && now == before + 1 ? 0 : 1);
+    for (int i = 0; i < 2000 && shx_value_waiters(&ping) == 0; i++)
+        usleep(1000);
+    usleep(50000);
+    int recounted = shx_value_recount_waiters(&ping);
+    int again = 0;
+    for (int i = 0; i < 2000 && !(again = shx_value_waiters(&ping) == 1); i++)
+        usleep(1000);
+    uint64_t t0 = shx_os_monotonic_ns();
+    shx_value_set(&ping, SHX_TYPE_BYTES, "x", 1, NULL, &err);
+    int woke = wait_child(sleeper) == 0;
+    CHECK(recounted && again && woke && shx_os_monotonic_ns() - t0 < 1000000000,
+          "a sleeping waiter, woken by a recount, counts itself again and wakes on the next set()");
+
+    uint64_t seen_ping = shx_value_version(&ping), seen_pong = shx_value_version(&pong);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (int i = 0; i < ROUNDS; i++) {
+            if (answer_wait(&ping, &seen_ping) != SHX_OK ||
+                shx_value_set(&pong, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err) != SHX_OK)
+                _exit(1);
+        }
+        _exit(0);
+    }
+    int lost = 0, i = 0;
+    for (; i < ROUNDS && lost == 0; i++) {
+        atomic_fetch_add(&ping.hdr->waiters, 1); /* a waiter that died counted */
+        shx_value_set(&ping, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err);
+        lost += answer_wait(&pong, &seen_pong) != SHX_OK;
+    }
+    if (lost)
+        kill(pid, SIGKILL);
+    uint32_t recounts = (uint32_t)(atomic_load(&ping.hdr->waiters) >> 32) - 1;
+    CHECK(wait_child(pid) == 0 && lost == 0 && i == ROUNDS && recounts > 0,
+          "%d round trips with a dead waiter counted in each, none lost (%u recounts)", i, recounts);
+    for (sets = 0; shx_value_waiters(&ping) != 0 && sets < 10; sets++)
+        shx_value_set(&ping, SHX_TYPE_BYTES, &sets, sizeof sets, NULL, &err);
+    CHECK(shx_value_waiters(&ping) == 0, "and the count is back to zero %d set()s after", sets);
+    shx_block_close(&ping, 0, &err);
+    shx_block_close(&pong, 0, &err);
+}
+#endif
+
 /* A checked copy aligns its stores to the destination, so its first bytes
  * are copied twice: at every destination offset in a line, every byte must
  * arrive and a single high byte anywhere (in the doubled head above all) must
@@ -1156,7 +1234,7 @@ static void test_wait_any(void)
     CHECK(took < 5000 && wait_child(pid) == 0, "promptly, and the child set it");
     int counted = 0;
     for (int i = 0; i < N; i++)
-        counted += (int)atomic_load(&blocks[i].hdr->waiters) + atomic_load(&blocks[i].watching);
+        counted += (int)shx_value_waiters(&blocks[i]) + atomic_load(&blocks[i].watching);
     CHECK(counted == 0, "and no waiter is left counted on any of them");
     seen[1] = shx_value_version(&blocks[1]);
 
@@ -1219,6 +1297,9 @@ int main(void)
     test_checked_copy();
     test_scribbled_lock();
     test_wait_ping_pong();
+#ifdef __linux__
+    test_dead_waiters();
+#endif
     test_checked_copy_alignment();
     test_unchecked_copy_alignment();
     test_large_copies();

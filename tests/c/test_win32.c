@@ -312,7 +312,7 @@ static void test_wake_up(const char *name)
     HANDLE proc = start_child("wait", name);
     WaitForSingleObject(waiting, 30000);
     Sleep(300); /* let it go to sleep on the semaphore */
-    CHECK(atomic_load(&a.hdr->waiters) == 1, "the other process is registered as a waiter");
+    CHECK(shx_value_waiters(&a) == 1, "the other process is registered as a waiter");
     ULONGLONG t0 = GetTickCount64();
     set_text(&a, "wake up");
     DWORD code = wait_exit(proc);
@@ -320,7 +320,7 @@ static void test_wake_up(const char *name)
     CHECK(code == 0, "set() in one process wakes a wait() in another, which sees the new version (%lu)",
           (unsigned long)code);
     CHECK(took < 5000, "promptly (%llu ms)", (unsigned long long)took);
-    CHECK(atomic_load(&a.hdr->waiters) == 0, "and it unregistered");
+    CHECK(shx_value_waiters(&a) == 0, "and it unregistered");
     shx_block_close(&a, 0, &err);
 }
 
@@ -360,7 +360,7 @@ static void test_wait_any(const char *name)
     CHECK(wait_exit(proc) == 0 && took < 5000, "promptly");
     int counted = 0;
     for (int i = 0; i < 3; i++)
-        counted += (int)atomic_load(&blocks[i].hdr->waiters);
+        counted += (int)shx_value_waiters(&blocks[i]);
     CHECK(counted == 0, "and no waiter is left counted");
     seen[2] = shx_value_version(&blocks[2]);
     HANDLE t = CreateThread(NULL, 0, ring_later, &bell, 0, NULL);
