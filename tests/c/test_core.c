@@ -459,6 +459,36 @@ static int answer_wait(shx_block *b, uint64_t *seen)
     return rc;
 }
 
+/* A child answers each set() of ping with one of pong, `rounds` times.
+ * With `phantom`, each set() of ping first counts a waiter that is not there
+ * (one that died counted).  Returns the round trips made before one was lost;
+ * all of them only if the child also saw every one. */
+static int round_trips(shx_block *ping, shx_block *pong, int rounds, int phantom)
+{
+    shx_error err;
+    uint64_t seen_ping = shx_value_version(ping), seen_pong = shx_value_version(pong);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (int i = 0; i < rounds; i++) {
+            if (answer_wait(ping, &seen_ping) != SHX_OK ||
+                shx_value_set(pong, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err) != SHX_OK)
+                _exit(1);
+        }
+        _exit(0);
+    }
+    int i = 0;
+    for (; i < rounds; i++) {
+        if (phantom)
+            atomic_fetch_add(&ping->hdr->waiters, 1);
+        shx_value_set(ping, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err);
+        if (answer_wait(pong, &seen_pong) != SHX_OK)
+            break;
+    }
+    if (i < rounds)
+        kill(pid, SIGKILL);
+    return wait_child(pid) == 0 ? i : -1;
+}
+
 /* Two processes answer each other's set() thousands of times.  The child's
  * waits do not spin, so nearly every one counts itself a waiter and sleeps;
  * the parent's spin, so its next set() comes within a microsecond of the
@@ -473,24 +503,8 @@ static void test_wait_ping_pong(void)
               shx_block_open(&pong, block_name("pong"), SHX_KIND_VALUE, 16, 0, 0600, &err) == SHX_OK,
           "two values to answer on");
     atomic_store(&ping.spin_off, 1);
-    uint64_t seen_ping = shx_value_version(&ping), seen_pong = shx_value_version(&pong);
-    pid_t pid = fork();
-    if (pid == 0) {
-        for (int i = 0; i < ROUNDS; i++) {
-            if (answer_wait(&ping, &seen_ping) != SHX_OK ||
-                shx_value_set(&pong, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err) != SHX_OK)
-                _exit(1);
-        }
-        _exit(0);
-    }
-    int lost = 0, i = 0;
-    for (; i < ROUNDS && lost == 0; i++) {
-        shx_value_set(&ping, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err);
-        lost += answer_wait(&pong, &seen_pong) != SHX_OK;
-    }
-    if (lost)
-        kill(pid, SIGKILL);
-    CHECK(wait_child(pid) == 0 && lost == 0 && i == ROUNDS, "%d set/wait round trips between processes, none lost", i);
+    int made = round_trips(&ping, &pong, ROUNDS, 0);
+    CHECK(made == ROUNDS, "%d set/wait round trips between processes, none lost", made);
     int died;
     uint64_t now;
     CHECK(shx_block_lock(&ping, 0, &died, NULL, &err) == SHX_OK &&
@@ -550,27 +564,11 @@ static void test_dead_waiters(void)
     CHECK(recounted && again && woke && shx_os_monotonic_ns() - t0 < 1000000000,
           "a sleeping waiter, woken by a recount, counts itself again and wakes on the next set()");
 
-    uint64_t seen_ping = shx_value_version(&ping), seen_pong = shx_value_version(&pong);
-    pid_t pid = fork();
-    if (pid == 0) {
-        for (int i = 0; i < ROUNDS; i++) {
-            if (answer_wait(&ping, &seen_ping) != SHX_OK ||
-                shx_value_set(&pong, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err) != SHX_OK)
-                _exit(1);
-        }
-        _exit(0);
-    }
-    int lost = 0, i = 0;
-    for (; i < ROUNDS && lost == 0; i++) {
-        atomic_fetch_add(&ping.hdr->waiters, 1); /* a waiter that died counted */
-        shx_value_set(&ping, SHX_TYPE_BYTES, &i, sizeof i, NULL, &err);
-        lost += answer_wait(&pong, &seen_pong) != SHX_OK;
-    }
-    if (lost)
-        kill(pid, SIGKILL);
-    uint32_t recounts = (uint32_t)(atomic_load(&ping.hdr->waiters) >> 32) - 1;
-    CHECK(wait_child(pid) == 0 && lost == 0 && i == ROUNDS && recounts > 0,
-          "%d round trips with a dead waiter counted in each, none lost (%u recounts)", i, recounts);
+    uint32_t epoch = (uint32_t)(atomic_load(&ping.hdr->waiters) >> 32);
+    int made = round_trips(&ping, &pong, ROUNDS, 1);
+    uint32_t recounts = (uint32_t)(atomic_load(&ping.hdr->waiters) >> 32) - epoch;
+    CHECK(made == ROUNDS && recounts > 0, "%d round trips with a dead waiter counted in each, none lost (%u recounts)",
+          made, recounts);
     for (sets = 0; shx_value_waiters(&ping) != 0 && sets < 10; sets++)
         shx_value_set(&ping, SHX_TYPE_BYTES, &sets, sizeof sets, NULL, &err);
     CHECK(shx_value_waiters(&ping) == 0, "and the count is back to zero %d set()s after", sets);
