@@ -135,7 +135,8 @@ static int enter(ShmemExt_Block *handle, ShmemExt_Error *perr)
             report_closed(perr, b->name, "is closed");
             return 0;
         }
-        pause_briefly(NULL);
+        if (!shx_guard_settle_inherited(&b->guard))
+            pause_briefly(NULL);
     }
     if (b->attached)
         return 1;

@@ -1,18 +1,63 @@
 /* The handle guard's close (handle.h says how the guard works). */
 #include "handle.h"
 
+#include "platform.h"
+
+/* CLOSING, stamped with this process (pids fit in 29 bits everywhere that
+ * forks: Linux caps them at 2^22). */
+static int closing_state(void) { return (int)(SHX_GUARD_CLOSING | ((shx_os_pid() & 0x1FFFFFFFu) << 2)); }
+
+#ifdef _WIN32
+uintptr_t shx_guard_this_thread(void) { return 1; } /* no fork(): never asked to tell threads apart */
+#else
+uintptr_t shx_guard_this_thread(void)
+{
+    static _Thread_local char tag;
+    return (uintptr_t)&tag;
+}
+#endif
+
+int shx_guard_settle_inherited(shx_guard *g)
+{
+    int state = atomic_load(&g->state);
+    if (!shx_guard_is_closing(state) || state == closing_state())
+        return 0;
+    atomic_store(&g->closer, 0);
+    atomic_store(&g->deferred, 0);
+    (void)atomic_compare_exchange_strong(&g->state, &state, SHX_GUARD_CLOSED);
+    return 1;
+}
+
+void shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized)
+{
+    atomic_store(&g->inflight, own_inflight);
+    atomic_store(&g->serialized, own_serialized);
+    if (shx_guard_is_closing(atomic_load(&g->state)) && atomic_load(&g->closer) != shx_guard_this_thread()) {
+        atomic_store(&g->deferred, 0);
+        atomic_store(&g->closer, 0);
+        atomic_store(&g->state, SHX_GUARD_OPEN);
+    } else if (shx_guard_is_closing(atomic_load(&g->state))) {
+        /* The forking thread's own close goes on: under this process's pid. */
+        atomic_store(&g->state, closing_state());
+    }
+}
+
 int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter)
 {
     for (;;) {
         int expected = SHX_GUARD_OPEN;
-        if (atomic_compare_exchange_strong(&g->state, &expected, SHX_GUARD_CLOSING))
+        if (atomic_compare_exchange_strong(&g->state, &expected, closing_state())) {
+            atomic_store(&g->closer, shx_guard_this_thread());
             break;
+        }
         /* A close() inside one of this thread's calls cannot wait for the
          * closer, which waits for that very call. */
         if (expected == SHX_GUARD_CLOSED || own > 0)
             return SHX_GUARD_DONE;
-        while (atomic_load(&g->state) == SHX_GUARD_CLOSING)
-            waiter->pause(waiter->ctx);
+        while (shx_guard_is_closing(atomic_load(&g->state))) {
+            if (!shx_guard_settle_inherited(g))
+                waiter->pause(waiter->ctx);
+        }
         /* CLOSED: done.  OPEN: the closer gave up; try again, to say why. */
     }
     /* Calls under way end soon: copies finish, waits end at their next slice. */

@@ -28,27 +28,39 @@
  * Buffer exports (views) and C API pins (acquire) are counted here too: they
  * are taken only inside a call, so once the count has drained the closer
  * reads final numbers.
+ *
+ * A fork() child has only the forking thread: a close() that another thread
+ * had begun never ends there.  So CLOSING carries the closer's process id in
+ * the same word (one compare-and-swap sets both), and the closer names its
+ * thread: the child settles what it inherited (shx_guard_settle_inherited,
+ * and shx_guard_forget_other_threads for blocks still attached there).
  */
 #ifndef SHMEMEXT_HANDLE_H
 #define SHMEMEXT_HANDLE_H
 
 #include <stdatomic.h>
+#include <stdint.h>
 
+/* The state word: OPEN, CLOSED, or CLOSING | pid << 2 (shx_guard_is_closing). */
 enum { SHX_GUARD_OPEN = 0, SHX_GUARD_CLOSING = 1, SHX_GUARD_CLOSED = 2 };
 
+static inline int shx_guard_is_closing(int state) { return (state & 3) == SHX_GUARD_CLOSING; }
+
 typedef struct shx_guard {
-    _Atomic int state;       /* SHX_GUARD_* */
-    _Atomic int deferred;    /* the closer left the detach to its thread's outermost call */
-    _Atomic long inflight;   /* calls between enter and leave */
-    _Atomic long serialized; /* calls between enter_serialized and leave_serialized */
-    _Atomic long views;      /* buffers exported and not yet released */
-    _Atomic long pins;       /* C API acquire()s not yet released */
+    _Atomic int state;        /* SHX_GUARD_*, CLOSING with the closer's pid */
+    _Atomic uintptr_t closer; /* the closing thread (shx_guard_this_thread), 0 when none */
+    _Atomic int deferred;     /* the closer left the detach to its thread's outermost call */
+    _Atomic long inflight;    /* calls between enter and leave */
+    _Atomic long serialized;  /* calls between enter_serialized and leave_serialized */
+    _Atomic long views;       /* buffers exported and not yet released */
+    _Atomic long pins;        /* C API acquire()s not yet released */
 } shx_guard;
 
 /* A guard of a handle that is attached (or about to be). */
 static inline void shx_guard_init(shx_guard *g)
 {
     atomic_store(&g->state, SHX_GUARD_OPEN);
+    atomic_store(&g->closer, 0);
     atomic_store(&g->deferred, 0);
     atomic_store(&g->inflight, 0);
     atomic_store(&g->serialized, 0);
@@ -125,19 +137,28 @@ int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter);
 static inline void shx_guard_close_end(shx_guard *g, int detached)
 {
     atomic_store(&g->deferred, 0);
+    atomic_store(&g->closer, 0);
     atomic_store(&g->state, detached ? SHX_GUARD_CLOSED : SHX_GUARD_OPEN);
 }
 
-/* In a fork() child only the forking thread runs: the calls other threads
- * had in flight never leave, and a close() one of them had begun never ends.
- * Forgets them; the forking thread itself was in no call (it was forking). */
-static inline void shx_guard_forget_other_threads(shx_guard *g, int attached)
-{
-    atomic_store(&g->inflight, 0);
-    atomic_store(&g->serialized, 0);
-    atomic_store(&g->deferred, 0);
-    if (atomic_load(&g->state) == SHX_GUARD_CLOSING)
-        atomic_store(&g->state, attached ? SHX_GUARD_OPEN : SHX_GUARD_CLOSED);
-}
+/* Something that tells the calling thread from every other thread of the
+ * process, and stays the forking thread's in a fork() child. */
+uintptr_t shx_guard_this_thread(void);
+
+/* In a fork() child, for a handle whose block is still attached here: the
+ * calls other threads had in flight never leave, and a close() one of them
+ * had begun never ends.  Forgets them: the counts become the forking
+ * thread's own calls (`own_inflight` counted atomically, `own_serialized`
+ * serialized: it may be inside calls, running a signal handler), and such a
+ * close is undone (the block stays attached here).  A close the forking
+ * thread itself had begun goes on. */
+void shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized);
+
+/* A close() that the process this one was forked from had begun, found
+ * CLOSING here: its closer never comes, and shx_guard_forget_other_threads
+ * has undone it for every block still attached, so it had detached: CLOSED.
+ * Returns 1 when it settled something (the caller looks at the state again).
+ * A system call: for slow paths only. */
+int shx_guard_settle_inherited(shx_guard *g);
 
 #endif

@@ -76,6 +76,7 @@ PyObject *shx_py_raise(module_state *st, const shx_error *err, const char *name)
  * imports first). */
 static Py_tss_t reentry_key = Py_tss_NEEDS_INIT;
 static atomic_int reentry_key_state; /* 0: not made, 1: being made, 2: made, 3: failed */
+static void own_calls_for_fork(const void *owner, long *inflight, long *serialized);
 
 int shx_py_reentry_init(void)
 {
@@ -91,6 +92,7 @@ int shx_py_reentry_init(void)
         PyErr_SetString(PyExc_RuntimeError, "cannot make a thread-specific storage key");
         return -1;
     }
+    shx_core_set_own_calls(own_calls_for_fork);
     return 0;
 }
 
@@ -195,7 +197,8 @@ int shx_py_enter(BlockObject *self)
     while (!guard_enter(g)) {
         if (shx_guard_closed(g) || atomic_load(&g->deferred) || own_calls(self) > 0)
             goto closed;
-        pause_without_gil(NULL);
+        if (!shx_guard_settle_inherited(g))
+            pause_without_gil(NULL);
     }
     if (self->block.attached)
         return 0;
@@ -224,6 +227,20 @@ int shx_py_check_open(BlockObject *self)
 }
 
 long shx_py_own_calls(const void *owner) { return own_calls((const BlockObject *)owner); }
+
+/* For a fork() child (shx_core_set_own_calls): this thread's calls are
+ * counted where guard_enter counts them. */
+static void own_calls_for_fork(const void *owner, long *inflight, long *serialized)
+{
+    long n = own_calls((const BlockObject *)owner);
+#ifdef Py_GIL_DISABLED
+    *inflight = n;
+    *serialized = 0;
+#else
+    *inflight = 0;
+    *serialized = n;
+#endif
+}
 
 static void finish_deferred_close(BlockObject *self);
 

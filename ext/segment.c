@@ -278,10 +278,24 @@ int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err)
 
 void shx_detach_all_at_exit(void) { shx_os_detach_all_at_exit(keep_name); }
 
+static _Atomic(shx_own_calls_fn) own_calls_of;
+
+void shx_core_set_own_calls(shx_own_calls_fn fn) { atomic_store(&own_calls_of, fn); }
+
 void shx_core_fork_child(shx_os_map *m)
 {
     shx_block *b = (shx_block *)(void *)((char *)m - offsetof(shx_block, map));
-    shx_guard_forget_other_threads(&b->guard, b->attached);
+    long inflight = 0, serialized = 0;
+    shx_own_calls_fn fn = atomic_load(&own_calls_of);
+    if (fn != NULL && b->owner != NULL)
+        fn(b->owner, &inflight, &serialized);
+    int closer_went =
+        shx_guard_is_closing(atomic_load(&b->guard.state)) && atomic_load(&b->guard.closer) != shx_guard_this_thread();
+    shx_guard_forget_other_threads(&b->guard, inflight, serialized);
+    /* Its closer had marked it detached on the way to the detach, which never
+     * came: the block is still attached here. */
+    if (closer_went)
+        b->attached = 1;
 }
 
 int shx_unlink(const char *name, shx_error *err)

@@ -168,6 +168,12 @@ int shx_block_close(shx_block *b, int at_exit, shx_error *err);
 int shx_block_close_hooked(shx_block *b, const shx_hooks *hooks, shx_error *err);
 /* Detaches every block this process still holds; for process exit. */
 void shx_detach_all_at_exit(void);
+/* How many calls the calling thread has in flight on the handle that `owner`
+ * (shx_block.owner) owns, counted atomically and serialized (handle.h).  A
+ * caller whose calls run code that may fork() (a signal handler) sets it, so
+ * that the child's counts keep the forking thread's calls. */
+typedef void (*shx_own_calls_fn)(const void *owner, long *inflight, long *serialized);
+void shx_core_set_own_calls(shx_own_calls_fn fn);
 int shx_unlink(const char *name, shx_error *err);
 int shx_block_is_persistent(const shx_block *b);
 /* How many attachments the block has (this one included), or -1 where the OS cannot tell. */

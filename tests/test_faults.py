@@ -1,0 +1,122 @@
+"""Regressions for what a fault-injection soak and a hostile review found:
+each test here failed before its fix.  Cross-process claims are tested with
+real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import shmemext
+
+from conftest import TEST_PREFIX, python, spawn, sysv_backend
+
+posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+
+
+def run_script(code, *args, timeout=120):
+    """Runs code in a new Python process with fork()'s warning about threads
+    silenced (the child forks from a threaded process on purpose)."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+FORK_WHILE_CLOSING = """
+import os, sys, threading, time, shmemext
+name, rounds = sys.argv[1], int(sys.argv[2])
+outcomes = {"hung": 0, "closed": 0, "open": 0}
+for i in range(rounds):
+    v = shmemext.Value(name, 64)
+    v.set(b"x")
+    go = threading.Event()
+    closer = threading.Thread(target=lambda: (go.wait(), v.close()))
+    closer.start()
+    go.set()
+    time.sleep((i % 20) * 0.00002)   # lets the closer get to a different point each round
+    pid = os.fork()
+    if pid == 0:
+        # Every use ends: either the close had detached (ClosedError) or it
+        # had not begun to here (the value reads, then closes).
+        try:
+            got = v.get()
+            v.set(b"child")
+            v.version
+            v.close()
+            code = 0 if got == b"x" else 3
+        except shmemext.ClosedError:
+            code = 1 if v.closed else 4
+        os._exit(code)
+    closer.join()
+    deadline = time.monotonic() + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            assert code in (0, 1), code
+            outcomes["open" if code == 0 else "closed"] += 1
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            outcomes["hung"] += 1
+            break
+        time.sleep(0.001)
+print(outcomes)
+"""
+
+
+@posix_only
+def test_fork_while_another_thread_closes_leaves_a_usable_child(name):
+    """A close() another thread has begun never ends in a fork() child: the
+    child's handle must settle (closed if the detach had happened, else open)
+    instead of waiting for a closer that does not exist there."""
+    out = run_script(FORK_WHILE_CLOSING, name, "60")
+    outcomes = eval(out)
+    assert outcomes["hung"] == 0, outcomes
+    assert outcomes["closed"] > 0, outcomes   # the rounds did reach the window
+
+
+SIGNAL_FORK = """
+import os, signal, sys, shmemext
+v = shmemext.Value(sys.argv[1], 64)
+children = []
+
+def fork_here(signum, frame):
+    pid = os.fork()
+    if pid == 0:
+        children.append("me")   # this process is the child from here on
+    else:
+        children.append(pid)
+
+signal.signal(signal.SIGALRM, fork_here)
+signal.setitimer(signal.ITIMER_REAL, 0.05)
+try:
+    v.wait(timeout=0.3)     # the handler, and so the fork, runs inside this call
+except TimeoutError:
+    pass
+if children == ["me"]:
+    # The call the handler ran in has left: nothing in flight, and close works.
+    code = 0 if v._inflight == 0 else 10 + v._inflight
+    v.close()
+    os._exit(code if v.closed else 9)
+assert v._inflight == 0
+status = os.waitpid(children[0], 0)[1]
+print(os.waitstatus_to_exitcode(status))
+v.close()
+"""
+
+
+@posix_only
+def test_fork_from_a_signal_handler_inside_a_call_keeps_the_count():
+    """The forking thread may be inside a call (a signal handler runs there):
+    the child's in-flight count keeps that call, so leaving it makes 0, not -1."""
+    out = run_script(SIGNAL_FORK, f"{TEST_PREFIX}-sigfork")
+    assert out.strip() == "0", out
