@@ -4,6 +4,7 @@
 /* Where shx_value_get copies to: a new str of the stored width, or bytes. */
 typedef struct {
     PyObject *obj;
+    int failed; /* the last call raised */
 } value_dst;
 
 static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
@@ -11,6 +12,10 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
     /* No Python code runs here: str and bytes are not tracked by the cycle
      * collector, so making one never starts a collection (and finalizers). */
     value_dst *d = (value_dst *)ctx;
+    if (d->failed) { /* the size asked for last was torn: its MemoryError goes */
+        PyErr_Clear();
+        d->failed = 0;
+    }
     Py_CLEAR(d->obj);
     Py_UCS4 maxchar;
     size_t unit;
@@ -49,12 +54,13 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
         d->obj = PyUnicode_New((Py_ssize_t)(nbytes / unit), maxchar);
         out = d->obj ? PyUnicode_DATA(d->obj) : NULL;
     }
+    d->failed = out == NULL;
     return out;
 }
 
 PyObject *shx_py_value_get(BlockObject *self)
 {
-    value_dst dst = {NULL};
+    value_dst dst = {NULL, 0};
     shx_py_release release;
     shx_error err;
     uint32_t type;

@@ -636,17 +636,18 @@ static uint64_t copy_or(unsigned char *dst, const unsigned char *src, size_t n)
  * bytes.  The stores are aligned: a str's characters start 16 bytes past a
  * 32-byte boundary about half the time (where the allocator put the object),
  * and then every other 32-byte store splits a cache line, which cost
- * 1.2-1.6x the aligned loop at 16-256 KiB.  The first 32 bytes are copied
- * (and ORed) unaligned, and the aligned loop starts inside them: what it
- * stores over them it ORs too, so the check still sees each byte as stored,
- * however the source changes between the two loads. */
+ * 1.2-1.6x the aligned loop at 16-256 KiB.  Each byte is loaded once and
+ * stored from the register it was ORed in (the bytes before the first
+ * boundary and after the last by copy_or): another process may rewrite the
+ * source meanwhile, and a byte stored twice from two loads could differ from
+ * the one the check saw. */
 __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst, const unsigned char *src, size_t n)
 {
     if (n < 64)
         return copy_or(dst, src, n);
-    __m256i a = _mm256_loadu_si256((const __m256i *)src), b = _mm256_setzero_si256();
-    _mm256_storeu_si256((__m256i *)dst, a);
-    size_t i = 32 - ((uintptr_t)dst & 31);
+    size_t i = (32 - ((uintptr_t)dst & 31)) & 31;
+    uint64_t acc = copy_or(dst, src, i);
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
     for (; i + 64 <= n; i += 64) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(src + i));
         __m256i y = _mm256_loadu_si256((const __m256i *)(src + i + 32));
@@ -661,14 +662,11 @@ __attribute__((target("avx2"))) static uint64_t copy_or_avx2(unsigned char *dst,
         a = _mm256_or_si256(a, x);
         i += 32;
     }
-    if (i < n) { /* the last 32 bytes, over some stored already: ORed as stored again */
-        __m256i x = _mm256_loadu_si256((const __m256i *)(src + n - 32));
-        _mm256_storeu_si256((__m256i *)(dst + n - 32), x);
-        b = _mm256_or_si256(b, x);
-    }
     uint64_t lanes[4];
     _mm256_storeu_si256((__m256i *)lanes, _mm256_or_si256(a, b));
-    return lanes[0] | lanes[1] | lanes[2] | lanes[3];
+    /* The tail's words start at i, a multiple of the unit (dst is aligned
+     * to its units): every mask tests each unit the same in any such lane. */
+    return acc | lanes[0] | lanes[1] | lanes[2] | lanes[3] | copy_or(dst + i, src + i, n - i);
 }
 
 #endif
@@ -909,8 +907,14 @@ int shx_value_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx
         int good = 0;
         if (sane) {
             void *dst = prepare(ctx, type, (size_t)nbytes);
-            if (dst == NULL)
+            if (dst == NULL) {
+                /* The size may be torn: a writer began since we read it.
+                 * Only a size some set() committed is refused. */
+                atomic_thread_fence(memory_order_acquire);
+                if (atomic_load_explicit(&s->seq, memory_order_relaxed) != seq)
+                    continue;
                 return shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
+            }
             good = copy_checked(dst, b->data + index * b->slot_stride, (size_t)nbytes, type, hooks);
         }
         atomic_thread_fence(memory_order_acquire);

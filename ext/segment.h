@@ -139,8 +139,9 @@ typedef struct shx_hooks {
 #endif
 
 /* Destination for shx_value_get: returns where `nbytes` of `type` go, or NULL
- * with an error already recorded by the caller (then get fails).  May be
- * called again on retry, with the previous destination to reuse or drop. */
+ * with an error already recorded by the caller (then get fails, unless the
+ * size was torn by a writer: then it is called again, and drops that error).
+ * May be called again on retry, with the previous destination to reuse or drop. */
 typedef void *(*shx_prepare_dst_fn)(void *ctx, uint32_t type, size_t nbytes);
 
 /* Checks a block name: 1..SHX_NAME_MAX characters of [A-Za-z0-9_.-], not

@@ -120,3 +120,62 @@ def test_fork_from_a_signal_handler_inside_a_call_keeps_the_count():
     the child's in-flight count keeps that call, so leaving it makes 0, not -1."""
     out = run_script(SIGNAL_FORK, f"{TEST_PREFIX}-sigfork")
     assert out.strip() == "0", out
+
+
+FLIPPER = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from conftest import block_bytes
+offset, seconds = int(sys.argv[2]), float(sys.argv[4])
+high, low = bytes([0x00, 0x01]), b"A\\x00"
+with block_bytes(sys.argv[1]) as mem:
+    print("flipping", flush=True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(1000):
+            mem[offset:offset + 2] = high
+            mem[offset:offset + 2] = low
+"""
+
+
+def canonical(s):
+    """The str CPython builds for these characters (the narrowest width)."""
+    return s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes the block's memory from outside (Linux)")
+@pytest.mark.parametrize("char_index", [14, 1023])
+def test_checked_copy_sees_exactly_the_bytes_it_stores(name, char_index):
+    """Another process rewrites one character of the committed value back
+    and forth between U+0100 and 'A' without touching the slot's counter.
+    Every get() returns a str CPython could have built, or refuses the value
+    as corrupt: the width check is of the bytes that end up in the result,
+    never of a second load of the shared original (the AVX2 copy once stored
+    some head and tail bytes twice)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with shmemext.Value(name, capacity=4096) as v:
+        text = ["A"] * 1024
+        text[char_index] = "\u0100"
+        v.set("".join(text))   # version 1: slot 1, 2048 bytes of UCS-2
+        slot1 = 4096 + 4096
+        flipper = spawn(FLIPPER, name, str(slot1 + 2 * char_index), here, "3")
+        try:
+            assert flipper.stdout.readline() == "flipping\n", flipper.stderr.read()
+            gets = invalid = corrupt = 0
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                for _ in range(200):
+                    try:
+                        s = v.get()
+                    except shmemext.CorruptBlockError:
+                        corrupt += 1
+                        continue
+                    gets += 1
+                    if s != canonical(s):
+                        invalid += 1
+        finally:
+            flipper.kill()
+            flipper.wait(timeout=30)
+            flipper.stdout.close(), flipper.stderr.close(), flipper.stdin.close()
+        assert invalid == 0, f"{invalid} invalid str in {gets} gets ({corrupt} refused as corrupt)"
+        assert corrupt > 0 and gets > 0, (gets, corrupt)

@@ -346,6 +346,43 @@ static void test_value_protocol(void)
     shx_block_close(&a, 0, &err);
 }
 
+/* A destination that, the first time it is asked, lets two set()s overtake
+ * the reader (so the slot it is on is rewritten) and then says it cannot
+ * hold the size it read, as a caller's too small buffer or a failed
+ * allocation would: that size was torn, and must not be the answer. */
+typedef struct {
+    shx_block *b;
+    int calls;
+    fixed_dst dst;
+} overtaken_dst;
+
+static void *overtaken_once(void *ctx, uint32_t type, size_t nbytes)
+{
+    overtaken_dst *d = (overtaken_dst *)ctx;
+    if (d->calls++ == 0) {
+        shx_error err;
+        (void)shx_value_set(d->b, SHX_TYPE_ASCII, "overtaken", 9, NULL, &err);
+        (void)shx_value_set(d->b, SHX_TYPE_ASCII, "newest", 6, NULL, &err);
+        return NULL;
+    }
+    return to_fixed(&d->dst, type, nbytes);
+}
+
+static void test_torn_size_is_asked_again(void)
+{
+    shx_block a = {0};
+    shx_error err;
+    shx_block_open(&a, block_name("torn-size"), SHX_KIND_VALUE, 64, 0, 0600, &err);
+    set_text(&a, "first");
+    overtaken_dst d = {&a, 0, {{0}}};
+    uint32_t type;
+    size_t n;
+    int rc = shx_value_get(&a, overtaken_once, &d, NULL, &type, &n, NULL, &err);
+    CHECK(rc == SHX_OK && d.calls == 2 && n == 6 && memcmp(d.dst.buf, "newest", 6) == 0,
+          "a destination refused for a size a writer has since torn is asked for again (rc %d, %d calls)", rc, d.calls);
+    shx_block_close(&a, 0, &err);
+}
+
 /* get() checks the copy as it makes it, in chunks: the one unit that decides
  * may sit anywhere, in the first chunk, a later one, or the ragged tail. */
 static int get_verdict(shx_block *b, uint32_t type, const void *data, size_t nbytes)
@@ -1292,6 +1329,7 @@ int main(void)
     test_crash_release();
     test_lock_owner_death();
     test_value_protocol();
+    test_torn_size_is_asked_again();
     test_checked_copy();
     test_scribbled_lock();
     test_wait_ping_pong();
