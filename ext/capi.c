@@ -312,6 +312,8 @@ static int capi_lock(ShmemExt_Block *handle, int64_t timeout_ns, int *owner_died
             break;
         rc = shx_block_lock(b, wait, &died, NULL, &err);
     }
+    if (rc == SHX_OK)
+        died = shx_block_take_owner_died(b); /* however many acquires gave it back untold */
     leave(handle);
     if (owner_died != NULL)
         *owner_died = died;

@@ -65,6 +65,10 @@ static int acquire_block_lock(LockObject *lock, double timeout)
         shx_py_leave(seg);
         return -1;
     }
+    /* The death of any holder since the last acquirer was told, however
+     * many acquires gave the lock back untold meanwhile. */
+    if (rc == SHX_OK)
+        owner_died = shx_block_take_owner_died(&seg->block);
     shx_py_leave(seg);
     if (rc == SHX_E_OS && err.os_error == EDEADLK) {
         PyErr_Format(PyExc_RuntimeError, "this thread already holds the lock of Segment '%s' (it is not re-entrant)",

@@ -360,9 +360,25 @@ int shx_sweep(shx_block_info_fn fn, void *ctx, shx_error *err)
 
 /* ---- lock and copies ---------------------------------------------------- */
 
+/* shx_os_lock, keeping a holder's death in the block until an acquirer that
+ * can act on it has been told (shx_block_take_owner_died): the one that
+ * inherits the lock may give it back untold (a close() under way). */
+static int lock_os(shx_block *b, int64_t timeout_ns, int *owner_died, shx_error *err)
+{
+    int rc = shx_os_lock(&b->map, b->hdr->lock_area, timeout_ns, owner_died, err);
+    if (rc == SHX_OK && *owner_died)
+        atomic_store_explicit(&b->hdr->owner_died, 1, memory_order_relaxed);
+    return rc;
+}
+
+int shx_block_take_owner_died(shx_block *b)
+{
+    return atomic_exchange_explicit(&b->hdr->owner_died, 0, memory_order_relaxed) != 0;
+}
+
 int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks, shx_error *err)
 {
-    int rc = shx_os_lock(&b->map, b->hdr->lock_area, 0, owner_died, err);
+    int rc = lock_os(b, 0, owner_died, err);
     if (rc != SHX_E_TIMEOUT || timeout_ns == 0)
         return rc;
     int sliced = hooks != NULL && hooks->interrupted != NULL;
@@ -377,7 +393,7 @@ int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_
         }
         if (hooks != NULL && hooks->blocking_begin != NULL)
             hooks->blocking_begin(hooks->ctx);
-        rc = shx_os_lock(&b->map, b->hdr->lock_area, wait, owner_died, err);
+        rc = lock_os(b, wait, owner_died, err);
         if (hooks != NULL && hooks->blocking_end != NULL)
             hooks->blocking_end(hooks->ctx);
         if (rc != SHX_E_TIMEOUT || !sliced)
@@ -805,7 +821,7 @@ int shx_value_recount_waiters(shx_block *b)
     shx_header *h = b->hdr;
     shx_error ignored;
     int died;
-    if (shx_os_lock(&b->map, h->lock_area, 0, &died, &ignored) != SHX_OK)
+    if (lock_os(b, 0, &died, &ignored) != SHX_OK)
         return 0; /* a set() or a wait holds it: a later set() recounts */
     /* Word first, wake next, count last: a recounter that dies before its
      * wake leaves the old count, whose next set() wakes the sleepers. */
@@ -1071,12 +1087,12 @@ static int register_waiter(shx_block *b, uint64_t seen, int64_t timeout_ns, uint
     for (int i = 0; i < REGISTER_TRIES && rc == SHX_E_TIMEOUT; i++) {
         if (atomic_load_explicit(&h->version, memory_order_acquire) != seen)
             return SHX_OK;
-        rc = shx_os_lock(&b->map, h->lock_area, 0, &died, err);
+        rc = lock_os(b, 0, &died, err);
         for (int k = 0; rc == SHX_E_TIMEOUT && k < 16; k++)
             cpu_relax();
     }
     if (rc == SHX_E_TIMEOUT && timeout_ns != 0)
-        rc = shx_os_lock(&b->map, h->lock_area, timeout_ns, &died, err);
+        rc = lock_os(b, timeout_ns, &died, err);
     if (rc != SHX_OK)
         return rc;
     *epoch = count_waiter(h);

@@ -70,7 +70,9 @@ typedef struct shx_header {
     unsigned char lock_area[SHX_LOCK_AREA]; /* 64: the writer lock */
     _Atomic uint64_t version;               /* 192: committed sets; slot = version & 1 */
     _Atomic uint32_t wake_seq;              /* 200: bumped by every set; waiters sleep on it */
-    uint32_t reserved1;
+    /* 204: a holder died holding the writer lock, and no acquirer that acts
+     * on that has been told yet (shx_block_take_owner_died). */
+    _Atomic uint32_t owner_died;
     /* 208: waits counted now (low 32 bits) and the count's epoch (high 32):
      * a recount starts a new epoch at zero, and a wait counted in an older
      * one no longer uncounts itself. */
@@ -254,8 +256,12 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
  * of this handle's watchers sleeps. */
 void shx_value_nudge_watchers(shx_block *b);
 
-/* Takes / releases the block's writer lock; *owner_died as for shx_os_lock. */
+/* Takes / releases the block's writer lock; *owner_died as for shx_os_lock.
+ * A death is also kept in the block until shx_block_take_owner_died. */
 int shx_block_lock(shx_block *b, int64_t timeout_ns, int *owner_died, const shx_hooks *hooks, shx_error *err);
+/* Under the writer lock, by the acquirer that reports to its caller: whether
+ * a holder died holding the lock since the last one was told.  Tells once. */
+int shx_block_take_owner_died(shx_block *b);
 int shx_block_unlock(shx_block *b, shx_error *err);
 
 /* A raw segment's bytes: b->data, b->capacity of them.  Copies in and out

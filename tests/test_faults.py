@@ -179,3 +179,57 @@ def test_checked_copy_sees_exactly_the_bytes_it_stores(name, char_index):
             flipper.stdout.close(), flipper.stderr.close(), flipper.stdin.close()
         assert invalid == 0, f"{invalid} invalid str in {gets} gets ({corrupt} refused as corrupt)"
         assert corrupt > 0 and gets > 0, (gets, corrupt)
+
+
+LOCK_HOLDER = """
+import sys, shmemext
+seg = shmemext.Segment(sys.argv[1], 64)
+lock = seg.lock()
+lock.acquire()
+seg.write(b"half")
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_owner_death_survives_an_acquire_that_meets_a_close(name):
+    """The acquire that inherits a dead holder's lock may meet a close() of
+    its handle and give the lock back: the next acquirer anywhere must still
+    be told that a holder died (the state is kept in the block until told)."""
+    untold = 0
+    rounds = 10
+    with shmemext.Segment(name, 64) as keeper:   # another attachment, which stays
+        for _ in range(rounds):
+            seg = shmemext.Segment(name, 64)
+            holder = spawn(LOCK_HOLDER, name)
+            try:
+                assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+                outcome = []
+
+                def acquire():
+                    try:
+                        with seg.lock(timeout=10) as lock:
+                            outcome.append(lock.owner_died)
+                    except shmemext.ClosedError:
+                        outcome.append("closed")
+
+                acquirer = threading.Thread(target=acquire)
+                acquirer.start()
+                time.sleep(0.05)   # the acquirer sleeps on the held lock
+                closer = threading.Thread(target=seg.close)
+                closer.start()
+                time.sleep(0.002)  # the close() has begun, and waits for the acquirer
+                holder.kill()
+                acquirer.join(timeout=30)
+                closer.join(timeout=30)
+            finally:
+                holder.kill()
+                holder.wait(timeout=30)
+                holder.stdout.close(), holder.stderr.close(), holder.stdin.close()
+            with keeper.lock(timeout=5) as lock:
+                told = lock.owner_died
+            if outcome != [True] and not told:
+                untold += 1
+        with keeper.lock(timeout=5) as lock:
+            assert not lock.owner_died, "told once"
+    assert untold == 0, f"{untold} of {rounds} deaths told to nobody"
