@@ -59,9 +59,13 @@ class _Watcher:
         # over changes()) then finds the watcher already asleep on the block
         # and needs no ring.  Never also in requests.
         self.warm: dict[Value, float] = {}
-        # What the watcher sleeps on now, or will look at again when it
-        # wakes: a request for one of these needs no ring.
-        self.watching: frozenset[Value] = frozenset()
+        # What the watcher sleeps on now, each Value with the version it
+        # sleeps past: a request that has seen that very version needs no
+        # ring (the next set() wakes the watcher, which then answers it).
+        self.sleeping_on: dict[Value, int] = {}
+        # Bumped by every new request: one made after the watcher read the
+        # requests, and before it published sleeping_on, makes it look again.
+        self.generation = 0
         self.ending = False
         self.thread = threading.Thread(target=self._run, name="shmemext-watcher", daemon=True)
 
@@ -98,6 +102,7 @@ class _Watcher:
                 _where.pop(value, None)
             items = [(value, tuple(requests)) for value, requests in self.requests.items()]
             warm = list(self.warm)
+            generation = self.generation
         values, versions = [], []
         for value, requests in items:
             try:
@@ -119,7 +124,11 @@ class _Watcher:
                     self.warm.pop(value, None)
                     _where.pop(value, None)
         with _lock:
-            self.watching = frozenset(values)
+            self.sleeping_on = dict(zip(values, versions))
+            if self.generation != generation:
+                # Asked for meanwhile, perhaps past a version read above:
+                # the coming sleep ends at once and the watcher looks again.
+                self.bell.ring()
             # Until the first warm Value cools (those answered just now included).
             timeout = min([_SLICE] + [until - now for until in self.warm.values()])
         return values, versions, (max(timeout, 0.001) if values else _LINGER)
@@ -178,13 +187,38 @@ def _watch(value: Value, seen: int, loop: asyncio.AbstractEventLoop, future: asy
             _where[value] = watcher
         watcher.warm.pop(value, None)
         watcher.requests.setdefault(value, []).append(request)
-        # Asleep on the block already (or about to look again): the next set() wakes it.
-        ring = value not in watcher.watching
+        watcher.generation += 1
+        # Asleep past this very version: the next set() wakes it.
+        ring = watcher.sleeping_on.get(value) != seen
     if start:
-        watcher.thread.start()
+        try:
+            watcher.thread.start()
+        except BaseException as error:  # no thread to be had: nobody would ever answer
+            _abandon(watcher, request, error)
+            raise
     elif ring:
         watcher.bell.ring()
     return watcher, request
+
+
+def _abandon(watcher: _Watcher, own: _Request, error: BaseException) -> None:
+    """A watcher whose thread did not start: the requests that joined `own`
+    meanwhile end with the error (own's caller raises it), and it is forgotten."""
+    with _lock:
+        watcher.ending = True
+        if watcher in _watchers:
+            _watchers.remove(watcher)
+        for value in list(watcher.requests) + list(watcher.warm):
+            if _where.get(value) is watcher:
+                del _where[value]
+        requests = [r for waiting in watcher.requests.values() for r in waiting if r is not own]
+        watcher.requests.clear()
+        watcher.warm.clear()
+    for r in requests:
+        try:
+            r.loop.call_soon_threadsafe(_settle, r.future, None, error)
+        except RuntimeError:  # its loop is closed
+            pass
 
 
 def _unwatch(watcher: _Watcher, value: Value, request: _Request) -> None:

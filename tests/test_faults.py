@@ -2,8 +2,8 @@
 each test here failed before its fix.  Cross-process claims are tested with
 real processes."""
 
+import asyncio
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +14,7 @@ import pytest
 
 import shmemext
 
-from conftest import TEST_PREFIX, python, spawn, sysv_backend
+from conftest import TEST_PREFIX, spawn
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 
@@ -233,3 +233,99 @@ def test_owner_death_survives_an_acquire_that_meets_a_close(name):
         with keeper.lock(timeout=5) as lock:
             assert not lock.owner_died, "told once"
     assert untold == 0, f"{untold} of {rounds} deaths told to nobody"
+
+
+SETTER = """
+import sys, shmemext
+v = shmemext.Value(sys.argv[1], 64)
+print("ready", flush=True)
+for line in sys.stdin:
+    v.set(line.strip())
+    print("set", flush=True)
+"""
+
+
+def test_async_wait_made_while_the_watcher_looks_is_not_missed(name):
+    """A wait_async() request made while the watcher is between reading the
+    requests and going to sleep (here: stuck reading the version of a Value
+    whose close() is being decided) must be seen: rung for, or looked at
+    again, never left for the watcher's long sleep."""
+    setter = spawn(SETTER, f"{name}-x")
+    try:
+        assert setter.stdout.readline() == "ready\n", setter.stderr.read()
+        latencies = []
+        for round_ in range(5):
+            x = shmemext.Value(f"{name}-x", 64)
+            b = shmemext.Value(f"{name}-b-{round_}", capacity=128 << 20)
+            b.set(bytes(128 << 20))
+            getting = threading.Event()
+
+            def get_until_closed():
+                getting.set()
+                with pytest.raises(shmemext.ClosedError):
+                    while True:
+                        b.get()   # tens of ms each, without the GIL: a close() waits for it
+
+            async def main():
+                first = asyncio.ensure_future(x.wait_async())
+                on_b = asyncio.ensure_future(b.wait_async())
+                await asyncio.sleep(0.05)                        # the watcher sleeps on x and b
+                sync_wait = threading.Thread(target=get_until_closed)
+                sync_wait.start()
+                await asyncio.to_thread(getting.wait)
+                await asyncio.sleep(0.005)
+                closer = threading.Thread(target=b.close)
+                closer.start()
+                await asyncio.sleep(0.002)
+                first.cancel()                                 # rings: the watcher looks, and blocks on b
+                await asyncio.sleep(0.005)
+                again = asyncio.ensure_future(x.wait_async())   # x was watched a moment ago
+                await asyncio.sleep(0.1)
+                sent = time.monotonic()
+                setter.stdin.write("new\n")
+                setter.stdin.flush()
+                await asyncio.wait_for(again, timeout=10)
+                latencies.append(time.monotonic() - sent)
+                with pytest.raises(shmemext.ClosedError):
+                    await on_b
+                await asyncio.to_thread(closer.join)
+                await asyncio.to_thread(sync_wait.join)
+                assert setter.stdout.readline() == "set\n"
+
+            asyncio.run(main())
+            x.close()
+        assert max(latencies) < 0.5, latencies
+    finally:
+        setter.stdin.close()
+        setter.wait(timeout=30)
+        setter.stdout.close(), setter.stderr.close()
+
+
+def test_a_watcher_thread_that_cannot_start_fails_the_wait(name, monkeypatch):
+    """No thread, nobody to answer: the wait raises at once instead of
+    waiting for ever, and the next wait gets a watcher of its own."""
+    from shmemext import _aio
+
+    start = threading.Thread.start
+
+    def refuse(thread):
+        if thread.name == "shmemext-watcher":
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    with shmemext.Value(name, 64) as v:
+        async def main():
+            monkeypatch.setattr(_aio, "_watchers", [])   # none to share: a new one is made
+            monkeypatch.setattr(_aio, "_where", {})
+            monkeypatch.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                await asyncio.wait_for(v.wait_async(timeout=30), timeout=5)
+            monkeypatch.setattr(threading.Thread, "start", start)
+            waiting = asyncio.ensure_future(v.wait_async(timeout=30))
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(v.set, "x")
+            assert await asyncio.wait_for(waiting, timeout=5) == 1
+
+        asyncio.run(main())
+        assert not any(w.thread.name == "shmemext-watcher" and not w.thread.is_alive() and w in _aio._watchers
+                       for w in list(_aio._watchers))
