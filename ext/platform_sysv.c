@@ -15,6 +15,10 @@
  * token that the block's header repeats.  A crash leaves only that entry,
  * which the next attach of the name (or `sweep`) finds dead: the id no longer
  * exists, or belongs to another segment (size, creator or token differ).
+ * Before the segment exists its creator writes the entry with no id but the
+ * System V key it is about to create the segment with: a creator killed
+ * before the segment is marked for removal leaves an entry through which
+ * the next attach (or `sweep`) finds that segment and removes it.
  * An open-file-description lock on the entry's first byte is the gate that
  * attach, detach and unlink hold, so that "create it, or attach the live
  * one" and "the last holder removes the name" are decided once.
@@ -86,7 +90,8 @@ typedef struct name_entry {
     uint64_t ipc_namespace; /* inode of the creator's IPC namespace; 0 unknown */
     uint32_t creator_uid;
     uint32_t creator_pid;
-    uint32_t reserved[2];
+    int32_t key; /* the System V key the segment is made with (0: none) */
+    uint32_t reserved;
     int64_t created; /* Unix time */
 } name_entry;
 
@@ -328,6 +333,56 @@ static void forget_segment(int shmid, void *base)
         (void)shmctl(shmid, IPC_RMID, NULL);
 }
 
+/* An entry whose creator died before it named a finished segment (no id
+ * yet): the segment it was making, found by its key, goes if it is that one
+ * (our user's, made by that pid, of that size, unmarked and unattached).
+ * Under the entry's gate, so that its creator is gone, not still at work. */
+static void remove_unfinished(const name_entry *e)
+{
+    if (e->shmid >= 0 || e->key == IPC_PRIVATE)
+        return;
+    int shmid = shmget((key_t)e->key, 0, 0);
+    struct shmid_ds ds;
+    if (shmid >= 0 && shmctl(shmid, IPC_STAT, &ds) == 0 && ds.shm_perm.cuid == geteuid() &&
+        (uint32_t)ds.shm_cpid == e->creator_pid && (uint64_t)ds.shm_segsz == e->size && ds.shm_nattch == 0 &&
+        !(ds.shm_perm.mode & SHM_DEST))
+        (void)shmctl(shmid, IPC_RMID, NULL);
+}
+
+/* The entry a creator writes before its segment exists (shmid -1, a new
+ * random key each try), and then again naming the finished segment. */
+static void fill_entry(name_entry *e, size_t size, uint64_t token)
+{
+    memset(e, 0, sizeof *e);
+    memcpy(e->magic, ENTRY_MAGIC, sizeof e->magic);
+    e->version = ENTRY_VERSION;
+    e->shmid = -1;
+    e->token = token;
+    e->size = (uint64_t)size;
+    e->ipc_namespace = ipc_namespace();
+    e->creator_uid = (uint32_t)geteuid();
+    e->creator_pid = (uint32_t)getpid();
+    e->created = (int64_t)time(NULL);
+}
+
+/* shmget under a random key recorded in the entry first.  Returns the id,
+ * or -1 with errno set. */
+static int make_segment(int fd, name_entry *e, size_t size, unsigned mode, shx_error *err)
+{
+    for (int tries = 0; tries < 64; tries++) {
+        do {
+            e->key = (int32_t)(random_token() & 0x7FFFFFFF);
+        } while (e->key == IPC_PRIVATE);
+        if (write_entry(fd, e, err) != SHX_OK)
+            return -2;
+        int shmid = shmget((key_t)e->key, size, IPC_CREAT | IPC_EXCL | (int)(mode & 0777));
+        if (shmid >= 0 || errno != EEXIST)
+            return shmid;
+    }
+    errno = EEXIST;
+    return -1;
+}
+
 /* ---- attach / detach --------------------------------------------------- */
 
 /* A block others may write: its writer lock is the OFD lock on the entry's
@@ -376,7 +431,12 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
                       "block with its last holder (set it to 0, or keep a holder: python -m shmemext hold)";
         return SHX_E_OS;
     }
-    int shmid = shmget(IPC_PRIVATE, size, IPC_CREAT | IPC_EXCL | (int)(mode & 0777));
+    uint64_t token = random_token();
+    name_entry e;
+    fill_entry(&e, size, token);
+    int shmid = make_segment(fd, &e, size, mode, err);
+    if (shmid == -2)
+        return SHX_E_OS; /* the entry could not be written */
     if (shmid < 0)
         return fail_shmget(err, size);
     void *base = shmat(shmid, NULL, 0);
@@ -394,7 +454,6 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
         forget_segment(shmid, base);
         return rc;
     }
-    uint64_t token = random_token();
     memcpy((unsigned char *)base + SHX_TOKEN_OFFSET, &token, sizeof token);
     m->base = base;
     m->size = size;
@@ -409,17 +468,7 @@ static int create_block(shx_os_map *m, int fd, const struct stat *st, size_t siz
     }
     rc = prepare(ctx, m, SHX_ATTACH_FRESH, err);
     if (rc == SHX_OK) {
-        name_entry e;
-        memset(&e, 0, sizeof e);
-        memcpy(e.magic, ENTRY_MAGIC, sizeof e.magic);
-        e.version = ENTRY_VERSION;
         e.shmid = shmid;
-        e.token = token;
-        e.size = (uint64_t)size;
-        e.ipc_namespace = ipc_namespace();
-        e.creator_uid = (uint32_t)geteuid();
-        e.creator_pid = (uint32_t)getpid();
-        e.created = (int64_t)time(NULL);
         rc = write_entry(fd, &e, err);
     }
     if (rc != SHX_OK) {
@@ -516,7 +565,14 @@ int shx_os_attach(shx_os_map *m, const char *name, size_t size, unsigned mode, u
     if ((flags & SHX_OPEN_REQUIRE_OWNER) && st.st_uid != geteuid()) {
         rc = shx_fail(err, SHX_E_NOTOWNER, (uint64_t)st.st_uid, (uint64_t)geteuid(), NULL);
     } else if ((rc = read_entry(fd, &st, &e, err)) == ENTRY_FOUND) {
-        rc = foreign_namespace(&e) ? fail_namespace(err) : join_block(m, fd, &e, flags, prepare, ctx, err);
+        if (foreign_namespace(&e)) {
+            rc = fail_namespace(err);
+        } else if (e.shmid < 0) { /* its creator died before it was finished */
+            remove_unfinished(&e);
+            rc = SHX_REINIT;
+        } else {
+            rc = join_block(m, fd, &e, flags, prepare, ctx, err);
+        }
     } else if (rc == ENTRY_EMPTY) {
         rc = SHX_REINIT;
     }
@@ -630,6 +686,8 @@ int shx_os_unlink(const char *name, shx_error *err)
     name_entry e;
     struct shmid_ds ds;
     rc = read_entry(fd, &st, &e, err);
+    if (rc == ENTRY_FOUND && !foreign_namespace(&e))
+        remove_unfinished(&e);
     if (rc == ENTRY_FOUND && !foreign_namespace(&e)) {
         /* A persistent segment goes with its last holder from now on. */
         rc = segment_state(fd, &e, &ds, err);
@@ -683,8 +741,22 @@ void shx_posix_writer_release(int fd) { (void)lock_byte(fd, F_UNLCK, WRITER_BYTE
 
 typedef int (*entry_fn)(void *ctx, const char *name, int fd, const name_entry *e);
 
+/* Whether somebody holds the entry's gate (attaching, detaching, creating). */
+static int gate_held(int fd)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = GATE_BYTE;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
 /* Calls fn for every name entry of this user's in /dev/shm (opened for
- * writing, so that a sweep can take its gate). */
+ * writing, so that a sweep can take its gate).  An empty one (its creator
+ * died before writing it) comes as an entry naming no segment, unless its
+ * gate is held: then a creator is at work on it. */
 static int each_entry(entry_fn fn, void *ctx, shx_error *err)
 {
     DIR *dir = opendir(SHM_DIR);
@@ -700,8 +772,15 @@ static int each_entry(entry_fn fn, void *ctx, shx_error *err)
         struct stat st;
         name_entry e;
         shx_error ignored;
-        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
-            read_entry(fd, &st, &e, &ignored) == ENTRY_FOUND)
+        int found = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()
+                        ? read_entry(fd, &st, &e, &ignored)
+                        : SHX_E_FOREIGN;
+        if (found == ENTRY_EMPTY && !gate_held(fd)) {
+            memset(&e, 0, sizeof e);
+            e.shmid = -1;
+            found = ENTRY_FOUND;
+        }
+        if (found == ENTRY_FOUND)
             rc = fn(ctx, d->d_name, fd, &e);
         close(fd);
     }
@@ -793,9 +872,16 @@ static int sweep_entry(void *vw, const char *name, int fd, const name_entry *see
     name_entry e;
     shx_error ignored;
     (void)seen;
-    if (lock_gate(fd, F_WRLCK, 0) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0 ||
-        read_entry(fd, &st, &e, &ignored) != ENTRY_FOUND)
+    if (lock_gate(fd, F_WRLCK, 0) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0)
         return SHX_OK;
+    int found = read_entry(fd, &st, &e, &ignored);
+    if (found == ENTRY_EMPTY) { /* we hold its gate: nobody is writing it */
+        memset(&e, 0, sizeof e);
+        e.shmid = -1;
+    } else if (found != ENTRY_FOUND) {
+        return SHX_OK;
+    }
+    remove_unfinished(&e);
     segment_look look;
     look_at_segment(fd, &e, &look);
     if (look.alive) {
@@ -842,7 +928,7 @@ static void sweep_orphans(walk *w)
         struct shmid_ds ds;
         int shmid = shmctl(index, SHM_STAT, &ds);
         if (shmid < 0 || ds.shm_perm.cuid != geteuid() || ds.shm_nattch != 0 || (ds.shm_perm.mode & SHM_DEST) ||
-            ds.shm_perm.__key != IPC_PRIVATE || ds.shm_segsz < SHX_PEEK_BYTES)
+            ds.shm_segsz < SHX_PEEK_BYTES)
             continue;
         void *base = shmat(shmid, NULL, SHM_RDONLY);
         if (base == (void *)-1)

@@ -14,7 +14,7 @@ import pytest
 
 import shmemext
 
-from conftest import TEST_PREFIX, spawn
+from conftest import SHM_DIR, TEST_PREFIX, spawn, sysv_backend
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 
@@ -329,3 +329,86 @@ def test_a_watcher_thread_that_cannot_start_fails_the_wait(name, monkeypatch):
         asyncio.run(main())
         assert not any(w.thread.name == "shmemext-watcher" and not w.thread.is_alive() and w in _aio._watchers
                        for w in list(_aio._watchers))
+
+
+CREATOR = """
+import sys, shmemext
+shmemext.Segment(sys.argv[1], 1 << 20)
+"""
+
+
+def sysv_segments():
+    """shmid -> the row of /proc/sysvipc/shm."""
+    with open("/proc/sysvipc/shm") as f:
+        header = f.readline().split()
+        rows = [dict(zip(header, line.split())) for line in f]
+    return {int(r["shmid"]): r for r in rows}
+
+
+def _has_strace():
+    import shutil
+
+    return shutil.which("strace") is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="System V segments (Linux)")
+@pytest.mark.skipif(not _has_strace(), reason="needs strace (apt-get install strace) to kill at a system call")
+@pytest.mark.parametrize("killed_at", ["shmat", "shmctl"])
+@pytest.mark.parametrize("cleaner", ["sweep", "reopen"])
+def test_a_creator_killed_before_marking_its_segment_leaks_nothing(name, killed_at, cleaner, tmp_path):
+    """A creator SIGKILLed between shmget() and marking the segment for
+    removal (strace kills it as it enters shmat, or the shmctl that marks it)
+    used to leak the segment for good: nothing attached it, the kernel would
+    not free it, and sweep() did not know it.  The entry now names it, by its
+    key, before it exists: sweep() or the next open of the name removes it."""
+    if not sysv_backend():
+        pytest.skip("the System V backend's segments")
+    trace = os.path.join(str(tmp_path), "trace")
+    traced = subprocess.run(
+        ["strace", "-f", "-qq", "-o", trace, "-e", f"trace={killed_at}", "-e", f"inject={killed_at}:signal=KILL",
+         sys.executable, "-c", CREATOR, name],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, SHMEMEXT_SIZE="0"))
+    assert traced.returncode != 0, traced
+    with open(trace) as f:
+        creator = int(next(line for line in f if killed_at in line).split()[0])
+    leaked = [shmid for shmid, r in sysv_segments().items()
+              if int(r["cpid"]) == creator and not int(r["perms"], 8) & 0o1000]
+    assert len(leaked) == 1, "the creator left its segment unmarked (the window under test)"
+    if cleaner == "sweep":
+        shmemext.sweep()
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+    else:
+        with shmemext.Segment(name, 64) as again:
+            assert again.created
+    assert leaked[0] not in sysv_segments(), "its segment is gone"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="name entries in /dev/shm (Linux)")
+def test_empty_name_entries_are_listed_and_swept(name):
+    """A creator killed between making /dev/shm/NAME and writing the entry
+    leaves it empty: ls and blocks() show it (dead), and sweep() removes it,
+    but not one whose gate a live creator holds."""
+    if not sysv_backend():
+        pytest.skip("the System V backend's name entries")
+    path = os.path.join(SHM_DIR, name)
+    open(path, "wb").close()   # what such a creator leaves
+    os.chmod(path, 0o600)
+    rows = [r for r in shmemext.blocks() if r["name"] == name]
+    assert len(rows) == 1 and rows[0]["alive"] is False, rows
+    assert name in subprocess.run([sys.executable, "-m", "shmemext", "ls"], capture_output=True, text=True,
+                                  check=True).stdout
+    busy = path + "-busy"
+    open(busy, "wb").close()
+    import fcntl
+    import struct
+
+    holder = os.open(busy, os.O_RDWR)
+    try:
+        fcntl.fcntl(holder, getattr(fcntl, "F_OFD_SETLK", 37), struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 1, 0))
+        removed = [r["name"] for r in shmemext.sweep()]
+        assert name in removed and not os.path.exists(path)
+        assert os.path.basename(busy) not in removed and os.path.exists(busy), "a creator at work keeps it"
+        assert os.path.basename(busy) not in [r["name"] for r in shmemext.blocks()]
+    finally:
+        os.close(holder)
+        os.unlink(busy)
