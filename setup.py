@@ -20,6 +20,7 @@ import re
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,4 +72,36 @@ def extension():
     )
 
 
-setup(ext_modules=[extension()])
+# The switches that change what is compiled.  Each combination builds into a
+# directory of its own, and the module is built again whenever the last one
+# linked came from another: setuptools would otherwise take a module built
+# without the switch for up to date (its sources have not changed).
+VARIANT_SWITCHES = ("SHMEMEXT_LOCK_FILES", "SHMEMEXT_SANITIZE", "SHMEMEXT_WERROR")
+
+
+def variant():
+    on = [name[len("SHMEMEXT_"):].lower() for name in VARIANT_SWITCHES if os.environ.get(name) == "1"]
+    return "-".join(on) or "plain"
+
+
+class BuildVariant(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        self.variant_stamp = os.path.join(self.build_temp, "variant")
+        self.build_temp = os.path.join(self.build_temp, variant())
+
+    def run(self):
+        try:
+            with open(self.variant_stamp, encoding="utf-8") as f:
+                last = f.read()
+        except OSError:
+            last = None
+        if last != variant():
+            self.force = True
+        super().run()
+        os.makedirs(os.path.dirname(self.variant_stamp), exist_ok=True)
+        with open(self.variant_stamp, "w", encoding="utf-8") as f:
+            f.write(variant())
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildVariant})

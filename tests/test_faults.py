@@ -412,3 +412,39 @@ def test_empty_name_entries_are_listed_and_swept(name):
     finally:
         os.close(holder)
         os.unlink(busy)
+
+
+SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _can_build():
+    return os.path.exists(os.path.join(SOURCE_TREE, "setup.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lock-file switch is for Linux builds")
+@pytest.mark.skipif(not _can_build(), reason="needs the source tree")
+def test_a_build_switch_rebuilds_the_module(tmp_path):
+    """`SHMEMEXT_LOCK_FILES=1 pip install .` after a plain `pip install .` in
+    the same tree (pip builds in the tree's build/) must give the lock-file
+    module, not the plain one it built before, and back again."""
+    import shutil
+    import zipfile
+
+    tree = tmp_path / "tree"
+    shutil.copytree(SOURCE_TREE, tree, ignore=shutil.ignore_patterns("build", "*.so", ".git", "__pycache__", "*.egg-info"))
+
+    def backend_built(**switches):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SHMEMEXT_", "LD_PRELOAD", "ASAN_", "UBSAN_"))}
+        env.update(switches)
+        out = tmp_path / f"wheels-{len(os.listdir(tmp_path))}"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), "."], cwd=tree, env=env,
+                       check=True, capture_output=True, timeout=600)
+        (wheel,) = os.listdir(out)
+        with zipfile.ZipFile(out / wheel) as z:
+            module = z.read(next(n for n in z.namelist() if "_shmemext" in n and not n.endswith(".pyi")))
+        return [b for b in (b"posix-lockfiles", b"linux-sysv") if b in module]
+
+    assert backend_built() == [b"linux-sysv"]
+    assert backend_built(SHMEMEXT_LOCK_FILES="1") == [b"posix-lockfiles"]
+    assert backend_built() == [b"linux-sysv"]
