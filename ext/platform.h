@@ -262,10 +262,13 @@ uint32_t shx_os_bell_rings(shx_os_bell *bell);
  * has rung no more than `rung` times, at most timeout_ns (>= 0), until a
  * shx_os_wake_word on any of the words (callers count themselves as a waiter
  * of each, as for shx_os_wait_word) or a ring.  SHX_OK: something may have
- * changed (callers re-check); SHX_E_TIMEOUT; SHX_E_OS: the kernel cannot
- * (Linux older than 5.16: ENOSYS), and the caller polls instead. */
+ * changed (callers re-check); SHX_E_TIMEOUT; SHX_E_OS: this wait failed, and
+ * the caller polls instead (for good only where shx_os_wait_any_supported
+ * says the kernel has no such wait: Linux older than 5.16). */
 int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
                     uint32_t rung, int64_t timeout_ns);
+/* Whether the kernel has the wait on many words (a system call: ask once). */
+int shx_os_wait_any_supported(void);
 
 /* A monotonic clock, for lock-wait deadlines. */
 uint64_t shx_os_monotonic_ns(void);

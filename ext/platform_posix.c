@@ -451,7 +451,11 @@ int shx_os_cpus_oversubscribed(void)
     long runnable = 0;
     int fields = fscanf(f, "%lf %lf %lf %ld/", &one, &five, &fifteen, &runnable);
     fclose(f);
-    return fields == 4 && runnable > shx_os_cpu_count();
+    /* The count is the whole machine's, so it is weighed against every CPU
+     * online: against this process's few (its affinity), a big host busy
+     * elsewhere would turn the spin off while our CPUs sit idle. */
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return fields == 4 && runnable > (online > 0 ? online : shx_os_cpu_count());
 #else
     return 0;
 #endif
@@ -657,7 +661,14 @@ int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t 
         return SHX_E_TIMEOUT;
     if (saved == EAGAIN || saved == EINTR)
         return SHX_OK; /* a word or the bell had moved already, or a signal: the caller looks again */
-    return SHX_E_OS;   /* ENOSYS: a kernel without it */
+    return SHX_E_OS;
+}
+
+int shx_os_wait_any_supported(void)
+{
+    /* No futexes at all: EINVAL from a kernel that has the call, ENOSYS from one without. */
+    long rc = syscall(SYS_futex_waitv, NULL, 0u, 0u, NULL, CLOCK_MONOTONIC);
+    return !(rc < 0 && errno == ENOSYS);
 }
 #else
 int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t *expected, size_t n, shx_os_bell *bell,
@@ -667,4 +678,6 @@ int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t 
     errno = ENOSYS;
     return SHX_E_OS;
 }
+
+int shx_os_wait_any_supported(void) { return 0; }
 #endif

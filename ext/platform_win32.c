@@ -510,6 +510,8 @@ int shx_os_cpu_count(void)
 
 int shx_os_cpus_oversubscribed(void) { return 0; }
 
+int shx_os_wait_any_supported(void) { return 1; }
+
 size_t shx_os_cache_size(int level)
 {
     DWORD bytes = 0;

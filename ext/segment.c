@@ -1147,8 +1147,8 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
     }
 }
 
-/* Whether the kernel turned down a wait on many words (an old Linux): from
- * then on this process polls. */
+/* Whether the kernel has no wait on many words (an old Linux): from then on
+ * this process polls. */
 static _Atomic int wait_any_unsupported;
 
 /* How soon a block whose lock a wait on many could not take is looked at again. */
@@ -1225,7 +1225,10 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
     if (rc == SHX_E_TIMEOUT && wait_ns < timeout_ns)
         return SHX_OK; /* a poll of a held lock's block, not the caller's timeout: it looks again */
     if (rc == SHX_E_OS) {
-        atomic_store(&wait_any_unsupported, 1);
+        /* Polled from now on only where the kernel lacks the call: any other
+         * failure costs this one wait its sleep, not every wait after it. */
+        if (!shx_os_wait_any_supported())
+            atomic_store(&wait_any_unsupported, 1);
         return poll_any(blocks, seen, nudges, n, bell, rung, timeout_ns);
     }
     return rc;

@@ -448,3 +448,42 @@ def test_a_build_switch_rebuilds_the_module(tmp_path):
     assert backend_built() == [b"linux-sysv"]
     assert backend_built(SHMEMEXT_LOCK_FILES="1") == [b"posix-lockfiles"]
     assert backend_built() == [b"linux-sysv"]
+
+
+WAIT_ANY_AFTER_A_FAILURE = """
+import sys, shmemext
+from shmemext import _shmemext
+v = shmemext.Value(sys.argv[1], 64)
+bell = _shmemext._Bell()
+for _ in range(4):
+    _shmemext._wait_any((v,), (v.version,), bell, bell.rings, 0.2)
+v.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="futex_waitv (Linux)")
+@pytest.mark.skipif(not _has_strace(), reason="needs strace (apt-get install strace) to fail a system call")
+def test_one_failed_wait_on_many_does_not_make_every_later_one_poll(name, tmp_path):
+    """A futex_waitv that fails once with an error other than ENOSYS (here
+    EINVAL, injected by strace) costs that one wait its sleep: the waits
+    after it sleep in the kernel again instead of polling every 0.1 ms."""
+    if _shmemext_wait_any_max() == 0:
+        pytest.skip("this build polls by design (no wait on many words)")
+    trace = os.path.join(str(tmp_path), "trace")
+    subprocess.run(
+        ["strace", "-f", "-qq", "-o", trace, "-e", "trace=futex_waitv,nanosleep,clock_nanosleep",
+         "-e", "inject=futex_waitv:error=EINVAL:when=1", sys.executable, "-c", WAIT_ANY_AFTER_A_FAILURE, name],
+        check=True, capture_output=True, text=True, timeout=120)
+    with open(trace) as f:
+        calls = f.read()
+    sleeps = calls.count("futex_waitv(")
+    polls = calls.count("nanosleep(")
+    assert sleeps >= 4, f"{sleeps} futex_waitv calls, {polls} polls"
+    # The failed wait polls out its 0.2 s (about 1,000 polls here); four polled waits made about 4,000.
+    assert polls < 2500, f"{polls} polls: the waits after the failure polled"
+
+
+def _shmemext_wait_any_max():
+    from shmemext import _shmemext
+
+    return _shmemext._WAIT_ANY_MAX if _shmemext._BACKEND == "linux-sysv" else 0

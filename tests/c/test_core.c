@@ -1016,6 +1016,44 @@ static void test_lock_files(void)
 /* The CPU count that wait() spins by is what this process may run on (its
  * affinity mask), not what the machine has.  Measured in a child: the count
  * is read once per process. */
+/* Oversubscription is the whole machine's runnable count against its CPUs:
+ * a process bound to CPU 0 while another keeps CPU 1 busy is not
+ * oversubscribed (its CPU is free), though the machine-wide count (the hog
+ * and itself) exceeds its one CPU.  Sampled: another process of the machine
+ * may be runnable at a given moment, but not at every one. */
+static void test_oversubscribed_counts_the_machine(void)
+{
+    if (sysconf(_SC_NPROCESSORS_ONLN) != 2)
+        return; /* the figures below are for two CPUs */
+    pid_t hog = fork();
+    if (hog == 0) {
+        cpu_set_t other;
+        CPU_ZERO(&other);
+        CPU_SET(1, &other);
+        (void)sched_setaffinity(0, sizeof other, &other);
+        for (;;)
+            ;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(0, &one);
+        if (sched_setaffinity(0, sizeof one, &one) != 0)
+            _exit(2);
+        struct timespec gap = {0, 20000000};
+        for (int i = 0; i < 100; i++) {
+            if (!shx_os_cpus_oversubscribed())
+                _exit(0);
+            nanosleep(&gap, NULL);
+        }
+        _exit(1);
+    }
+    CHECK(wait_child(pid) == 0, "one busy CPU of two does not make a process bound to the other oversubscribed");
+    kill(hog, SIGKILL);
+    (void)waitpid(hog, NULL, 0);
+}
+
 static void test_cpu_count_follows_affinity(void)
 {
     if (sysconf(_SC_NPROCESSORS_ONLN) < 2)
@@ -1320,6 +1358,7 @@ int main(void)
     snprintf(prefix, sizeof prefix, "shmemext-ctest-%d", (int)getpid());
 #ifdef __linux__
     test_cpu_count_follows_affinity();
+    test_oversubscribed_counts_the_machine();
 #endif
     test_names();
     test_create_open_release();
