@@ -3,7 +3,10 @@
 import importlib.util
 import os
 import signal
+import sys
 import time
+
+import pytest
 
 import shmemext
 from conftest import TEST_PREFIX, block_bytes, linux_only, spawn
@@ -87,18 +90,23 @@ def _slot_seq(block, index):
         return int.from_bytes(memory[256 + 64 * index : 264 + 64 * index], "little")
 
 
-def test_soak_with_random_kills_reads_nothing_torn_and_leaves_nothing():
-    """A short run of tests/stress/soak.py: writers and readers SIGKILLed at
-    random and replaced; no bad read, and no block left once all are gone."""
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the soak reads /proc and /dev/shm (Linux)")
+def test_fault_injection_soak_holds_every_invariant():
+    """A short run of tests/stress/soak.py (CI runs it longer, and
+    CONTRIBUTING.md says how to run it for an hour): workers of every role
+    killed in every way about ten times a second and replaced; nothing torn
+    or foreign read, nothing stuck past the bound, no undocumented exception,
+    every death in a lock told, and nothing of the run left at the end."""
     import json
     import subprocess
-    import sys
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stress", "soak.py")
-    proc = subprocess.run([sys.executable, script, "--minutes", "0.15", "--kill-every", "0.3",
-                           "--name", f"{TEST_PREFIX}-soak"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, script, "--seconds", "15", "--json", "--prefix", f"{TEST_PREFIX}-soak"],
+                          capture_output=True, text=True, timeout=600)
     report = json.loads(proc.stdout)
-    assert proc.returncode == 0, (report, proc.stderr)
-    assert report["bad"] == 0 and not report["block_left_in_dev_shm"]
-    assert report["killed"]["writer"] + report["killed"]["reader"] >= 5
-    assert report["sets"] > 0 and report["reads"] > 0
+    assert proc.returncode == 0 and report["ok"], (report, proc.stderr[-2000:])
+    assert report["kills_total"] >= 60, report["kills"]
+    assert all(report["kills"][kind] > 0 for kind in report["kills"]), report["kills"]
+    assert report["sets"] > 0 and report["reads"] > 0 and report["records_written"] > 0
+    assert report.get("forks", 0) > 0 and report.get("wakeups", 0) > 0 and report.get("async_wakeups", 0) > 0
