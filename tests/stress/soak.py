@@ -315,6 +315,10 @@ def forker(w: Worker) -> None:
             h.close()
             beats["closer"] = time.monotonic()
 
+    # Whatever a fork child imports must be imported before the threads start: a
+    # module lock another thread holds at fork() is never released in the child.
+    "".encode("utf-32-le")
+    check_value(make_value(random.Random(0), 64))
     threading.Thread(target=user, daemon=True).start()
     threading.Thread(target=closer, daemon=True).start()
     while True:
@@ -503,8 +507,11 @@ def supervise(args: argparse.Namespace) -> dict:
     deaths_in_lock = {"seg0": 0, "seg1": 0}
     started = len(workers)
     deadline = time.monotonic() + args.seconds
+    next_kill = time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(rng.expovariate(args.kills_per_second))
+        # A Poisson clock of its own: the time a kill and a restart take is not added to it.
+        next_kill += rng.expovariate(args.kills_per_second)
+        time.sleep(max(0.0, next_kill - time.monotonic()))
         kind = rng.choices(list(kills), weights=[35, 15, 10, 15, 10, 15])[0]
         if kind == "sigkill_in_lock":
             pool, aim = [x for x in workers if x["role"] == "locker"], IN_LOCK
