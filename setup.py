@@ -35,7 +35,9 @@ def extension():
     # The CPython glue (glue.h lists its files), then the pure-C core.
     glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c",
             "ext/py_watch.c"]
-    sources = glue + ["ext/capi.c", "ext/handle.c", "ext/segment.c", "ext/text.c"]
+    # The pure-C core, one file per mechanism (ext/core.h lists them).
+    core = ["ext/block.c", "ext/copy.c", "ext/value.c", "ext/wait.c", "ext/error.c", "ext/handle.c", "ext/text.c"]
+    sources = glue + ["ext/capi.c"] + core
     libraries = []
     if sys.platform == "win32":
         sources.append("ext/platform_win32.c")
@@ -62,7 +64,7 @@ def extension():
     return Extension(
         "shmemext._shmemext",
         sources=sources,
-        depends=["ext/platform.h", "ext/platform_posix.h", "ext/segment.h", "ext/handle.h", "ext/glue.h", "ext/capi.h",
+        depends=["ext/platform.h", "ext/platform_posix.h", "ext/segment.h", "ext/core.h", "ext/handle.h", "ext/glue.h", "ext/capi.h",
                  "shmemext/include/shmemext.h"],
         include_dirs=["ext"],
         define_macros=[("SHMEMEXT_VERSION", '"%s"' % version)] + lock_files,

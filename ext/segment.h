@@ -1,5 +1,6 @@
-/* The block core: header layout, attach policy, the value protocol and the
- * copy loops.  Pure C (no Python.h); the OS is reached only through platform.h.
+/* The block core's interface: header layout, attach policy, the value
+ * protocol, the copy loops and waiting, each a file of its own (core.h lists
+ * them).  Pure C (no Python.h); the OS is reached only through platform.h.
  *
  * A block is a header page followed by data.  A value cell keeps two slots of
  * `capacity` bytes: a writer fills the slot that is not committed, then
