@@ -117,7 +117,8 @@ static uint64_t ipc_namespace(void)
 
 enum { GATE_BYTE = 0, WRITER_BYTE = 1 };
 
-static int lock_byte(int fd, short type, off_t byte, int wait)
+/* An OFD lock request of one byte of an entry. */
+static struct flock one_byte(short type, off_t byte)
 {
     struct flock fl;
     memset(&fl, 0, sizeof fl);
@@ -125,6 +126,12 @@ static int lock_byte(int fd, short type, off_t byte, int wait)
     fl.l_whence = SEEK_SET;
     fl.l_start = byte;
     fl.l_len = 1;
+    return fl;
+}
+
+static int lock_byte(int fd, short type, off_t byte, int wait)
+{
+    struct flock fl = one_byte(type, byte);
     for (;;) {
         if (fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) == 0)
             return 0;
@@ -744,12 +751,7 @@ typedef int (*entry_fn)(void *ctx, const char *name, int fd, const name_entry *e
 /* Whether somebody holds the entry's gate (attaching, detaching, creating). */
 static int gate_held(int fd)
 {
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = GATE_BYTE;
-    fl.l_len = 1;
+    struct flock fl = one_byte(F_WRLCK, GATE_BYTE);
     return fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 

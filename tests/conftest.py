@@ -217,3 +217,66 @@ def maps_of(block):
         shmid = str(read_entry(block)["shmid"])
         return sum(1 for line in lines if "/SYSV" in line and line.split()[4] == shmid)
     return sum(1 for line in lines if line.endswith("/" + block) or line.endswith("/" + block + " (deleted)"))
+
+
+# A process that takes a Segment's lock, writes half a record and waits on stdin (to be killed).
+LOCK_HOLDER = """
+import sys, shmemext
+seg = shmemext.Segment(sys.argv[1], 64)
+lock = seg.lock()
+lock.acquire()
+seg.write(b"half")
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+# Rounds of: a thread closes a Value while the main thread forks; the child uses the
+# handle (through Python, or through the C API of the consumer module at argv[3]) and
+# exits 0 if it was still open, 1 if closed.  Prints how many children hung.
+FORK_WHILE_CLOSING = """
+import importlib.util, os, sys, threading, time, shmemext
+name, rounds = sys.argv[1], int(sys.argv[2])
+consumer = None
+if len(sys.argv) > 3:
+    spec = importlib.util.spec_from_file_location("consumer", sys.argv[3])
+    consumer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(consumer)
+outcomes = {"hung": 0, "closed": 0, "open": 0}
+for i in range(rounds):
+    v = shmemext.Value(name, 64)
+    v.set(b"x")
+    go = threading.Event()
+    closer = threading.Thread(target=lambda: (go.wait(), v.close()))
+    closer.start()
+    go.set()
+    time.sleep((i % 20) * 0.00002)   # lets the closer get to a different point each round
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if consumer is not None:
+                consumer.object_set(v, b"from the child")   # the C API's own way into the handle
+                os._exit(0)
+            got = v.get()
+            v.set(b"child")
+            v.version
+            v.close()
+            os._exit(0 if got == b"x" else 3)
+        except (OSError, shmemext.ClosedError):
+            os._exit(1 if consumer is not None or v.closed else 4)
+    closer.join()
+    deadline = time.monotonic() + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            assert code in (0, 1), code
+            outcomes["open" if code == 0 else "closed"] += 1
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            outcomes["hung"] += 1
+            break
+        time.sleep(0.001)
+print(outcomes)
+"""

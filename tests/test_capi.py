@@ -14,7 +14,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import block_exists, python
+from conftest import FORK_WHILE_CLOSING, block_exists, python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CMODULE = os.path.join(HERE, "cmodule")
@@ -312,50 +312,13 @@ def test_the_readme_c_example_publishes_to_another_process(tmp_path, name):
     assert not os.path.exists(f"/dev/shm/{name}"), "the block goes with its last holder"
 
 
-FORK_WHILE_CLOSING_CAPI = """
-import importlib.util, os, sys, threading, time, shmemext
-spec = importlib.util.spec_from_file_location("consumer", sys.argv[2])
-consumer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(consumer)
-outcomes = {"hung": 0, "closed": 0, "open": 0}
-for i in range(int(sys.argv[3])):
-    v = shmemext.Value(sys.argv[1], 64)
-    go = threading.Event()
-    closer = threading.Thread(target=lambda: (go.wait(), v.close()))
-    closer.start()
-    go.set()
-    time.sleep((i % 20) * 0.00002)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            consumer.object_set(v, b"from the child")   # the C API's own way into the handle
-            os._exit(0)
-        except (OSError, shmemext.ClosedError):
-            os._exit(1)
-    closer.join()
-    deadline = time.monotonic() + 5
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            outcomes["open" if os.waitstatus_to_exitcode(status) == 0 else "closed"] += 1
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            outcomes["hung"] += 1
-            break
-        time.sleep(0.001)
-print(outcomes)
-"""
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 def test_c_api_calls_in_a_fork_child_of_a_closing_handle_do_not_hang(consumer, name):
     """The C API enters a Python object's handle its own way: in a fork()
     child whose parent was closing the object in another thread, it settles
     the inherited close too (closed, or still open) instead of waiting for it."""
-    proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_WHILE_CLOSING_CAPI, name,
-                           consumer.__file__, "60"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_WHILE_CLOSING, name, "60",
+                           consumer.__file__], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     outcomes = eval(proc.stdout)
     assert outcomes["hung"] == 0 and outcomes["closed"] > 0, outcomes

@@ -14,7 +14,7 @@ import pytest
 
 import shmemext
 
-from conftest import SHM_DIR, TEST_PREFIX, spawn, sysv_backend
+from conftest import FORK_WHILE_CLOSING, LOCK_HOLDER, SHM_DIR, TEST_PREFIX, spawn, sysv_backend
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 
@@ -27,50 +27,6 @@ def run_script(code, *args, timeout=120):
         capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-FORK_WHILE_CLOSING = """
-import os, sys, threading, time, shmemext
-name, rounds = sys.argv[1], int(sys.argv[2])
-outcomes = {"hung": 0, "closed": 0, "open": 0}
-for i in range(rounds):
-    v = shmemext.Value(name, 64)
-    v.set(b"x")
-    go = threading.Event()
-    closer = threading.Thread(target=lambda: (go.wait(), v.close()))
-    closer.start()
-    go.set()
-    time.sleep((i % 20) * 0.00002)   # lets the closer get to a different point each round
-    pid = os.fork()
-    if pid == 0:
-        # Every use ends: either the close had detached (ClosedError) or it
-        # had not begun to here (the value reads, then closes).
-        try:
-            got = v.get()
-            v.set(b"child")
-            v.version
-            v.close()
-            code = 0 if got == b"x" else 3
-        except shmemext.ClosedError:
-            code = 1 if v.closed else 4
-        os._exit(code)
-    closer.join()
-    deadline = time.monotonic() + 5
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            assert code in (0, 1), code
-            outcomes["open" if code == 0 else "closed"] += 1
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            outcomes["hung"] += 1
-            break
-        time.sleep(0.001)
-print(outcomes)
-"""
 
 
 @posix_only
@@ -179,17 +135,6 @@ def test_checked_copy_sees_exactly_the_bytes_it_stores(name, char_index):
             flipper.stdout.close(), flipper.stderr.close(), flipper.stdin.close()
         assert invalid == 0, f"{invalid} invalid str in {gets} gets ({corrupt} refused as corrupt)"
         assert corrupt > 0 and gets > 0, (gets, corrupt)
-
-
-LOCK_HOLDER = """
-import sys, shmemext
-seg = shmemext.Segment(sys.argv[1], 64)
-lock = seg.lock()
-lock.acquire()
-seg.write(b"half")
-print("holding", flush=True)
-sys.stdin.readline()
-"""
 
 
 def test_owner_death_survives_an_acquire_that_meets_a_close(name):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import shmemext
-from conftest import python, spawn
+from conftest import LOCK_HOLDER, python, spawn
 
 np = pytest.importorskip("numpy")
 
@@ -225,17 +225,6 @@ def test_lock_serializes_two_processes_counting(name):
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0 and out == "done\n", err
         assert int.from_bytes(seg.read(8), "little") == 200_000
-
-
-LOCK_HOLDER = """
-import sys, shmemext
-seg = shmemext.Segment(sys.argv[1], 64)
-lock = seg.lock()
-lock.acquire()
-seg.write(b"half")
-print("holding", flush=True)
-sys.stdin.readline()
-"""
 
 
 def test_holder_killed_does_not_block_others_and_reports_owner_death(name):

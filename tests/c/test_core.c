@@ -1016,6 +1016,15 @@ static void test_lock_files(void)
 /* The CPU count that wait() spins by is what this process may run on (its
  * affinity mask), not what the machine has.  Measured in a child: the count
  * is read once per process. */
+/* Binds the calling process to one CPU; 0 on success. */
+static int bind_to_cpu(int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set);
+}
+
 /* Runnable threads, machine-wide, as /proc/loadavg says (this one included). */
 static long runnable_now(void)
 {
@@ -1043,19 +1052,13 @@ static void test_oversubscribed_counts_the_machine(void)
         return;
     pid_t hog = fork();
     if (hog == 0) {
-        cpu_set_t other;
-        CPU_ZERO(&other);
-        CPU_SET(1, &other);
-        (void)sched_setaffinity(0, sizeof other, &other);
+        (void)bind_to_cpu(1);
         for (;;)
             ;
     }
     pid_t pid = fork();
     if (pid == 0) {
-        cpu_set_t one;
-        CPU_ZERO(&one);
-        CPU_SET(0, &one);
-        if (sched_setaffinity(0, sizeof one, &one) != 0)
+        if (bind_to_cpu(0) != 0)
             _exit(2);
         struct timespec gap = {0, 20000000};
         int judged = 0;
@@ -1085,10 +1088,7 @@ static void test_cpu_count_follows_affinity(void)
         return;
     pid_t pid = fork();
     if (pid == 0) {
-        cpu_set_t one;
-        CPU_ZERO(&one);
-        CPU_SET(0, &one);
-        if (sched_setaffinity(0, sizeof one, &one) != 0)
+        if (bind_to_cpu(0) != 0)
             _exit(2);
         _exit(shx_os_cpu_count() == 1 ? 0 : 1);
     }
