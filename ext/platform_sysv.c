@@ -340,10 +340,27 @@ static void forget_segment(int shmid, void *base)
         (void)shmctl(shmid, IPC_RMID, NULL);
 }
 
+/* Whether a segment is one a creator left unfinished: no magic yet, and no
+ * token or the entry's own (written just before the header). */
+static int left_unfinished(int shmid, uint64_t token)
+{
+    void *base = shmat(shmid, NULL, SHM_RDONLY);
+    if (base == (void *)-1)
+        return 0;
+    static const char no_magic[8];
+    int unfinished =
+        memcmp(base, no_magic, sizeof no_magic) == 0 && (token_matches(base, 0) || token_matches(base, token));
+    (void)shmdt(base);
+    return unfinished;
+}
+
 /* An entry whose creator died before it named a finished segment (no id
  * yet): the segment it was making, found by its key, goes if it is that one
- * (our user's, made by that pid, of that size, unmarked and unattached).
- * Under the entry's gate, so that its creator is gone, not still at work. */
+ * (our user's, made by that pid, of that size, unmarked, unattached, with
+ * no magic and no token but the entry's: an entry others may write must not
+ * name one of our finished blocks for removal; `sweep` removes a finished
+ * one nothing names).  Under the entry's
+ * gate, so that its creator is gone, not still at work. */
 static void remove_unfinished(const name_entry *e)
 {
     if (e->shmid >= 0 || e->key == IPC_PRIVATE)
@@ -352,7 +369,7 @@ static void remove_unfinished(const name_entry *e)
     struct shmid_ds ds;
     if (shmid >= 0 && shmctl(shmid, IPC_STAT, &ds) == 0 && ds.shm_perm.cuid == geteuid() &&
         (uint32_t)ds.shm_cpid == e->creator_pid && (uint64_t)ds.shm_segsz == e->size && ds.shm_nattch == 0 &&
-        !(ds.shm_perm.mode & SHM_DEST))
+        !(ds.shm_perm.mode & SHM_DEST) && left_unfinished(shmid, e->token))
         (void)shmctl(shmid, IPC_RMID, NULL);
 }
 
