@@ -69,6 +69,18 @@ static void registry_parent(void)
     pthread_mutex_unlock(&registry_lock);
 }
 
+/* The descriptors threads poll a gate on while they let the registry go
+ * (shx_posix_poll_lock).  A fork() child must not keep one: it would share
+ * the open file description, and so the lock that the polling thread takes
+ * on it later, which then stays held through the child's copy (the child's
+ * own next attach or detach of the name would wait for itself for ever). */
+#define POLLERS_MAX 64
+static struct {
+    int fd;
+    pthread_t thread;
+} pollers[POLLERS_MAX];
+static int poller_count;
+
 static void registry_child(void)
 {
     for (shx_os_map *m = attached_head; m != NULL; m = m->next_attached) {
@@ -76,6 +88,14 @@ static void registry_child(void)
         shx_core_fork_child(m);
     }
     shx_posix_forget_all_held();
+    int kept = 0;
+    for (int i = 0; i < poller_count; i++) {
+        if (pthread_equal(pollers[i].thread, pthread_self()))
+            pollers[kept++] = pollers[i]; /* the forking thread's own (a signal handler forked): it goes on */
+        else
+            (void)close(pollers[i].fd); /* its thread is not in this process */
+    }
+    poller_count = kept;
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -323,6 +343,17 @@ int shx_posix_file_unlock(shx_os_map *m, void *area, shx_error *err)
     return rc;
 }
 
+/* Under the registry lock. */
+static void unlist_poller(int fd)
+{
+    for (int i = 0; i < poller_count; i++) {
+        if (pollers[i].fd == fd && pthread_equal(pollers[i].thread, pthread_self())) {
+            pollers[i] = pollers[--poller_count];
+            return;
+        }
+    }
+}
+
 int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt *intr)
 {
     uint64_t asked = shx_os_monotonic_ns();
@@ -333,8 +364,16 @@ int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt 
             return -1;
         /* Between tries the registry is let go: a fork() meanwhile copies
          * no held gate, and the interrupt check may take an interpreter
-         * lock that a forking thread holds while fork() waits for ours. */
-        pthread_mutex_unlock(&registry_lock);
+         * lock that a forking thread holds while fork() waits for ours.
+         * The descriptor is listed meanwhile, for the child to close; with
+         * no room to list it, the registry is kept (forks wait). */
+        int listed = poller_count < POLLERS_MAX;
+        if (listed) {
+            pollers[poller_count].fd = fd;
+            pollers[poller_count].thread = pthread_self();
+            poller_count++;
+            pthread_mutex_unlock(&registry_lock);
+        }
         if (attempt < 4) {
             sched_yield();
         } else {
@@ -347,7 +386,10 @@ int shx_posix_poll_lock(int (*try_lock)(int fd), int fd, const shx_os_interrupt 
             asked = shx_os_monotonic_ns();
             stop = intr->interrupted(intr->ctx);
         }
-        pthread_mutex_lock(&registry_lock);
+        if (listed) {
+            pthread_mutex_lock(&registry_lock);
+            unlist_poller(fd);
+        }
         if (stop)
             return -2;
     }

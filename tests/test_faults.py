@@ -432,3 +432,51 @@ def _shmemext_wait_any_max():
     from shmemext import _shmemext
 
     return _shmemext._WAIT_ANY_MAX if _shmemext._BACKEND == "linux-sysv" else 0
+
+
+FORK_WHILE_A_THREAD_WAITS_FOR_THE_GATE = """
+import os, signal, sys, threading, time, shmemext
+name = sys.argv[1]
+opened = []
+waiter = threading.Thread(target=lambda: opened.append(shmemext.Value(name)))
+waiter.start()                 # waits for the gate, which the test holds
+time.sleep(0.2)
+pid = os.fork()                # while that thread polls for the gate, its descriptor open
+if pid == 0:
+    signal.alarm(5)            # a child that hangs dies of SIGALRM
+    time.sleep(0.6)            # the parent's thread has taken the gate and finished by now
+    with shmemext.Value(name) as v:
+        v.set(b"child")
+    os._exit(0)
+waiter.join()
+opened[0].close()
+status = os.waitpid(pid, 0)[1]
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="holds a name entry's gate by hand (Linux)")
+def test_a_fork_child_does_not_keep_a_gate_another_thread_was_waiting_for(name):
+    """A thread that waits for another process's gate lets the registry go
+    between tries, with the descriptor it polls on open: a fork() then gave
+    the child that descriptor, and the lock the parent's thread took on it
+    later stayed held through the child's copy, so the child's own next
+    attach or detach of the name waited for itself for ever."""
+    if not sysv_backend():
+        pytest.skip("the System V backend's gate is a lock on the name entry")
+    import fcntl
+    import struct
+
+    with shmemext.Value(name, 64):
+        gate = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            fcntl.fcntl(gate, getattr(fcntl, "F_OFD_SETLK", 37), struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 1, 0))
+            child = subprocess.Popen([sys.executable, "-W", "ignore::DeprecationWarning", "-c",
+                                      FORK_WHILE_A_THREAD_WAITS_FOR_THE_GATE, name],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.5)
+        finally:
+            os.close(gate)     # lets the waiting thread in
+        out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert out.strip() == "0", f"the fork child ended with {out.strip()} (-14: it hung on the gate)"
