@@ -86,8 +86,10 @@ class Worker:
         self.next_report = 0.0
         self.faulthandler = faulthandler
         signal.signal(signal.SIGUSR1, lambda *_: os._exit(7))
-        if role != "locker" and seed % 2:
-            # SIGTERM becomes an exception inside whatever call runs now.
+        # SIGTERM becomes an exception inside whatever call runs now; not for lockers
+        # (leaving the lock by an exception is a release, not a death) nor for asyncio,
+        # whose event loop an exception raised at any bytecode can leave unable to end.
+        if role not in ("locker", "async") and seed % 2:
             def on_term(signum: int, frame: object) -> None:
                 raise SystemExit(0)
 
