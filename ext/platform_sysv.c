@@ -359,8 +359,8 @@ static int left_unfinished(int shmid, uint64_t token)
  * (our user's, made by that pid, of that size, unmarked, unattached, with
  * no magic and no token but the entry's: an entry others may write must not
  * name one of our finished blocks for removal; `sweep` removes a finished
- * one nothing names).  Under the entry's
- * gate, so that its creator is gone, not still at work. */
+ * one nothing names).  Under the entry's gate, so that its creator is gone,
+ * not still at work. */
 static void remove_unfinished(const name_entry *e)
 {
     if (e->shmid >= 0 || e->key == IPC_PRIVATE)
@@ -710,9 +710,8 @@ int shx_os_unlink(const char *name, shx_error *err)
     name_entry e;
     struct shmid_ds ds;
     rc = read_entry(fd, &st, &e, err);
-    if (rc == ENTRY_FOUND && !foreign_namespace(&e))
-        remove_unfinished(&e);
     if (rc == ENTRY_FOUND && !foreign_namespace(&e)) {
+        remove_unfinished(&e);
         /* A persistent segment goes with its last holder from now on. */
         rc = segment_state(fd, &e, &ds, err);
         if (rc == SEGMENT_LIVE && !(ds.shm_perm.mode & SHM_DEST) && shmctl(e.shmid, IPC_RMID, NULL) != 0)
@@ -765,6 +764,14 @@ void shx_posix_writer_release(int fd) { (void)lock_byte(fd, F_UNLCK, WRITER_BYTE
 
 typedef int (*entry_fn)(void *ctx, const char *name, int fd, const name_entry *e);
 
+/* An empty entry (its creator died before writing it) read as one that
+ * names no segment. */
+static void no_entry(name_entry *e)
+{
+    memset(e, 0, sizeof *e);
+    e->shmid = -1;
+}
+
 /* Whether somebody holds the entry's gate (attaching, detaching, creating). */
 static int gate_held(int fd)
 {
@@ -795,8 +802,7 @@ static int each_entry(entry_fn fn, void *ctx, shx_error *err)
                         ? read_entry(fd, &st, &e, &ignored)
                         : SHX_E_FOREIGN;
         if (found == ENTRY_EMPTY && !gate_held(fd)) {
-            memset(&e, 0, sizeof e);
-            e.shmid = -1;
+            no_entry(&e);
             found = ENTRY_FOUND;
         }
         if (found == ENTRY_FOUND)
@@ -894,12 +900,10 @@ static int sweep_entry(void *vw, const char *name, int fd, const name_entry *see
     if (lock_gate(fd, F_WRLCK, 0) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0)
         return SHX_OK;
     int found = read_entry(fd, &st, &e, &ignored);
-    if (found == ENTRY_EMPTY) { /* we hold its gate: nobody is writing it */
-        memset(&e, 0, sizeof e);
-        e.shmid = -1;
-    } else if (found != ENTRY_FOUND) {
+    if (found == ENTRY_EMPTY) /* we hold its gate: nobody is writing it */
+        no_entry(&e);
+    else if (found != ENTRY_FOUND)
         return SHX_OK;
-    }
     remove_unfinished(&e);
     segment_look look;
     look_at_segment(fd, &e, &look);
