@@ -204,8 +204,8 @@ static PyMethodDef lock_methods[] = {
 
 static PyGetSetDef lock_getset[] = {
     {"owner_died", (getter)lock_get_owner_died, NULL,
-     "True if the last acquire() took the lock from a holder that died holding it:\n"
-     "the data it guarded may be half-updated.",
+     "True if a holder died holding the lock since the last acquire() that reported one\n"
+     "(this one's predecessor, usually): the data it guarded may be half-updated.",
      NULL},
     {"segment", (getter)lock_get_segment, NULL, "The Segment this lock belongs to.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};

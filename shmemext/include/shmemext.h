@@ -160,8 +160,9 @@ typedef struct ShmemExt_CAPI {
     /* [no GIL] A raw segment's memory and size (NULL for a value cell). */
     void *(*data)(ShmemExt_Block *block, size_t *size);
     /* [no GIL] The block's cross-process lock.  timeout_ns < 0 waits forever,
-     * 0 only tries.  *owner_died (may be NULL) is set when the previous holder
-     * died holding it.  The lock is per thread and not re-entrant. */
+     * 0 only tries.  *owner_died (may be NULL) is set when a holder died
+     * holding it since the last lock() (or Segment.lock()) that reported one.
+     * The lock is per thread and not re-entrant. */
     int (*lock)(ShmemExt_Block *block, int64_t timeout_ns, int *owner_died, ShmemExt_Error *err);
     int (*unlock)(ShmemExt_Block *block, ShmemExt_Error *err);
     /* [no GIL] The block's name and whether this process created it. */
