@@ -254,12 +254,9 @@ void shx_core_fork_child(shx_os_map *m)
     shx_own_calls_fn fn = atomic_load(&own_calls_of);
     if (fn != NULL && b->owner != NULL)
         fn(b->owner, &inflight, &serialized);
-    int closer_went =
-        shx_guard_is_closing(atomic_load(&b->guard.state)) && atomic_load(&b->guard.closer) != shx_guard_this_thread();
-    shx_guard_forget_other_threads(&b->guard, inflight, serialized);
-    /* Its closer had marked it detached on the way to the detach, which never
-     * came: the block is still attached here. */
-    if (closer_went)
+    /* A close undone here: its closer had marked the handle detached on the
+     * way to the detach, which never came, and the block is attached here. */
+    if (shx_guard_forget_other_threads(&b->guard, inflight, serialized))
         b->attached = 1;
 }
 

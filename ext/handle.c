@@ -28,18 +28,21 @@ int shx_guard_settle_inherited(shx_guard *g)
     return 1;
 }
 
-void shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized)
+int shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized)
 {
     atomic_store(&g->inflight, own_inflight);
     atomic_store(&g->serialized, own_serialized);
-    if (shx_guard_is_closing(atomic_load(&g->state)) && atomic_load(&g->closer) != shx_guard_this_thread()) {
-        atomic_store(&g->deferred, 0);
-        atomic_store(&g->closer, 0);
-        atomic_store(&g->state, SHX_GUARD_OPEN);
-    } else if (shx_guard_is_closing(atomic_load(&g->state))) {
+    if (!shx_guard_is_closing(atomic_load(&g->state)))
+        return 0;
+    if (atomic_load(&g->closer) == shx_guard_this_thread()) {
         /* The forking thread's own close goes on: under this process's pid. */
         atomic_store(&g->state, closing_state());
+        return 0;
     }
+    atomic_store(&g->deferred, 0);
+    atomic_store(&g->closer, 0);
+    atomic_store(&g->state, SHX_GUARD_OPEN);
+    return 1;
 }
 
 int shx_guard_close(shx_guard *g, long own, const shx_guard_waiter *waiter)

@@ -150,9 +150,9 @@ uintptr_t shx_guard_this_thread(void);
  * had begun never ends.  Forgets them: the counts become the forking
  * thread's own calls (`own_inflight` counted atomically, `own_serialized`
  * serialized: it may be inside calls, running a signal handler), and such a
- * close is undone (the block stays attached here).  A close the forking
- * thread itself had begun goes on. */
-void shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized);
+ * close is undone (the block stays attached here): returns 1 then.  A close
+ * the forking thread itself had begun goes on. */
+int shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized);
 
 /* A close() that the process this one was forked from had begun, found
  * CLOSING here: its closer never comes, and shx_guard_forget_other_threads
