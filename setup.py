@@ -36,7 +36,8 @@ def extension():
     glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c",
             "ext/py_watch.c"]
     # The pure-C core, one file per mechanism (ext/core.h lists them).
-    core = ["ext/block.c", "ext/copy.c", "ext/value.c", "ext/wait.c", "ext/error.c", "ext/handle.c", "ext/text.c"]
+    core = ["ext/block.c", "ext/copy.c", "ext/value.c", "ext/wait.c", "ext/queue.c", "ext/error.c", "ext/handle.c",
+            "ext/text.c"]
     sources = glue + ["ext/capi.c"] + core
     libraries = []
     if sys.platform == "win32":

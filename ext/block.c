@@ -1,6 +1,7 @@
 /* The life of a block: names, attach and the header, detach, fork, listing,
  * the writer lock, and a raw segment's bounds-checked copies (segment.h). */
 #include "core.h"
+#include "queue.h"
 
 #include <string.h>
 
@@ -20,6 +21,11 @@ static const char MAGIC[8] = {'S', 'H', 'M', 'E', 'M', 'E', 'X', 'T'};
 _Static_assert(sizeof SHX_MAGIC - 1 == sizeof MAGIC, "one magic");
 
 static size_t round_up_64(uint64_t n) { return (size_t)((n + 63) & ~(uint64_t)63); }
+
+static int known_kind(uint32_t kind)
+{
+    return kind == SHX_KIND_VALUE || kind == SHX_KIND_SEGMENT || kind == SHX_KIND_QUEUE;
+}
 
 static uint64_t total_size(uint32_t kind, uint64_t capacity)
 {
@@ -105,10 +111,13 @@ static int check_header(const shx_os_map *m, shx_error *err)
         return shx_fail(err, SHX_E_CORRUPT, layout, h->header_size, "has an unknown layout or header size");
     uint32_t kind = h->kind;
     uint64_t capacity = h->capacity;
-    if (kind != SHX_KIND_VALUE && kind != SHX_KIND_SEGMENT)
+    if (!known_kind(kind))
         return shx_fail(err, SHX_E_CORRUPT, kind, 0, "has an unknown kind");
     if (capacity == 0 || capacity > SHX_MAX_CAPACITY)
         return shx_fail(err, SHX_E_CORRUPT, capacity, SHX_MAX_CAPACITY, "has an impossible capacity");
+    /* A queue's records start on multiples of their head's size. */
+    if (kind == SHX_KIND_QUEUE && (capacity % SHX_QUEUE_RECORD != 0 || capacity < SHX_QUEUE_MIN_CAPACITY))
+        return shx_fail(err, SHX_E_CORRUPT, capacity, SHX_QUEUE_RECORD, "has a queue capacity no ring can have");
     if (total_size(kind, capacity) > m->size)
         return shx_fail(err, SHX_E_CORRUPT, total_size(kind, capacity), m->size, "is smaller than its header says");
     return SHX_OK;
@@ -192,7 +201,16 @@ int shx_block_open_hooked(shx_block *b, const char *name, uint32_t kind, uint64_
         return shx_fail(err, SHX_E_SIZE, capacity, SHX_MAX_CAPACITY, NULL);
     memcpy(b->name, name, len + 1);
 
-    open_request rq = {b, kind, capacity ? capacity : SHX_DEFAULT_CAPACITY, capacity != 0, flags};
+    uint64_t make = capacity ? capacity : SHX_DEFAULT_CAPACITY;
+    if (kind == SHX_KIND_QUEUE) {
+        if (capacity == 0)
+            make = SHX_QUEUE_DEFAULT_CAPACITY;
+        else if (capacity < SHX_QUEUE_MIN_CAPACITY)
+            return shx_fail(err, SHX_E_SIZE, capacity, SHX_MAX_CAPACITY, NULL);
+        /* Whole records: up to the next multiple of their head's size. */
+        make = (make + SHX_QUEUE_RECORD - 1) / SHX_QUEUE_RECORD * SHX_QUEUE_RECORD;
+    }
+    open_request rq = {b, kind, make, capacity != 0, flags};
     unsigned os_flags = ((flags & SHX_PRIVATE_OWNER) ? SHX_OPEN_REQUIRE_OWNER : 0) |
                         ((flags & SHX_GLOBAL) ? SHX_OPEN_GLOBAL : 0) | ((flags & SHX_PERSIST) ? SHX_OPEN_PERSIST : 0) |
                         ((flags & SHX_EXISTING) ? SHX_OPEN_EXISTING : 0);
@@ -295,8 +313,8 @@ static void with_header(void *vrq, const shx_os_info *os)
     shx_header h;
     if (os->header != NULL && os->header_len >= sizeof h) {
         memcpy(&h, os->header, sizeof h);
-        if (memcmp(h.magic, MAGIC, sizeof MAGIC) == 0 && h.layout == SHX_LAYOUT &&
-            (h.kind == SHX_KIND_VALUE || h.kind == SHX_KIND_SEGMENT) && h.capacity <= SHX_MAX_CAPACITY) {
+        if (memcmp(h.magic, MAGIC, sizeof MAGIC) == 0 && h.layout == SHX_LAYOUT && known_kind(h.kind) &&
+            h.capacity <= SHX_MAX_CAPACITY) {
             info.kind = h.kind;
             info.capacity = h.capacity;
             if (info.os.creator_pid == 0)

@@ -18,7 +18,10 @@ int shx_fail(shx_error *err, int status, uint64_t a, uint64_t b, const char *det
 
 static const char *kind_name(uint64_t kind)
 {
-    return kind == SHX_KIND_VALUE ? "a value cell" : kind == SHX_KIND_SEGMENT ? "a raw segment" : "unknown";
+    return kind == SHX_KIND_VALUE     ? "a value cell"
+           : kind == SHX_KIND_SEGMENT ? "a raw segment"
+           : kind == SHX_KIND_QUEUE   ? "a queue"
+                                      : "unknown";
 }
 
 void shx_strerror(const shx_error *err, char *buf, size_t size)
@@ -84,6 +87,8 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_ENCODING: snprintf(buf, size, "text %s (at %llu)", err->detail, a); break;
     case SHX_E_INTERRUPTED: snprintf(buf, size, "wait for the writer lock interrupted"); break;
     case SHX_E_RANGE: snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b); break;
+    case SHX_E_EMPTY: snprintf(buf, size, "has no message"); break;
+    case SHX_E_FULL: snprintf(buf, size, "has no room for a record of %llu bytes (capacity %llu bytes)", a, b); break;
     default: snprintf(buf, size, "unknown error %d", err->status);
     }
 }

@@ -74,7 +74,10 @@ static void append_info(void *ctx, const shx_block_info *info)
     info_sink *sink = (info_sink *)ctx;
     if (sink->failed)
         return;
-    const char *kind = info->kind == SHX_KIND_VALUE ? "value" : info->kind == SHX_KIND_SEGMENT ? "segment" : NULL;
+    const char *kind = info->kind == SHX_KIND_VALUE     ? "value"
+                       : info->kind == SHX_KIND_SEGMENT ? "segment"
+                       : info->kind == SHX_KIND_QUEUE   ? "queue"
+                                                        : NULL;
     PyObject *d = Py_BuildValue(
         "{s:s,s:z,s:K,s:N,s:N,s:N,s:O,s:N,s:N}", "name", info->os.name, "kind", kind, "size",
         (unsigned long long)info->os.size, "capacity",

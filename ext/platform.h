@@ -79,7 +79,9 @@ typedef enum shx_status {
     SHX_E_INTERRUPTED, /* a wait was given up because the caller's interrupted() hook said so */
     SHX_E_PERSIST,     /* persist asked of a block that exists without it, where the OS cannot change that */
     SHX_E_BUSY,        /* close refused: a consumer still holds the handle (a = C API pins) */
-    SHX_E_NOTFOUND     /* SHX_OPEN_EXISTING, and no live block has the name */
+    SHX_E_NOTFOUND,    /* SHX_OPEN_EXISTING, and no live block has the name */
+    SHX_E_EMPTY,       /* a queue had no message in time */
+    SHX_E_FULL         /* a queue had no room for a record of a bytes in time (b: its capacity) */
 } shx_status;
 
 typedef struct shx_error {
@@ -229,6 +231,13 @@ int shx_os_unlock(shx_os_map *m, void *area, shx_error *err);
  * that keeps finding nobody asleep has kept waiters that died. */
 int shx_os_wait_word(shx_os_map *m, void *addr, uint32_t expected, int64_t timeout_ns);
 int shx_os_wake_word(shx_os_map *m, void *addr, uint32_t waiters);
+/* Whether every word of a block shares one wake-up (a Windows semaphore per
+ * block): a wake then wakes as many sleepers as all its words count. */
+#if defined(_WIN32)
+#define SHX_OS_ONE_WAKE_PER_BLOCK 1
+#else
+#define SHX_OS_ONE_WAKE_PER_BLOCK 0
+#endif
 
 /* A doorbell inside this process: how a thread ends another's
  * shx_os_wait_any early (new work for it, or a close()).  Ringing makes no

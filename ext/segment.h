@@ -25,7 +25,7 @@
 #define SHX_MAX_CAPACITY                                                                                               \
     ((uint64_t)(SIZE_MAX / 4) < (UINT64_C(1) << 44) ? (uint64_t)(SIZE_MAX / 4) : (UINT64_C(1) << 44))
 
-enum shx_kind { SHX_KIND_VALUE = 1, SHX_KIND_SEGMENT = 2 };
+enum shx_kind { SHX_KIND_VALUE = 1, SHX_KIND_SEGMENT = 2, SHX_KIND_QUEUE = 3 };
 
 /* What a value slot holds.  Text is stored as PEP 393 code units; the type
  * names their width and whether 1-byte text is pure ASCII. */
@@ -35,7 +35,11 @@ enum shx_type {
     SHX_TYPE_ASCII = 2,  /* 1-byte units, all < 0x80 */
     SHX_TYPE_LATIN1 = 3, /* 1-byte units, at least one >= 0x80 */
     SHX_TYPE_UCS2 = 4,   /* 2-byte units, at least one > 0xFF */
-    SHX_TYPE_UCS4 = 5    /* 4-byte units, at least one > 0xFFFF, all <= 0x10FFFF */
+    SHX_TYPE_UCS4 = 5,   /* 4-byte units, at least one > 0xFFFF, all <= 0x10FFFF */
+    /* Queue messages only: a pickle, whole, or framed with its out-of-band
+     * buffers (the glue's format; the core carries both as bytes). */
+    SHX_TYPE_PICKLE = 6,
+    SHX_TYPE_PICKLE_FRAMED = 7
 };
 
 #define SHX_FLAG_PERSIST 1u
@@ -60,7 +64,7 @@ typedef struct shx_header {
     char magic[8];        /* "SHMEMEXT", written last at creation */
     uint32_t layout;      /* SHX_LAYOUT */
     uint32_t header_size; /* SHX_HEADER_SIZE */
-    uint64_t capacity;    /* value: bytes per slot; segment: bytes */
+    uint64_t capacity;    /* value: bytes per slot; segment: bytes; queue: bytes of ring */
     uint64_t total_size;  /* header + data, as created */
     uint32_t kind;        /* enum shx_kind */
     uint32_t creator_pid;

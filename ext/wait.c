@@ -1,10 +1,14 @@
 /* Waiting for a value to change: the count of waiters a set() wakes, the
  * spin before sleeping, one wait and a wait on many (segment.h). */
 #include "core.h"
+#include "queue.h"
 
 #if defined(_MSC_VER)
 #include <intrin.h> /* _mm_pause, __yield */
 #endif
+
+/* Blocks whose version a wait watches: a value's sets, a queue's messages. */
+static int versioned(const shx_block *b) { return b->kind == SHX_KIND_VALUE || b->kind == SHX_KIND_QUEUE; }
 
 /* ---- waiter counts ---------------------------------------------------------- */
 
@@ -177,7 +181,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
 {
     if (!b->attached)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-    if (b->kind != SHX_KIND_VALUE)
+    if (!versioned(b))
         return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
     shx_header *h = b->hdr;
     uint64_t start = shx_os_monotonic_ns();
@@ -331,7 +335,7 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
     for (size_t i = 0; i < n; i++) {
         if (!blocks[i]->attached)
             return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
-        if (blocks[i]->kind != SHX_KIND_VALUE)
+        if (!versioned(blocks[i]))
             return shx_fail(err, SHX_E_KIND, blocks[i]->kind, SHX_KIND_VALUE, NULL);
     }
     uint32_t nudges[SHX_WAIT_ANY_MAX] = {0};
@@ -349,10 +353,90 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
 
 void shx_value_nudge_watchers(shx_block *b)
 {
-    if (b->attached && b->kind == SHX_KIND_VALUE && atomic_load(&b->watching) > 0) {
+    if (b->attached && versioned(b) && atomic_load(&b->watching) > 0) {
         atomic_fetch_add(&b->nudges, 1);
         atomic_thread_fence(memory_order_seq_cst);
         uint32_t waiters = shx_value_waiters(b);
         (void)shx_os_wake_word(&b->map, &b->hdr->wake_seq, waiters > 0 ? waiters : 1);
     }
+}
+
+/* ---- channels whose wakers take no lock (queue.h) ----------------------------- */
+
+/* The waiter reads the word, then counts itself, then looks; the waker
+ * changes the state, then reads the count, and moves the word before it
+ * wakes.  Both sides are ordered by a full barrier, so either the waiter
+ * sees the change or the waker sees the waiter, whose sleep on the word it
+ * read first then ends.  A waiter that died counted is recounted as for
+ * values, but without a lock: the epoch is moved by a compare-and-swap
+ * before the word is, so a wait counted in the old epoch has read the old
+ * word, and its sleep ends at the move. */
+
+static void channel_uncount(shx_channel *c, uint32_t epoch)
+{
+    uint64_t w = atomic_load_explicit(&c->waiters, memory_order_relaxed);
+    while ((uint32_t)(w >> 32) == epoch && (uint32_t)w != 0 &&
+           !atomic_compare_exchange_weak_explicit(&c->waiters, &w, w - 1, memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+int shx_channel_wait(shx_block *b, shx_channel *c, int (*ready)(void *), void *ctx, int64_t timeout_ns)
+{
+    uint64_t start = shx_os_monotonic_ns();
+    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
+    if (spin > 0 && !ready(ctx)) {
+        uint64_t until = start + (timeout_ns > 0 && (uint64_t)timeout_ns < spin ? (uint64_t)timeout_ns : spin);
+        int seen = 0;
+        while (!seen && shx_os_monotonic_ns() < until) {
+            for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
+                cpu_relax();
+        }
+        spin_learn(b, seen);
+        if (seen)
+            return SHX_OK;
+    }
+    uint32_t word = atomic_load_explicit(&c->seq, memory_order_acquire);
+    uint32_t epoch = (uint32_t)(atomic_fetch_add_explicit(&c->waiters, 1, memory_order_seq_cst) >> 32);
+    atomic_thread_fence(memory_order_seq_cst);
+    int rc = SHX_OK;
+    if (!ready(ctx)) {
+        int64_t left = timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+        rc = SHX_E_TIMEOUT;
+        if (left > 0) {
+            (void)shx_os_wait_word(&b->map, &c->seq, word, left);
+            rc = ready(ctx) ? SHX_OK : SHX_E_TIMEOUT;
+        }
+    }
+    channel_uncount(c, epoch);
+    return rc;
+}
+
+static void channel_recount(shx_block *b, shx_channel *c)
+{
+    uint64_t w = atomic_load_explicit(&c->waiters, memory_order_relaxed);
+    uint64_t fresh = ((w >> 32) + 1) << 32;
+    if (!atomic_compare_exchange_strong_explicit(&c->waiters, &w, fresh, memory_order_seq_cst, memory_order_relaxed))
+        return; /* someone counted or uncounted meanwhile: a later wake recounts */
+    atomic_fetch_add_explicit(&c->seq, 1, memory_order_seq_cst);
+    (void)shx_os_wake_word(&b->map, &c->seq, (uint32_t)w > 0 ? (uint32_t)w : 1);
+    atomic_store_explicit(&c->idle_wakes, 0, memory_order_relaxed);
+}
+
+void shx_channel_wake(shx_block *b, shx_channel *c)
+{
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t waiters = (uint32_t)atomic_load_explicit(&c->waiters, memory_order_relaxed);
+    if (waiters == 0)
+        return;
+    atomic_fetch_add_explicit(&c->seq, 1, memory_order_seq_cst);
+    /* Where a block has one wake-up for all its words, enough for every
+     * sleeper of the block: those of other words look, and sleep again. */
+    uint32_t wake = SHX_OS_ONE_WAKE_PER_BLOCK ? waiters + shx_value_waiters(b) : waiters;
+    int woken = shx_os_wake_word(&b->map, &c->seq, wake);
+    if (woken < 0)
+        return;
+    uint32_t idle = woken == 0 ? atomic_load_explicit(&c->idle_wakes, memory_order_relaxed) + 1 : 0;
+    atomic_store_explicit(&c->idle_wakes, idle, memory_order_relaxed);
+    if (idle >= IDLE_WAKES_BEFORE_RECOUNT)
+        channel_recount(b, c);
 }

@@ -22,6 +22,9 @@
 
 static char prefix[64];
 
+/* test_queue.c: the queue's cases, counted into ours. */
+void run_queue_tests(int *passed_out, int *failed_out);
+
 static const char *block_name(const char *what)
 {
     static char buf[128];
@@ -1413,6 +1416,7 @@ int main(void)
 #if SHX_LOCK_FILES
     test_lock_files();
 #endif
+    run_queue_tests(&passed, &failed);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
