@@ -34,7 +34,7 @@ def extension():
     version = read_version()
     # The CPython glue (glue.h lists its files), then the pure-C core.
     glue = ["ext/module.c", "ext/py_block.c", "ext/py_value.c", "ext/py_segment.c", "ext/py_lock.c", "ext/py_args.c",
-            "ext/py_watch.c"]
+            "ext/py_watch.c", "ext/py_queue.c"]
     # The pure-C core, one file per mechanism (ext/core.h lists them).
     core = ["ext/block.c", "ext/copy.c", "ext/value.c", "ext/wait.c", "ext/queue.c", "ext/error.c", "ext/handle.c",
             "ext/text.c"]

@@ -6,6 +6,7 @@
  *   py_value.c    shmemext.Value
  *   py_segment.c  shmemext.Segment
  *   py_lock.c     shmemext.SegmentLock
+ *   py_queue.c    shmemext.Queue
  *   py_args.c     the one argument parser and the converters
  *   py_watch.c    the doorbell and the wait on many Values under wait_async()
  *   capi.c        the C API table
@@ -27,6 +28,14 @@ typedef struct {
     PyTypeObject *segment_type;
     PyTypeObject *lock_type;
     PyTypeObject *bell_type;
+    PyTypeObject *queue_type;
+    /* What a Queue needs of the standard library, imported by the first
+     * Queue (under queue_support_lock): queue.Full, queue.Empty,
+     * pickle.dumps, pickle.loads. */
+    PyObject *queue_full;
+    PyObject *queue_empty;
+    PyObject *pickle_dumps;
+    PyObject *pickle_loads;
     PyObject *default_value; /* a Value, or NULL when disabled */
     /* shmemext.Error (a ValueError) and its subclasses. */
     PyObject *error;
@@ -178,9 +187,17 @@ extern PyType_Spec shx_py_value_spec;
 extern PyType_Spec shx_py_segment_spec;
 extern PyType_Spec shx_py_lock_spec;
 extern PyType_Spec shx_py_bell_spec;
+extern PyType_Spec shx_py_queue_spec;
 /* ---- waiting on many Values (py_watch.c) ---- */
 PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *shx_py_value_get(BlockObject *self);
+/* Where a get copies to (py_value.c): a new str of the stored width, bytes,
+ * or a bytearray for a framed pickle.  failed: the last call raised. */
+typedef struct {
+    PyObject *obj;
+    int failed;
+} shx_py_dst;
+void *shx_py_prepare_dst(void *ctx, uint32_t type, size_t nbytes);
 int shx_py_value_set(BlockObject *self, PyObject *value);
 PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 PyObject *shx_py_lock_new(BlockObject *segment, double timeout);
@@ -209,6 +226,9 @@ int shx_py_mode_arg(PyObject *arg, int *out);
 int shx_py_opt_str_arg(PyObject *arg, const char *what, const char **out);
 int shx_py_timeout_arg(const char *fname, PyObject *obj, double *timeout);
 int shx_py_index_arg(PyObject *arg, const char *what, Py_ssize_t *out);
+/* Calls module_name.fname(self, *args, **kwargs): methods written in Python. */
+PyObject *shx_py_call_python(const char *module_name, const char *fname, PyObject *self, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames);
 /* The next wait slice in ns toward a deadline `timeout` s (< 0: none) after start; 0 once passed. */
 int64_t shx_py_next_slice(double timeout, uint64_t start);
 

@@ -5,6 +5,7 @@
  * detaches it.  The types live in py_*.c (glue.h says which is where).
  */
 #include "glue.h"
+#include "queue.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -276,17 +277,20 @@ static int module_exec(PyObject *module)
     st->segment_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_segment_spec, NULL);
     st->lock_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_lock_spec, NULL);
     st->bell_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_bell_spec, NULL);
-    if (st->segment_type == NULL || st->lock_type == NULL || st->bell_type == NULL)
+    st->queue_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shx_py_queue_spec, NULL);
+    if (st->segment_type == NULL || st->lock_type == NULL || st->bell_type == NULL || st->queue_type == NULL)
         return -1;
     if (PyModule_AddObjectRef(module, "Value", (PyObject *)st->value_type) < 0 ||
         PyModule_AddObjectRef(module, "Segment", (PyObject *)st->segment_type) < 0 ||
         PyModule_AddObjectRef(module, "SegmentLock", (PyObject *)st->lock_type) < 0 ||
+        PyModule_AddObjectRef(module, "Queue", (PyObject *)st->queue_type) < 0 ||
         PyModule_AddObjectRef(module, "_Bell", (PyObject *)st->bell_type) < 0)
         return -1;
     if (PyModule_AddStringConstant(module, "__version__", SHMEMEXT_VERSION) < 0 ||
         PyModule_AddStringConstant(module, "_BACKEND", SHX_BACKEND) < 0 ||
         PyModule_AddIntConstant(module, "DEFAULT_CAPACITY", SHX_DEFAULT_CAPACITY) < 0 ||
         PyModule_AddIntConstant(module, "NAME_MAX", SHX_NAME_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "QUEUE_DEFAULT_CAPACITY", (long)SHX_QUEUE_DEFAULT_CAPACITY) < 0 ||
         PyModule_AddIntConstant(module, "_WAIT_ANY_MAX", SHX_WAIT_ANY_MAX) < 0 ||
         PyModule_AddIntConstant(module, "_WAIT_ANY_SLEEPS", SHX_OS_WAIT_ANY_MAX > 0) < 0 ||
         PyModule_AddObject(module, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SHX_MAX_CAPACITY)) < 0)
@@ -312,6 +316,11 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->segment_type);
     Py_VISIT(st->lock_type);
     Py_VISIT(st->bell_type);
+    Py_VISIT(st->queue_type);
+    Py_VISIT(st->queue_full);
+    Py_VISIT(st->queue_empty);
+    Py_VISIT(st->pickle_dumps);
+    Py_VISIT(st->pickle_loads);
     Py_VISIT(st->default_value);
     Py_VISIT(st->error);
     Py_VISIT(st->foreign_error);
@@ -328,6 +337,11 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->segment_type);
     Py_CLEAR(st->lock_type);
     Py_CLEAR(st->bell_type);
+    Py_CLEAR(st->queue_type);
+    Py_CLEAR(st->queue_full);
+    Py_CLEAR(st->queue_empty);
+    Py_CLEAR(st->pickle_dumps);
+    Py_CLEAR(st->pickle_loads);
     Py_CLEAR(st->error);
     Py_CLEAR(st->foreign_error);
     Py_CLEAR(st->corrupt_error);

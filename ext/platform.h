@@ -185,6 +185,9 @@ int shx_os_unlink(const char *name, shx_error *err);
 /* *count = how many attachments the object has (this one included; a fork()
  * child's inherited one counts), or -1 where the OS cannot tell. */
 int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err);
+/* Whether a user other than this process's may write the object's memory:
+ * 1, 0, or -1 where the OS cannot tell cheaply (Windows: the DACL). */
+int shx_os_others_may_write(shx_os_map *m);
 
 /* What the OS knows of one name of this user's, for listing and sweeping.
  * `header` points at a read-only copy of the block's first bytes while the

@@ -746,6 +746,17 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
     return SHX_OK;
 }
 
+int shx_os_others_may_write(shx_os_map *m)
+{
+    struct stat st;
+    int fd = shm_open(m->os_name, O_RDONLY, 0);
+    if (fd < 0)
+        return 1;
+    int rc = fstat(fd, &st);
+    close(fd);
+    return rc != 0 || (st.st_mode & 022) != 0 || st.st_uid != geteuid();
+}
+
 /* ---- reaping, listing, sweeping ------------------------------------------ */
 
 /* What a look at an object finds, without attaching to it. */

@@ -738,6 +738,14 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
     return SHX_OK;
 }
 
+int shx_os_others_may_write(shx_os_map *m)
+{
+    struct shmid_ds ds;
+    if (m->shmid < 0 || shmctl(m->shmid, IPC_STAT, &ds) != 0)
+        return 1;
+    return (ds.shm_perm.mode & 022) != 0 || ds.shm_perm.uid != geteuid();
+}
+
 /* fork(): the kernel counts the child's inherited attachments.  Only a
  * kernel-kept writer lock needs care: its OFD lock belongs to the open file
  * description, which a child shares, so that both would hold the lock at

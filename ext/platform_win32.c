@@ -275,6 +275,14 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
     return SHX_OK;
 }
 
+/* Reading the mapping's DACL back is not done: the opener's own security
+ * decides (a block is per-user unless someone passed a wider descriptor). */
+int shx_os_others_may_write(shx_os_map *m)
+{
+    (void)m;
+    return -1;
+}
+
 /* Windows keeps no list of named mappings that a process may read, and needs
  * no sweep: the kernel frees a mapping with its last handle, names included. */
 int shx_os_list(shx_os_info_fn fn, void *ctx, shx_error *err)

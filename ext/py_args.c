@@ -229,3 +229,28 @@ int64_t shx_py_next_slice(double timeout, uint64_t start)
     int64_t left = (int64_t)(timeout * 1e9) - (int64_t)(shx_os_monotonic_ns() - start);
     return left <= 0 ? 0 : left < slice_ns ? left : slice_ns;
 }
+
+PyObject *shx_py_call_python(const char *module_name, const char *fname, PyObject *self, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *module = PyImport_ImportModule(module_name);
+    if (module == NULL)
+        return NULL;
+    PyObject *f = PyObject_GetAttrString(module, fname);
+    Py_DECREF(module);
+    if (f == NULL)
+        return NULL;
+    Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject **stack = PyMem_New(PyObject *, total + 1);
+    if (stack == NULL) {
+        Py_DECREF(f);
+        return PyErr_NoMemory();
+    }
+    stack[0] = self;
+    for (Py_ssize_t i = 0; i < total; i++)
+        stack[i + 1] = args[i];
+    PyObject *result = PyObject_Vectorcall(f, stack, (size_t)nargs + 1, kwnames);
+    PyMem_Free(stack);
+    Py_DECREF(f);
+    return result;
+}

@@ -10,7 +10,7 @@ module_state *shx_py_state_of_type(PyTypeObject *type) { return (module_state *)
 
 const char *shx_py_type_label(const BlockObject *self)
 {
-    return self->block.kind == SHX_KIND_SEGMENT ? "Segment" : "Value";
+    return self->block.kind == SHX_KIND_SEGMENT ? "Segment" : self->block.kind == SHX_KIND_QUEUE ? "Queue" : "Value";
 }
 
 static PyObject *raise_os_error(PyObject *type, int code, const char *msg, const char *name)

@@ -1,17 +1,12 @@
 /* shmemext.Value: a named value cell (str or bytes, never read torn). */
 #include "glue.h"
 
-/* Where shx_value_get copies to: a new str of the stored width, or bytes. */
-typedef struct {
-    PyObject *obj;
-    int failed; /* the last call raised */
-} value_dst;
-
-static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
+void *shx_py_prepare_dst(void *ctx, uint32_t type, size_t nbytes)
 {
-    /* No Python code runs here: str and bytes are not tracked by the cycle
-     * collector, so making one never starts a collection (and finalizers). */
-    value_dst *d = (value_dst *)ctx;
+    /* No Python code runs here: str, bytes and bytearray are not tracked by
+     * the cycle collector, so making one never starts a collection (and
+     * finalizers). */
+    shx_py_dst *d = (shx_py_dst *)ctx;
     if (d->failed) { /* the size asked for last was torn: its MemoryError goes */
         PyErr_Clear();
         d->failed = 0;
@@ -46,7 +41,11 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
         break;
     }
     void *out;
-    if (unit == 0 || nbytes % unit != 0) {
+    if (type == SHX_TYPE_PICKLE_FRAMED) {
+        /* Writable, for the out-of-band buffers unpickled as views of it. */
+        d->obj = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
+        out = d->obj ? PyByteArray_AS_STRING(d->obj) : NULL;
+    } else if (unit == 0 || nbytes % unit != 0) {
         /* Bytes, or text whose length is no whole number of units (refused after the copy). */
         d->obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
         out = d->obj ? PyBytes_AS_STRING(d->obj) : NULL;
@@ -60,7 +59,7 @@ static void *prepare_dst(void *ctx, uint32_t type, size_t nbytes)
 
 PyObject *shx_py_value_get(BlockObject *self)
 {
-    value_dst dst = {NULL, 0};
+    shx_py_dst dst = {NULL, 0};
     shx_py_release release;
     shx_error err;
     uint32_t type;
@@ -72,7 +71,7 @@ PyObject *shx_py_value_get(BlockObject *self)
             return NULL;
         }
         shx_hooks hooks = SHX_PY_HOOKS(release, self);
-        rc = shx_value_get(&self->block, prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
+        rc = shx_value_get(&self->block, shx_py_prepare_dst, &dst, &hooks, &type, &nbytes, NULL, &err);
         shx_py_leave(self);
     } while (SHX_PY_RETRY(rc, release));
     if (rc != SHX_OK) {
@@ -280,29 +279,10 @@ static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
     return shx_py_value_wait(self, args, nargs, kwnames);
 }
 
-/* wait_async() and changes() are Python (shmemext/_aio.py): called with self first. */
+/* wait_async() and changes() are Python (shmemext/_aio.py). */
 static PyObject *call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *aio = PyImport_ImportModule("shmemext._aio");
-    if (aio == NULL)
-        return NULL;
-    PyObject *f = PyObject_GetAttrString(aio, fname);
-    Py_DECREF(aio);
-    if (f == NULL)
-        return NULL;
-    Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    PyObject **stack = PyMem_New(PyObject *, total + 1);
-    if (stack == NULL) {
-        Py_DECREF(f);
-        return PyErr_NoMemory();
-    }
-    stack[0] = self;
-    for (Py_ssize_t i = 0; i < total; i++)
-        stack[i + 1] = args[i];
-    PyObject *result = PyObject_Vectorcall(f, stack, (size_t)nargs + 1, kwnames);
-    PyMem_Free(stack);
-    Py_DECREF(f);
-    return result;
+    return shx_py_call_python("shmemext._aio", fname, self, args, nargs, kwnames);
 }
 
 static PyObject *value_wait_async(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)

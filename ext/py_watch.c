@@ -101,8 +101,8 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
     uint64_t seen[SHX_WAIT_ANY_MAX];
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyTuple_GET_ITEM(args[0], i);
-        if (!PyObject_TypeCheck(v, st->value_type)) {
-            PyErr_Format(PyExc_TypeError, "_wait_any() waits on Values, not %.100s", Py_TYPE(v)->tp_name);
+        if (!PyObject_TypeCheck(v, st->value_type) && !PyObject_TypeCheck(v, st->queue_type)) {
+            PyErr_Format(PyExc_TypeError, "_wait_any() waits on Values and Queues, not %.100s", Py_TYPE(v)->tp_name);
             return NULL;
         }
         values[i] = (BlockObject *)v;

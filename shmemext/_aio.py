@@ -1,4 +1,5 @@
-"""Waiting for a Value from an event loop: Value.wait_async() and Value.changes().
+"""Waiting for a Value from an event loop: Value.wait_async() and Value.changes(),
+and a Queue's get_async() and put_async().
 
 A task that awaits a Value registers a request (its loop, a future and the
 version it has seen) with a watcher: a thread of this process that sleeps on
@@ -18,17 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue as _stdqueue
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Optional
 
 from . import _shmemext
-from ._shmemext import Value
+from ._shmemext import Queue, Value
 
 _LINGER = 1.0  # seconds a watcher with nothing to watch keeps its thread
 _SLICE = 5.0  # its longest sleep: wake-ups end it early, this bounds a lost one
 _WARM = 0.05  # seconds a Value stays watched after its last request was answered
+
+
+def _version_of(block: "Value | Queue") -> int:
+    """A Value's committed sets, or a Queue's committed messages: what the
+    watcher sleeps past (both move the same counter of their block)."""
+    return block.version if type(block) is Value else block._version  # type: ignore[union-attr]
 
 
 class _Request:
@@ -106,7 +114,7 @@ class _Watcher:
         values, versions = [], []
         for value, requests in items:
             try:
-                version = value.version
+                version = _version_of(value)
             except ValueError as closed:  # ClosedError
                 self._answer(value, requests, None, closed)
                 continue
@@ -117,7 +125,7 @@ class _Watcher:
             versions.append(version)
         for value in warm:
             try:
-                versions.append(value.version)
+                versions.append(_version_of(value))
                 values.append(value)
             except ValueError:
                 with _lock:
@@ -267,7 +275,7 @@ def _expire(future: asyncio.Future[int], error: TimeoutError) -> None:
 
 
 async def _wait(value: Value, seen: int, timeout: Optional[float]) -> int:
-    now = value.version
+    now = _version_of(value)
     if now != seen:
         return now
     if timeout == 0:
@@ -306,3 +314,59 @@ async def _changes(value: Value, seen: int) -> AsyncIterator[int]:
     while True:
         seen = await _wait(value, seen, None)
         yield seen
+
+
+# ---- Queue.get_async() and Queue.put_async() ----------------------------------
+
+# A put_async() on a full queue looks again after these pauses (seconds),
+# doubling: room comes from consumers' swaps, which wake no watcher.
+_ROOM_POLL_FIRST = 0.0002
+_ROOM_POLL_MOST = 0.01
+
+
+async def _queue_get(queue: Queue, limit: Optional[float]) -> object:
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    while True:
+        seen = queue._version
+        try:
+            return queue.get_nowait()
+        except _stdqueue.Empty:
+            if deadline is not None and loop.time() >= deadline:
+                raise _stdqueue.Empty(f"Queue '{queue.name}' stayed empty for {limit:g} s") from None
+        # A message committed since `seen` ends this at once.
+        left = None if deadline is None else max(deadline - loop.time(), 0.0)
+        try:
+            await _wait(queue, seen, left)  # type: ignore[arg-type]
+        except TimeoutError:
+            pass  # one more look, then Empty
+
+
+def queue_get_async(queue: Queue, timeout: Optional[float] = None) -> Coroutine[object, object, object]:
+    """queue.get_async(): the arguments are checked at the call."""
+    if not isinstance(queue, Queue):
+        raise TypeError(f"get_async() needs a Queue, not {type(queue).__name__}")
+    return _queue_get(queue, _timeout_arg("get_async", timeout))
+
+
+async def _queue_put(queue: Queue, obj: object, limit: Optional[float]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    pause = _ROOM_POLL_FIRST
+    while True:
+        try:
+            queue.put_nowait(obj)
+            return
+        except _stdqueue.Full:
+            if deadline is not None and loop.time() >= deadline:
+                raise _stdqueue.Full(f"Queue '{queue.name}' stayed full for {limit:g} s") from None
+        left = pause if deadline is None else min(pause, max(deadline - loop.time(), 0.0))
+        await asyncio.sleep(left)
+        pause = min(pause * 2, _ROOM_POLL_MOST)
+
+
+def queue_put_async(queue: Queue, obj: object, timeout: Optional[float] = None) -> Coroutine[object, object, None]:
+    """queue.put_async(): the arguments are checked at the call."""
+    if not isinstance(queue, Queue):
+        raise TypeError(f"put_async() needs a Queue, not {type(queue).__name__}")
+    return _queue_put(queue, obj, _timeout_arg("put_async", timeout))
