@@ -6,6 +6,8 @@ from shmemext import (
     DEFAULT_CAPACITY as DEFAULT_CAPACITY,
     MAX_CAPACITY as MAX_CAPACITY,
     NAME_MAX as NAME_MAX,
+    QUEUE_DEFAULT_CAPACITY as QUEUE_DEFAULT_CAPACITY,
+    Queue as Queue,
     ClosedError as ClosedError,
     CorruptBlockError as CorruptBlockError,
     Error as Error,
@@ -35,7 +37,7 @@ _WAIT_ANY_MAX: Final[int]     # Values one _wait_any sleeps on
 _WAIT_ANY_SLEEPS: Final[int]  # 1: in the kernel; 0: it looks every millisecond
 
 def _wait_any(
-    values: tuple[Value, ...], versions: tuple[int, ...], bell: _Bell, rings: int, timeout: float, /
+    values: tuple[Value | Queue, ...], versions: tuple[int, ...], bell: _Bell, rings: int, timeout: float, /
 ) -> list[int]: ...
 
 _BACKEND: Final[str]   # which OS mechanism this build uses: "linux-sysv", "posix-lockfiles" or "win32"
