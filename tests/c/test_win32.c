@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "queue.h"
 #include "segment.h"
 
 static char self_path[MAX_PATH];
@@ -74,10 +75,45 @@ static DWORD wait_exit(HANDLE process)
 
 /* ---- child roles ------------------------------------------------------ */
 
+enum { QUEUE_MESSAGES = 3000 };
+
+/* A queue's roles: put numbered messages (waiting for room), or die holding
+ * the producers' lock half way through a record. */
+static int queue_child(const char *role, const char *name)
+{
+    shx_block q = {0};
+    shx_error err;
+    if (shx_block_open(&q, name, SHX_KIND_QUEUE, 0, 0, 0600, &err) != SHX_OK)
+        return 2;
+    if (strcmp(role, "qproduce") == 0) {
+        for (uint32_t i = 0; i < QUEUE_MESSAGES; i++) {
+            char msg[64];
+            int n = snprintf(msg, sizeof msg, "message %u", (unsigned)i);
+            shx_iov iov = {msg, (size_t)n};
+            if (shx_queue_put(&q, SHX_TYPE_BYTES, &iov, 1, 20000000000LL, NULL, &err) != SHX_OK)
+                return 3;
+        }
+        shx_block_close(&q, 0, &err);
+        return 0;
+    }
+    if (strcmp(role, "qlockdie") == 0) {
+        int died;
+        shx_block_lock(&q, -1, &died, NULL, &err);
+        shx_queue_ctl *ctl = (shx_queue_ctl *)(void *)((unsigned char *)q.hdr + SHX_QUEUE_CTL_OFFSET);
+        memset(q.data + atomic_load(&ctl->tail) % q.capacity, 'X', 48);
+        SetEvent(event(name, "locked"));
+        Sleep(30000);
+        return 4;
+    }
+    return 9;
+}
+
 static int child(const char *role, const char *name)
 {
     shx_block b = {0};
     shx_error err;
+    if (role[0] == 'q')
+        return queue_child(role, name);
     if (shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) != SHX_OK)
         return 2;
     if (strcmp(role, "open") == 0) { /* attach and leave: must not wait for a held writer lock */
@@ -406,13 +442,60 @@ static void test_global_and_sddl(const char *name)
           (unsigned long)err.os_error);
 }
 
+typedef struct {
+    char buf[256];
+} small_dst;
+
+static void *to_small(void *ctx, uint32_t type, size_t nbytes)
+{
+    (void)type;
+    return nbytes < sizeof(((small_dst *)ctx)->buf) ? ((small_dst *)ctx)->buf : NULL;
+}
+
+/* Another process puts into a queue too small for its messages, so that it
+ * sleeps for room (the block's one semaphore, shared with the consumers'
+ * wait) while this one takes them; then a producer dies holding the lock. */
+static void test_queue(const char *name)
+{
+    shx_block q = {0};
+    shx_error err;
+    small_dst d;
+    uint32_t type;
+    size_t n;
+    CHECK(shx_block_open(&q, name, SHX_KIND_QUEUE, 256, 0, 0600, &err) == SHX_OK, "a 256-byte queue");
+    atomic_store(&q.spin_off, 1);
+    HANDLE proc = start_child("qproduce", name);
+    int in_order = 1;
+    for (uint32_t i = 0; i < QUEUE_MESSAGES && in_order; i++) {
+        char want[64];
+        int len = snprintf(want, sizeof want, "message %u", (unsigned)i);
+        in_order = shx_queue_get(&q, to_small, &d, 20000000000LL, NULL, &type, &n, &err) == SHX_OK &&
+                   n == (size_t)len && memcmp(d.buf, want, n) == 0;
+    }
+    CHECK(wait_exit(proc) == 0 && in_order, "%d messages from another process, in order, both sides sleeping",
+          QUEUE_MESSAGES);
+    proc = start_child("qlockdie", name);
+    WaitForSingleObject(event(name, "locked"), 30000);
+    shx_iov iov = {"after", 5};
+    CHECK(shx_queue_put(&q, SHX_TYPE_BYTES, &iov, 1, 50000000, NULL, &err) == SHX_E_FULL,
+          "a producer waits behind the lock holder");
+    TerminateProcess(proc, 1);
+    wait_exit(proc);
+    CHECK(shx_queue_put(&q, SHX_TYPE_BYTES, &iov, 1, 5000000000LL, NULL, &err) == SHX_OK &&
+              shx_queue_get(&q, to_small, &d, 0, NULL, &type, &n, &err) == SHX_OK && n == 5 &&
+              memcmp(d.buf, "after", 5) == 0 &&
+              shx_queue_get(&q, to_small, &d, 0, NULL, &type, &n, &err) == SHX_E_EMPTY,
+          "after the holder is killed the lock is handed on, and its half record never appears");
+    shx_block_close(&q, 0, &err);
+}
+
 int main(int argc, char **argv)
 {
     GetModuleFileNameA(NULL, self_path, sizeof self_path);
     if (argc == 4 && strcmp(argv[1], "child") == 0)
         return child(argv[2], argv[3]);
-    char names[9][64];
-    for (int i = 0; i < 9; i++)
+    char names[10][64];
+    for (int i = 0; i < 10; i++)
         snprintf(names[i], sizeof names[i], "shmemext-wtest-%lu-%d", (unsigned long)GetCurrentProcessId(), i);
     test_create_open(names[0]);
     test_two_processes(names[1]);
@@ -423,6 +506,7 @@ int main(int argc, char **argv)
     test_global_and_sddl(names[6]);
     test_killed_sole_holder(names[7]);
     test_wait_any(names[8]);
+    test_queue(names[9]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
