@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -67,6 +68,10 @@ class Method:
     receiver() give a put and a get function in the process that calls them."""
 
     mpmc = True
+
+    def done_sending(self) -> None:
+        """In a producer process about to exit: what it sent must still arrive."""
+
     # Whether an end marker put after every producer is done comes out after
     # their messages (one queue in one order); pyzmq's sockets are several.
     ordered = True
@@ -228,6 +233,11 @@ class Zmq(Method):
             sock.bind(ch["front"])
         return sock.recv
 
+    def done_sending(self) -> None:
+        # A process that exits with messages in its context's queues loses them.
+        zmq_context().destroy(linger=-1)
+        del _zmq_contexts[os.getpid()]
+
     def close(self, ch: Any) -> None:
         if ch["proxy"] is not None:
             ch["proxy"].terminate()
@@ -295,6 +305,7 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
         go.wait()
         for _ in range(each):
             put(message)
+        method.done_sending()
 
     prods = [CTX.Process(target=produce) for _ in range(producers)]
     for p in prods:
@@ -304,9 +315,17 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
     go.set()
     for p in prods:
         p.join()
+    lost = False
     if not method.ordered:
-        while sum(counts) < each * producers:
+        waited = time.perf_counter()
+        while sum(counts) < each * producers and not lost:
             time.sleep(0.001)
+            lost = time.perf_counter() - waited > 10
+        if lost:
+            print(f"  {method.label}: {each * producers - sum(counts)} of {each * producers} messages never came",
+                  file=sys.stderr, flush=True)
+            for c in cons:
+                c.kill()
     put = method.sender(ch)
     while any(c.is_alive() for c in cons):
         put(END)
@@ -314,7 +333,7 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
             c.join(0.01)
     t1 = max(stamps)
     method.close(ch)
-    return (t1 - t0) / (each * producers) * 1e9
+    return float("nan") if lost else (t1 - t0) / (each * producers) * 1e9
 
 
 def pingpong_once(method: Method, rounds: int = 5000) -> float:
@@ -395,6 +414,9 @@ def copy_floor(size: int) -> float:
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
+    good = [x for x in samples if not math.isnan(x)]
+    if len(good) < len(samples):  # a run that lost messages has no time
+        return {"ns": float("nan"), "min": float("nan"), "max": float("nan"), "lost_runs": len(samples) - len(good)}
     return {"ns": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
@@ -417,10 +439,13 @@ def fmt(ns: float) -> str:
 def report(title: str, table: dict[str, dict[str, dict[str, float]]], ours: str, extra: list[str]) -> list[str]:
     lines = [f"\n{title}", ""]
     for cell, row in table.items():
-        peers = {m: r for m, r in row.items() if m != ours and m not in extra}
+        peers = {m: r for m, r in row.items() if m != ours and m not in extra and not math.isnan(r["ns"])}
         best = min(peers, key=lambda m: peers[m]["ns"]) if peers else None
         lines.append(f"{cell}")
-        for m, r in sorted(row.items(), key=lambda kv: kv[1]["ns"]):
+        for m, r in sorted(row.items(), key=lambda kv: (math.isnan(kv[1]["ns"]), kv[1]["ns"])):
+            if math.isnan(r["ns"]):
+                lines.append(f"  {m:<28} lost messages in {r['lost_runs']} of the runs: no figure")
+                continue
             ratio = f"  best peer / this: {row[best]['ns'] / r['ns']:.2f}x" if best and m == ours else ""
             lines.append(f"  {m:<28} {fmt(r['ns']):>10}  ({fmt(r['min'])} .. {fmt(r['max'])}){ratio}")
         if best is not None:

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "glue.h"
+#include "queue.h"
 
 _Static_assert(SHMEMEXT_OK == SHX_OK && SHMEMEXT_E_OS == SHX_E_OS && SHMEMEXT_E_NAME == SHX_E_NAME &&
                    SHMEMEXT_E_SIZE == SHX_E_SIZE && SHMEMEXT_E_FOREIGN == SHX_E_FOREIGN &&
@@ -164,7 +165,7 @@ static int capi_open(const char *name, int kind, uint64_t size, unsigned flags, 
 {
     shx_error err;
     *out = NULL;
-    if (kind != SHX_KIND_VALUE && kind != SHX_KIND_SEGMENT) {
+    if (kind != SHX_KIND_VALUE && kind != SHX_KIND_SEGMENT && kind != SHX_KIND_QUEUE) {
         shx_fail(&err, SHX_E_KIND, (uint64_t)kind, SHX_KIND_VALUE, NULL);
         return report(perr, &err, name);
     }
@@ -257,6 +258,31 @@ static int capi_get(ShmemExt_Block *handle, void *buf, size_t cap, size_t *len, 
     shx_error err;
     size_t ignored;
     int rc = shx_value_get_utf8(block_of(handle), buf, cap, len ? len : &ignored, is_text, version, NULL, &err);
+    leave(handle);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static int capi_queue_put(ShmemExt_Block *handle, const void *data, size_t len, int64_t timeout_ns,
+                          ShmemExt_Error *perr)
+{
+    if (!enter(handle, perr))
+        return SHMEMEXT_E_CLOSED;
+    shx_error err;
+    shx_iov iov = {data, len};
+    int rc = shx_queue_put(block_of(handle), SHX_TYPE_BYTES, &iov, 1, timeout_ns, NULL, &err);
+    leave(handle);
+    return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
+}
+
+static int capi_queue_get(ShmemExt_Block *handle, void *buf, size_t cap, size_t *len, int *is_text, int *is_pickle,
+                          int64_t timeout_ns, ShmemExt_Error *perr)
+{
+    if (!enter(handle, perr))
+        return SHMEMEXT_E_CLOSED;
+    shx_error err;
+    size_t ignored;
+    int rc = shx_queue_get_utf8(block_of(handle), buf, cap, len ? len : &ignored, is_text, is_pickle, timeout_ns, NULL,
+                                &err);
     leave(handle);
     return rc == SHX_OK ? rc : report(perr, &err, block_of(handle)->name);
 }
@@ -407,6 +433,8 @@ static ShmemExt_CAPI table = {
     capi_wait,
     capi_acquire,
     capi_release,
+    capi_queue_put,
+    capi_queue_get,
 };
 
 PyObject *shmemext_capi_capsule(void)

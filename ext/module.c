@@ -169,9 +169,9 @@ ShmemExt_Block *shmemext_block_from_object(PyObject *obj)
     module_state *st = current_state();
     if (st == NULL)
         return NULL;
-    if (!PyObject_TypeCheck(obj, st->value_type) && !PyObject_TypeCheck(obj, st->segment_type)) {
-        PyErr_Format(PyExc_TypeError, "expected a shmemext.Value or shmemext.Segment, not %.100s",
-                     Py_TYPE(obj)->tp_name);
+    if (!PyObject_TypeCheck(obj, st->value_type) && !PyObject_TypeCheck(obj, st->segment_type) &&
+        !PyObject_TypeCheck(obj, st->queue_type)) {
+        PyErr_Format(PyExc_TypeError, "expected a shmemext.Value, Segment or Queue, not %.100s", Py_TYPE(obj)->tp_name);
         return NULL;
     }
     BlockObject *b = (BlockObject *)obj;

@@ -74,6 +74,12 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
 int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns, const shx_hooks *hooks,
                   uint32_t *type_out, size_t *nbytes_out, shx_error *err);
 
+/* The same for callers without Python (text.c): bytes and pickles copied
+ * as they are, text as UTF-8 into buf; SHX_E_BUFFER with *len the room text
+ * may need (its longest UTF-8), the message left in the queue. */
+int shx_queue_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is_text, int *is_pickle,
+                       int64_t timeout_ns, const shx_hooks *hooks, shx_error *err);
+
 /* Messages in the queue now, and bytes of records (no system call). */
 uint64_t shx_queue_count(const shx_block *b);
 uint64_t shx_queue_used(const shx_block *b);

@@ -1,5 +1,6 @@
 /* Text in and out of value cells as UTF-8, for callers without Python (the
  * C API): a str is stored as PEP 393 code units, so UTF-8 is converted here. */
+#include "queue.h"
 #include "segment.h"
 
 #include <stdlib.h>
@@ -82,14 +83,35 @@ typedef struct {
     size_t cap;
     unsigned char *scratch;
     size_t needed; /* when the value did not fit buf */
+    /* A queue's message leaves the queue once copied, so text must be known
+     * to fit before: room for its longest UTF-8 is asked for. */
+    int fit_before;
 } utf8_dst;
+
+/* The most UTF-8 bytes text of `type` in nbytes of code units can take. */
+static size_t utf8_most(uint32_t type, size_t nbytes)
+{
+    size_t width = type == SHX_TYPE_LATIN1 ? 1 : type == SHX_TYPE_UCS2 ? 2 : 4;
+    size_t per_unit = type == SHX_TYPE_LATIN1 ? 2 : type == SHX_TYPE_UCS2 ? 3 : 4;
+    return nbytes / width * per_unit;
+}
+
+static int as_is(uint32_t type)
+{
+    return type == SHX_TYPE_BYTES || type == SHX_TYPE_ASCII || type == SHX_TYPE_EMPTY || type == SHX_TYPE_PICKLE ||
+           type == SHX_TYPE_PICKLE_FRAMED;
+}
 
 static void *prepare_utf8(void *ctx, uint32_t type, size_t nbytes)
 {
     utf8_dst *d = (utf8_dst *)ctx;
     free(d->scratch);
     d->scratch = NULL;
-    if (type == SHX_TYPE_BYTES || type == SHX_TYPE_ASCII || type == SHX_TYPE_EMPTY) {
+    if (!as_is(type) && d->fit_before && utf8_most(type, nbytes) > d->cap) {
+        d->needed = utf8_most(type, nbytes);
+        return NULL;
+    }
+    if (as_is(type)) {
         if (nbytes > d->cap) {
             d->needed = nbytes;
             return NULL;
@@ -144,45 +166,67 @@ static uint32_t unit_at(const unsigned char *p, size_t width, size_t u)
     return v;
 }
 
-int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
-                       const shx_hooks *hooks, shx_error *err)
+/* What a get into prepare_utf8's destination ended with, made UTF-8 in buf. */
+static int finish_utf8(utf8_dst *d, int rc, uint32_t type, size_t nbytes, size_t *len, shx_error *err)
 {
-    utf8_dst d = {(unsigned char *)buf, cap, NULL, 0};
-    uint32_t type;
-    size_t nbytes;
-    int rc = shx_value_get(b, prepare_utf8, &d, hooks, &type, &nbytes, version, err);
     if (rc != SHX_OK) {
-        free(d.scratch);
-        if (d.needed != 0) {
-            *len = d.needed;
-            return shx_fail(err, SHX_E_BUFFER, d.needed, cap, NULL);
+        free(d->scratch);
+        if (d->needed != 0) {
+            *len = d->needed;
+            return shx_fail(err, SHX_E_BUFFER, d->needed, d->cap, NULL);
         }
         return rc;
     }
-    if (is_text != NULL)
-        *is_text = type != SHX_TYPE_BYTES;
-    if (d.scratch == NULL) { /* bytes or ASCII: already in buf */
+    if (d->scratch == NULL) { /* bytes or ASCII: already in buf */
         *len = nbytes;
         return SHX_OK;
     }
     size_t width = type == SHX_TYPE_LATIN1 ? 1 : type == SHX_TYPE_UCS2 ? 2 : 4;
     size_t units = nbytes / width, needed = 0;
     for (size_t u = 0; rc == SHX_OK && u < units; u++) {
-        uint32_t cp = unit_at(d.scratch, width, u);
+        uint32_t cp = unit_at(d->scratch, width, u);
         if (cp >= 0xD800 && cp <= 0xDFFF)
             rc = shx_fail(err, SHX_E_ENCODING, u, units, "holds a lone surrogate, which UTF-8 cannot carry");
         needed += utf8_length(cp);
     }
     if (rc == SHX_OK) {
         *len = needed;
-        if (needed > cap) {
-            rc = shx_fail(err, SHX_E_BUFFER, needed, cap, NULL);
+        if (needed > d->cap) {
+            rc = shx_fail(err, SHX_E_BUFFER, needed, d->cap, NULL);
         } else {
-            unsigned char *o = (unsigned char *)buf;
+            unsigned char *o = d->buf;
             for (size_t u = 0; u < units; u++)
-                o += encode_one(unit_at(d.scratch, width, u), o);
+                o += encode_one(unit_at(d->scratch, width, u), o);
         }
     }
-    free(d.scratch);
+    free(d->scratch);
     return rc;
+}
+
+int shx_value_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is_text, uint64_t *version,
+                       const shx_hooks *hooks, shx_error *err)
+{
+    utf8_dst d = {(unsigned char *)buf, cap, NULL, 0, 0};
+    uint32_t type = SHX_TYPE_BYTES;
+    size_t nbytes = 0;
+    int rc = shx_value_get(b, prepare_utf8, &d, hooks, &type, &nbytes, version, err);
+    if (rc == SHX_OK && is_text != NULL)
+        *is_text = type != SHX_TYPE_BYTES;
+    return finish_utf8(&d, rc, type, nbytes, len, err);
+}
+
+int shx_queue_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is_text, int *is_pickle,
+                       int64_t timeout_ns, const shx_hooks *hooks, shx_error *err)
+{
+    utf8_dst d = {(unsigned char *)buf, cap, NULL, 0, 1};
+    uint32_t type = SHX_TYPE_BYTES;
+    size_t nbytes = 0;
+    int rc = shx_queue_get(b, prepare_utf8, &d, timeout_ns, hooks, &type, &nbytes, err);
+    if (rc == SHX_OK) {
+        if (is_text != NULL)
+            *is_text = !as_is(type) || type == SHX_TYPE_ASCII;
+        if (is_pickle != NULL)
+            *is_pickle = type == SHX_TYPE_PICKLE || type == SHX_TYPE_PICKLE_FRAMED;
+    }
+    return finish_utf8(&d, rc, type, nbytes, len, err);
 }

@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_python_objects_and_the_c_api_share_one_block(consumer, name):
         code, message = consumer.close_foreign(v)
         assert code == 13 and "is closed" in message, "close() refuses handles it did not make"
         assert not v.closed and v.get() == b"through the object"
-        with pytest.raises(TypeError, match="expected a shmemext.Value or shmemext.Segment"):
+        with pytest.raises(TypeError, match="expected a shmemext.Value, Segment or Queue"):
             consumer.object_set(42, b"x")
     with pytest.raises(ValueError, match="closed"):
         consumer.object_set(v, b"x")
@@ -121,7 +122,7 @@ def test_errors_come_back_as_codes_with_messages(consumer, name):
 def test_a_consumer_built_for_a_newer_api_fails_to_import_clearly(tmp_path):
     path = build_consumer(str(tmp_path), "-DSHMEMEXT_CAPI_VERSION=99")
     with pytest.raises(ImportError, match=r"needs version 99 of the shmemext C API, but the installed "
-                                          r"shmemext provides version 2: upgrade shmemext"):
+                                          r"shmemext provides version 3: upgrade shmemext"):
         load(path)
 
 
@@ -322,3 +323,22 @@ def test_c_api_calls_in_a_fork_child_of_a_closing_handle_do_not_hang(consumer, n
     assert proc.returncode == 0, proc.stderr
     outcomes = eval(proc.stdout)
     assert outcomes["hung"] == 0 and outcomes["closed"] > 0, outcomes
+
+
+def test_queue_put_and_get_through_the_c_api(consumer, name):
+    with shmemext.Queue(name, 4096) as q:
+        assert consumer.queue_pass(q, b"from C", 64) == (0, 0, b"from C", 0, 0, 6)
+        q.put("caf\xe9 \u65e5")  # text: UTF-8 out; the buffer must hold its longest form first
+        put, got, msg, is_text, is_pickle, need = consumer.queue_pass(q, b"", 8)
+        assert (put, got, msg, need) == (0, 16, None, 18)  # SHMEMEXT_E_BUFFER, 6 units x 3
+        assert q.qsize() == 1, "a message too large for the buffer stays in the queue"
+        assert consumer.queue_pass(q, b"", 64) == (0, 0, "caf\xe9 \u65e5".encode(), 1, 0, 9)
+        q.put({"pickled": True})
+        put, got, msg, is_text, is_pickle, _ = consumer.queue_pass(q, b"", 256)
+        assert got == 0 and is_pickle == 1 and pickle.loads(msg) == {"pickled": True}
+        assert consumer.queue_pass(q, b"", 64)[1] == 22  # SHMEMEXT_E_EMPTY
+        assert consumer.queue_pass(q, b"x" * 5000, 64)[0] == 9  # SHMEMEXT_E_TOOBIG
+        q.put(b"to python")
+        assert q.get() == b"to python"
+        assert consumer.queue_named(name, 3) == 3
+        assert q.get_many(5) == [b"c0", b"c1", b"c2"]

@@ -5,6 +5,7 @@ import os
 import pickle
 import queue
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -196,6 +197,48 @@ def test_pickles_from_a_queue_others_can_write_are_refused(name):
             private.put((1,))
             with pytest.raises(shmemext.Error, match="unpickle"):
                 careful.get()
+
+
+POLLER = """
+import os, sys, shmemext
+q = shmemext.Queue(sys.argv[1], 4096)
+q.put(b"one")
+for _ in range(3):   # warm: first calls may import or allocate
+    q.qsize(); q.empty(); q.full()
+os.getppid()          # the markers around the loop in the trace
+for _ in range(1000):
+    q.qsize(); q.empty(); q.full()
+os.getppid()
+q.get_nowait()
+try:
+    q.get_nowait()
+except Exception:
+    pass
+os.getpid()
+for _ in range(1000):
+    try:
+        q.get_nowait()
+    except Exception:
+        pass
+os.getpid()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("strace") is None,
+                    reason="counts system calls with strace (Linux)")
+def test_looking_at_a_queue_makes_no_system_call(name, tmp_path):
+    """qsize(), empty(), full() and a get_nowait() on an empty queue read the
+    ring's counters: no system call, so a polling loop costs no kernel time."""
+    trace = str(tmp_path / "trace")
+    subprocess.run(["strace", "-f", "-qq", "-o", trace, sys.executable, "-c", POLLER, name],
+                   check=True, capture_output=True, timeout=120)
+    with open(trace) as f:
+        calls = [line.split(None, 1)[1] for line in f if line.split(None, 1)[1:]]
+    for marker in ("getppid(", "getpid("):
+        at = [i for i, c in enumerate(calls) if c.startswith(marker)]
+        assert len(at) >= 2, calls[-20:]
+        between = calls[at[-2] + 1 : at[-1]]
+        assert between == [], f"system calls between the {marker} markers: {between[:10]}"
 
 
 # ---- processes -------------------------------------------------------------------

@@ -56,7 +56,7 @@ extern "C" {
 /* The newest table this header describes.  A consumer that needs no more
  * than an older one may define SHMEMEXT_CAPI_VERSION to it before including
  * this header, to run against an older shmemext too. */
-#define SHMEMEXT_CAPI_LATEST 2
+#define SHMEMEXT_CAPI_LATEST 3
 #ifndef SHMEMEXT_CAPI_VERSION
 #define SHMEMEXT_CAPI_VERSION SHMEMEXT_CAPI_LATEST
 #endif
@@ -86,10 +86,13 @@ extern "C" {
                                    (Linux) whose kernel frees such a block with its last holder */
 #define SHMEMEXT_E_BUSY     20 /* close() refused: acquire() of the handle not yet released (version 2) */
 #define SHMEMEXT_E_NOTFOUND 21 /* SHMEMEXT_EXISTING, and no live block has the name (version 2) */
+#define SHMEMEXT_E_EMPTY    22 /* a queue had no message in time (version 3) */
+#define SHMEMEXT_E_FULL     23 /* a queue had no room for the message in time (version 3) */
 
 /* Block kinds for open(). */
 #define SHMEMEXT_VALUE   1
 #define SHMEMEXT_SEGMENT 2
+#define SHMEMEXT_QUEUE   3 /* version 3; capacity is bytes of room for messages (0: 1 MiB) */
 
 /* Flags for open(). */
 #define SHMEMEXT_PERSIST 1u /* keep the block after the last process detaches */
@@ -188,10 +191,30 @@ typedef struct ShmemExt_CAPI {
     /* Ends one acquire(); SHMEMEXT_E_CLOSED (and nothing changed) when there
      * is none to end.  [GIL] and [no GIL] as for acquire(). */
     int (*release)(ShmemExt_Block *block, ShmemExt_Error *err);
+
+    /* -- version 3 -- */
+
+    /* [no GIL] Puts `len` bytes as one message on a queue (a handle of kind
+     * SHMEMEXT_QUEUE, or from_object() of a shmemext.Queue); Python's get()
+     * returns it as bytes.  timeout_ns: 0 only tries, < 0 waits for room for
+     * ever.  SHMEMEXT_E_FULL when there was no room in time; SHMEMEXT_E_TOOBIG
+     * for a message that can never fit (nothing written). */
+    int (*queue_put)(ShmemExt_Block *block, const void *data, size_t len, int64_t timeout_ns, ShmemExt_Error *err);
+    /* [no GIL] Takes the oldest message into buf (cap bytes): *len is its
+     * length, *is_text whether Python put a str (copied as UTF-8), *is_pickle
+     * whether it is a pickle (its bytes as they are; may be NULL).  A buffer
+     * too small is SHMEMEXT_E_BUFFER with *len the size needed, and the message
+     * stays in the queue.  SHMEMEXT_E_EMPTY when none came within timeout_ns
+     * (0 only looks, < 0 waits for ever). */
+    int (*queue_get)(ShmemExt_Block *block, void *buf, size_t cap, size_t *len, int *is_text, int *is_pickle,
+                     int64_t timeout_ns, ShmemExt_Error *err);
 } ShmemExt_CAPI;
 
 /* The size of the table up to the version a consumer needs, for the check at import. */
-#define SHMEMEXT_CAPI_NEEDED_SIZE (SHMEMEXT_CAPI_VERSION < 2 ? offsetof(ShmemExt_CAPI, acquire) : sizeof(ShmemExt_CAPI))
+#define SHMEMEXT_CAPI_NEEDED_SIZE                                                                                      \
+    (SHMEMEXT_CAPI_VERSION < 2   ? offsetof(ShmemExt_CAPI, acquire)                                                    \
+     : SHMEMEXT_CAPI_VERSION < 3 ? offsetof(ShmemExt_CAPI, queue_put)                                                  \
+                                 : sizeof(ShmemExt_CAPI))
 
 #if defined(SHMEMEXT_API_EXTERN)
 extern ShmemExt_CAPI *ShmemExtAPI;

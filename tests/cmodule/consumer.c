@@ -96,6 +96,69 @@ static PyObject *object_set(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(ShmemExtAPI->value_version(b));
 }
 
+/* queue_pass(queue_object, data: bytes, cap: int) -> (rc_put, rc_get, message or None, is_text,
+ * is_pickle, length): puts data through the C API and takes the oldest message into a buffer of
+ * cap bytes, without the GIL. */
+static PyObject *queue_pass(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *obj;
+    Py_buffer data;
+    Py_ssize_t cap;
+    if (!PyArg_ParseTuple(args, "Oy*n", &obj, &data, &cap))
+        return NULL;
+    ShmemExt_Block *b = ShmemExtAPI->from_object(obj);
+    if (b == NULL || cap < 0) {
+        PyBuffer_Release(&data);
+        return b == NULL ? NULL : PyErr_Format(PyExc_ValueError, "cap must be >= 0");
+    }
+    char *buf = (char *)PyMem_Malloc((size_t)cap + 1);
+    if (buf == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    ShmemExt_Error err;
+    size_t len = 0;
+    int is_text = -1, is_pickle = -1, put = SHMEMEXT_OK, got;
+    Py_BEGIN_ALLOW_THREADS
+    if (data.len > 0)
+        put = ShmemExtAPI->queue_put(b, data.buf, (size_t)data.len, 0, &err);
+    got = ShmemExtAPI->queue_get(b, buf, (size_t)cap, &len, &is_text, &is_pickle, 0, &err);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    PyObject *msg = got == SHMEMEXT_OK ? PyBytes_FromStringAndSize(buf, (Py_ssize_t)len) : Py_NewRef(Py_None);
+    PyMem_Free(buf);
+    if (msg == NULL)
+        return NULL;
+    return Py_BuildValue("(iiNiin)", put, got, msg, is_text, is_pickle, (Py_ssize_t)len);
+}
+
+/* queue_named(name, n) -> messages: opens the queue by name, puts n numbered messages and closes. */
+static PyObject *queue_named(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    int n;
+    if (!PyArg_ParseTuple(args, "si", &name, &n))
+        return NULL;
+    ShmemExt_Block *b;
+    ShmemExt_Error err;
+    int created, rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ShmemExtAPI->open(name, SHMEMEXT_QUEUE, 4096, 0, 0600, &b, &created, &err);
+    for (int i = 0; rc == SHMEMEXT_OK && i < n; i++) {
+        char msg[32];
+        int len = snprintf(msg, sizeof msg, "c%d", i);
+        rc = ShmemExtAPI->queue_put(b, msg, (size_t)len, -1, &err);
+    }
+    if (rc == SHMEMEXT_OK)
+        rc = ShmemExtAPI->close(b, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != SHMEMEXT_OK)
+        return raise_api_error(&err);
+    return PyLong_FromLong(n);
+}
+
 /* segment_fill(name, size, byte) -> sum of the bytes, through the segment's pointer, under its lock. */
 static PyObject *segment_fill(PyObject *self, PyObject *args)
 {
@@ -305,6 +368,8 @@ static PyMethodDef methods[] = {{"pin", pin, METH_O, NULL},
                                 {"default_set", default_set, METH_O, NULL},
                                 {"named_get", named_get, METH_VARARGS, NULL},
                                 {"object_set", object_set, METH_VARARGS, NULL},
+                                {"queue_pass", queue_pass, METH_VARARGS, NULL},
+                                {"queue_named", queue_named, METH_VARARGS, NULL},
                                 {"segment_fill", segment_fill, METH_VARARGS, NULL},
                                 {"close_foreign", close_foreign, METH_O, NULL},
                                 {"misuse", misuse, METH_O, NULL},

@@ -1,5 +1,5 @@
-"""Fault-injection soak: a changing population of processes works on six
-shared names (four Values, two Segments) while a supervisor kills them about
+"""Fault-injection soak: a changing population of processes works on seven
+shared names (four Values, two Segments, a Queue) while a supervisor kills them about
 12 times a second, in every way a process can end: SIGKILL at random,
 SIGKILL while it holds a Segment's lock, SIGKILL inside an 8 MiB set(),
 SIGTERM (half the workers turn it into an exception raised inside whatever
@@ -8,8 +8,9 @@ call runs), SIGSEGV and os._exit().  Every victim is replaced at once.
 The workers: writers and readers of checksummed values (with a second thread
 on the same handle), a writer and reader of 8 MiB values, lockers that write
 records under a Segment's lock in slow pieces, a waiter (wait()), an asyncio
-worker (wait_async() in many tasks, some cancelled), and a forker that forks
-while its threads use, close and reopen handles.
+worker (wait_async() in many tasks, some cancelled), a forker that forks
+while its threads use, close and reopen handles, and a producer and a
+consumer of checksummed Queue messages (single and in batches).
 
 Checked all the time: no read is torn or foreign (every value carries its
 checksum), no operation blocks past --bound seconds (faulthandler ends a
@@ -51,11 +52,11 @@ TICK = 0.02  # the supervisor's ticker sets the ticked Value this often
 RECORD_AT = 64  # a Segment record: seq(8) status(1) pad len(4) crc(4) ... payload from 64
 
 POPULATION = ["writer", "writer", "reader", "reader", "big", "locker", "locker", "locker", "waiter", "async",
-              "forker"]
+              "forker", "qproducer", "qconsumer"]
 
 
 def names(prefix: str) -> dict[str, tuple[str, str, int]]:
-    """The six shared names: key -> (kind, name, capacity)."""
+    """The seven shared names: key -> (kind, name, capacity)."""
     return {
         "values": ("value", f"{prefix}-v", 4096),
         "ticked": ("value", f"{prefix}-t", 64),
@@ -63,6 +64,7 @@ def names(prefix: str) -> dict[str, tuple[str, str, int]]:
         "forked": ("value", f"{prefix}-f", 1024),
         "seg0": ("segment", f"{prefix}-s0", 1 << 16),
         "seg1": ("segment", f"{prefix}-s1", 1 << 16),
+        "queue": ("queue", f"{prefix}-q", 1 << 16),
     }
 
 
@@ -124,6 +126,8 @@ class Worker:
         kind, name, capacity = self.names[key]
         if kind == "value":
             return shmemext.Value(name, capacity)
+        if kind == "queue":
+            return shmemext.Queue(name, capacity)
         return shmemext.Segment(name, capacity)
 
     def check(self, value: object, what: str) -> None:
@@ -368,8 +372,43 @@ def forker(w: Worker) -> None:
         w.report()
 
 
+def queue_producer(w: Worker) -> None:
+    import queue
+
+    q = w.open("queue")
+    pool = [make_value(w.rng, 2048) for _ in range(16)]
+    while True:
+        try:  # full only while the consumer is being replaced
+            if w.rng.random() < 0.3:
+                w.count("queue_puts", q.put_many(w.rng.sample(pool, 4), timeout=w.bound / 4))
+            else:
+                q.put(w.rng.choice(pool), timeout=w.bound / 4)
+                w.count("queue_puts")
+        except queue.Full:
+            w.count("queue_full")
+        w.alive()
+        w.report()
+
+
+def queue_consumer(w: Worker) -> None:
+    import queue
+
+    q = w.open("queue")
+    while True:
+        try:
+            got = q.get_many(8, timeout=w.bound / 4) if w.rng.random() < 0.3 else [q.get(timeout=w.bound / 4)]
+        except queue.Empty:
+            got = []
+        for message in got:
+            w.count("queue_gets")
+            if not check_value(message):
+                w.bad(f"torn or foreign queue message: {type(message).__name__} of {len(message)}")
+        w.alive()
+        w.report()
+
+
 ROLES = {"writer": writer, "reader": reader, "big": big_writer, "locker": locker, "waiter": waiter,
-         "async": async_worker, "forker": forker}
+         "async": async_worker, "forker": forker, "qproducer": queue_producer, "qconsumer": queue_consumer}
 
 
 def work(role: str, prefix: str, seed: int, log: str, state: str, bound: float) -> None:
