@@ -27,13 +27,13 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import shmemext
+import suite
 
 KiB, MiB = 1024, 1024 * 1024
 STREAM_SIZES = [16, 256, 4 * KiB, 64 * KiB, MiB]
@@ -456,16 +456,8 @@ def report(title: str, table: dict[str, dict[str, dict[str, float]]], ours: str,
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, CPython {platform.python_version()}"
+    m = suite.machine()
+    return f"{m['cpu']}, {m['cpus']} CPUs, {m['platform']}, {m['python']}"
 
 
 def main(argv: list[str] | None = None) -> int:

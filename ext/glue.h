@@ -226,9 +226,9 @@ int shx_py_mode_arg(PyObject *arg, int *out);
 int shx_py_opt_str_arg(PyObject *arg, const char *what, const char **out);
 int shx_py_timeout_arg(const char *fname, PyObject *obj, double *timeout);
 int shx_py_index_arg(PyObject *arg, const char *what, Py_ssize_t *out);
-/* Calls module_name.fname(self, *args, **kwargs): methods written in Python. */
-PyObject *shx_py_call_python(const char *module_name, const char *fname, PyObject *self, PyObject *const *args,
-                             Py_ssize_t nargs, PyObject *kwnames);
+/* Calls shmemext._aio.fname(self, *args, **kwargs): the async methods, written in Python. */
+PyObject *shx_py_call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames);
 /* The next wait slice in ns toward a deadline `timeout` s (< 0: none) after start; 0 once passed. */
 int64_t shx_py_next_slice(double timeout, uint64_t start);
 

@@ -230,10 +230,9 @@ int64_t shx_py_next_slice(double timeout, uint64_t start)
     return left <= 0 ? 0 : left < slice_ns ? left : slice_ns;
 }
 
-PyObject *shx_py_call_python(const char *module_name, const char *fname, PyObject *self, PyObject *const *args,
-                             Py_ssize_t nargs, PyObject *kwnames)
+PyObject *shx_py_call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *module = PyImport_ImportModule(module_name);
+    PyObject *module = PyImport_ImportModule("shmemext._aio");
     if (module == NULL)
         return NULL;
     PyObject *f = PyObject_GetAttrString(module, fname);

@@ -698,19 +698,15 @@ static int queue_clear(QueueObject *self)
 }
 
 /* put_async() and get_async() are Python (shmemext/_aio.py). */
-static PyObject *call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return shx_py_call_python("shmemext._aio", fname, self, args, nargs, kwnames);
-}
 
 static PyObject *queue_put_async(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return call_aio("queue_put_async", self, args, nargs, kwnames);
+    return shx_py_call_aio("queue_put_async", self, args, nargs, kwnames);
 }
 
 static PyObject *queue_get_async(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return call_aio("queue_get_async", self, args, nargs, kwnames);
+    return shx_py_call_aio("queue_get_async", self, args, nargs, kwnames);
 }
 
 static PyMethodDef queue_methods[] = {

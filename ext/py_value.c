@@ -280,19 +280,15 @@ static PyObject *value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t
 }
 
 /* wait_async() and changes() are Python (shmemext/_aio.py). */
-static PyObject *call_aio(const char *fname, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return shx_py_call_python("shmemext._aio", fname, self, args, nargs, kwnames);
-}
 
 static PyObject *value_wait_async(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return call_aio("wait_async", self, args, nargs, kwnames);
+    return shx_py_call_aio("wait_async", self, args, nargs, kwnames);
 }
 
 static PyObject *value_changes(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return call_aio("changes", self, args, nargs, kwnames);
+    return shx_py_call_aio("changes", self, args, nargs, kwnames);
 }
 
 static PyObject *value_read_stats(BlockObject *self, PyObject *Py_UNUSED(ignored))

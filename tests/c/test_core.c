@@ -22,8 +22,9 @@
 
 static char prefix[64];
 
-/* test_queue.c: the queue's cases, counted into ours. */
+/* test_queue.c: the queue's cases, counted into ours; they reap with wait_child(). */
 void run_queue_tests(int *passed_out, int *failed_out);
+int wait_child(pid_t pid);
 
 static const char *block_name(const char *what)
 {
@@ -85,7 +86,7 @@ static int object_exists(const char *name)
     return fd >= 0;
 }
 
-static int wait_child(pid_t pid)
+int wait_child(pid_t pid)
 {
     int status;
     while (waitpid(pid, &status, 0) < 0) {

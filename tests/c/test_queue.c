@@ -45,15 +45,8 @@ static int get_bytes(shx_block *b, qdst *d, size_t *n, int64_t timeout_ns)
     return shx_queue_get(b, to_qdst, d, timeout_ns, NULL, &type, n, &err);
 }
 
-static int reap(pid_t pid)
-{
-    int status;
-    while (waitpid(pid, &status, 0) < 0) {
-        if (errno != EINTR)
-            return -1;
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
+/* test_core.c's: a child's exit code, or 128 + the signal that ended it. */
+int wait_child(pid_t pid);
 
 /* A message whose bytes say who sent it and its number, and check themselves. */
 typedef struct {
@@ -176,11 +169,11 @@ static void test_queue_many_processes(void)
     }
     int bad = 0;
     for (int p = 0; p < PRODUCERS; p++)
-        bad += reap(pids[CONSUMERS + p]) != 0;
+        bad += wait_child(pids[CONSUMERS + p]) != 0;
     for (int c = 0; c < CONSUMERS; c++)
         put_bytes(&q, "", 0, -1);
     for (int c = 0; c < CONSUMERS; c++)
-        bad += reap(pids[c]) != 0;
+        bad += wait_child(pids[c]) != 0;
     int once = 1;
     for (int i = 0; i < PRODUCERS * EACH; i++)
         once &= tally[i] == 1;
@@ -227,7 +220,7 @@ static void test_queue_producer_death(void)
               get_bytes(&q, &d, &n, 0) == SHX_E_EMPTY,
           "consumers take what was committed, and see nothing of the half-written record");
     kill(pid, SIGKILL);
-    reap(pid);
+    wait_child(pid);
     close(pipefd[0]);
     close(pipefd[1]);
     CHECK(put_bytes(&q, "after", 5, 1000000000) == SHX_OK && shx_queue_count(&q) == 1 &&
@@ -250,7 +243,7 @@ static void test_queue_producer_death(void)
         atomic_store(&ctl->tail, tail + 32);
         raise(SIGKILL);
     }
-    reap(pid);
+    wait_child(pid);
     CHECK(put_bytes(&q, "next", 4, 1000000000) == SHX_OK && shx_queue_count(&q) == 2,
           "a producer killed between tail and count: its message counts once the lock is handed on (%llu)",
           (unsigned long long)shx_queue_count(&q));
@@ -313,7 +306,7 @@ static void test_queue_blocking(void)
     uint64_t t0 = shx_os_monotonic_ns();
     int rc = get_bytes(&q, &d, &n, 5000000000LL);
     uint64_t took = shx_os_monotonic_ns() - t0;
-    reap(pid);
+    wait_child(pid);
     CHECK(rc == SHX_OK && n == 4 && took > 50000000 && took < 3000000000ULL,
           "a consumer sleeps on an empty queue until a message comes (%.0f ms)", took / 1e6);
     CHECK(put_bytes(&q, "0123456789012345", 16, 0) == SHX_OK && put_bytes(&q, "0123456789", 10, 0) == SHX_OK &&
@@ -327,7 +320,7 @@ static void test_queue_blocking(void)
     t0 = shx_os_monotonic_ns();
     rc = put_bytes(&q, "x", 1, 5000000000LL);
     took = shx_os_monotonic_ns() - t0;
-    CHECK(reap(pid) == 0 && rc == SHX_OK && took > 50000000 && took < 3000000000ULL,
+    CHECK(wait_child(pid) == 0 && rc == SHX_OK && took > 50000000 && took < 3000000000ULL,
           "a producer sleeps on a full queue until a consumer makes room (%.0f ms)", took / 1e6);
     shx_block_close(&q, 0, &err);
 }
