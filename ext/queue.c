@@ -155,11 +155,17 @@ static uint32_t data_waiters_to_wake(shx_block *b)
     return waiters;
 }
 
+/* How much longer than its timeout a put waits for the producers' lock: a
+ * holder copies one message, and a dead one is replaced by the kernel at
+ * once, so a put that only tries (put_nowait) must not fail for a queue with
+ * room because another producer was copying. */
+#define LOCK_GRACE_NS INT64_C(200000000)
+
 static int lock_producers(shx_block *b, uint64_t start, int64_t timeout_ns, const shx_hooks *hooks, shx_error *err)
 {
     int owner_died;
     int64_t left = timeout_ns < 0 ? -1 : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
-    int rc = shx_block_lock(b, left < 0 && timeout_ns >= 0 ? 0 : left, &owner_died, hooks, err);
+    int rc = shx_block_lock(b, timeout_ns < 0 ? -1 : (left > 0 ? left : 0) + LOCK_GRACE_NS, &owner_died, hooks, err);
     if (rc == SHX_E_TIMEOUT)
         return shx_fail(err, SHX_E_FULL, 0, b->capacity, "its producers' lock was held meanwhile");
     if (rc == SHX_OK && shx_block_take_owner_died(b)) {

@@ -430,6 +430,30 @@ def test_the_kernel_frees_a_queue_whose_holders_were_killed(name):
     assert not block_exists(name)
 
 
+NOWAIT_PRODUCER = """
+import queue, sys, shmemext
+q = shmemext.Queue(sys.argv[1])
+full = 0
+message = b"m" * 4000  # a copy long enough for others to find the lock held
+for i in range(2000):
+    try:
+        q.put_nowait(message)
+    except queue.Full:
+        full += 1
+print(full)
+"""
+
+
+def test_put_nowait_with_room_never_fails_for_other_producers(name):
+    """A put that only tries waits out another producer's copy: with room
+    for every message, six producers racing never see queue.Full."""
+    with shmemext.Queue(name, 64 << 20) as q:  # room for all 12,000
+        procs = [spawn(NOWAIT_PRODUCER, name) for _ in range(6)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [out.strip() for out, _ in outs] == ["0"] * 6, outs
+        assert q.qsize() == 12000
+
+
 def test_a_fork_child_uses_the_queue_it_inherited(name):
     if not hasattr(os, "fork"):
         pytest.skip("no fork() here")
