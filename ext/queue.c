@@ -7,8 +7,6 @@
 
 _Static_assert(sizeof(shx_queue_ctl) == 192, "three cache lines");
 _Static_assert(SHX_QUEUE_CTL_OFFSET >= sizeof(shx_header), "the queue's lines follow the header's");
-_Static_assert(SHX_QUEUE_CTL_OFFSET + sizeof(shx_queue_ctl) <= SHX_PEEK_BYTES || SHX_QUEUE_CTL_OFFSET >= 512,
-               "past anything a backend peeks at");
 _Static_assert(SHX_QUEUE_CTL_OFFSET + sizeof(shx_queue_ctl) <= SHX_HEADER_SIZE, "inside the header page");
 
 /* A record's head.  seq is the message's number (the block's version before
@@ -104,6 +102,17 @@ uint64_t shx_queue_count(const shx_block *b)
     return 0;
 }
 
+/* How long the next sleep of a wait begun at `start` may be: what is left
+ * of timeout_ns (< 0: for ever), in slices when the caller's hooks want to
+ * be asked between them; <= 0 once the time is up. */
+static int64_t next_sleep(int64_t timeout_ns, uint64_t start, const shx_hooks *hooks)
+{
+    int64_t left = timeout_ns < 0 ? SHX_WAIT_SLICE_NS : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+    if (left > SHX_WAIT_SLICE_NS && hooks != NULL && hooks->interrupted != NULL)
+        left = SHX_WAIT_SLICE_NS;
+    return left;
+}
+
 /* ---- producers ---------------------------------------------------------- */
 
 typedef struct room_ask {
@@ -161,13 +170,14 @@ static uint32_t data_waiters_to_wake(shx_block *b)
  * room because another producer was copying. */
 #define LOCK_GRACE_NS INT64_C(200000000)
 
-static int lock_producers(shx_block *b, uint64_t start, int64_t timeout_ns, const shx_hooks *hooks, shx_error *err)
+static int lock_producers(shx_block *b, uint64_t need, uint64_t start, int64_t timeout_ns, const shx_hooks *hooks,
+                          shx_error *err)
 {
     int owner_died;
     int64_t left = timeout_ns < 0 ? -1 : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
     int rc = shx_block_lock(b, timeout_ns < 0 ? -1 : (left > 0 ? left : 0) + LOCK_GRACE_NS, &owner_died, hooks, err);
     if (rc == SHX_E_TIMEOUT)
-        return shx_fail(err, SHX_E_FULL, 0, b->capacity, "its producers' lock was held meanwhile");
+        return shx_fail(err, SHX_E_FULL, need, b->capacity, "its producers' lock was held meanwhile");
     if (rc == SHX_OK && shx_block_take_owner_died(b)) {
         repair_count(b);
         /* The dead producer may have committed without waking anyone. */
@@ -199,7 +209,7 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
     shx_queue_ctl *q = ctl_of(b);
     room_ask ask = {b, need};
     uint64_t start = shx_os_monotonic_ns();
-    if ((rc = lock_producers(b, start, timeout_ns, hooks, err)) != SHX_OK)
+    if ((rc = lock_producers(b, need, start, timeout_ns, hooks, err)) != SHX_OK)
         return rc;
     uint64_t tail;
     for (;;) {
@@ -216,11 +226,9 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
         if ((rc = shx_block_unlock(b, err)) != SHX_OK)
             return rc;
         for (;;) {
-            int64_t left = timeout_ns < 0 ? SHX_WAIT_SLICE_NS : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
+            int64_t left = next_sleep(timeout_ns, start, hooks);
             if (left <= 0 && !has_room(&ask))
                 return shx_fail(err, SHX_E_FULL, need, b->capacity, NULL);
-            if (left > SHX_WAIT_SLICE_NS && hooks != NULL && hooks->interrupted != NULL)
-                left = SHX_WAIT_SLICE_NS;
             if (hooks != NULL && hooks->blocking_begin != NULL)
                 hooks->blocking_begin(hooks->ctx);
             rc = left > 0 ? shx_channel_wait(b, &q->room, has_room, &ask, left) : SHX_OK;
@@ -231,7 +239,7 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
             if (hooks != NULL && hooks->interrupted != NULL && hooks->interrupted(hooks->ctx))
                 return shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
         }
-        if ((rc = lock_producers(b, start, timeout_ns, hooks, err)) != SHX_OK)
+        if ((rc = lock_producers(b, need, start, timeout_ns, hooks, err)) != SHX_OK)
             return rc;
     }
 
@@ -326,11 +334,9 @@ int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t t
         rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, err);
         if (rc != SHX_E_EMPTY)
             return rc;
-        int64_t left = timeout_ns < 0 ? SHX_WAIT_SLICE_NS : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
-        if (timeout_ns == 0 || left <= 0)
+        int64_t left = timeout_ns == 0 ? 0 : next_sleep(timeout_ns, start, hooks);
+        if (left <= 0)
             return shx_fail(err, SHX_E_EMPTY, 0, 0, NULL);
-        if (left > SHX_WAIT_SLICE_NS && hooks != NULL && hooks->interrupted != NULL)
-            left = SHX_WAIT_SLICE_NS;
         uint64_t now;
         if (hooks != NULL && hooks->blocking_begin != NULL)
             hooks->blocking_begin(hooks->ctx);
