@@ -121,8 +121,9 @@ static PyMethodDef module_methods[] = {
      "wait(version=None, timeout=None)\n--\n\nBlock until the default block's version differs from `version`\n"
      "(default: the version now); return the new version. TimeoutError after `timeout` seconds."},
     {"_wait_any", (PyCFunction)(void (*)(void))shx_py_wait_any, METH_FASTCALL,
-     "_wait_any(values, versions, bell, rings, timeout, /)\n--\n\nSleep until a version moves, the bell rings\n"
-     "or timeout seconds pass; return the indexes of the values found closed or closing."},
+     "_wait_any(values, versions, bell, rings, timeout, room=(), /)\n--\n\nSleep until a version (or, where room[i],\n"
+     "a Queue's _taken) moves, the bell rings or timeout seconds pass; return the indexes of the values found\n"
+     "closed or closing."},
     {"blocks", mod_blocks, METH_NOARGS,
      "blocks()\n--\n\nThis user's blocks as the OS sees them, one dict each (name, kind, size,\n"
      "capacity, holders, persist, alive, creator_pid, created); a value the OS cannot tell is None.\n"

@@ -631,6 +631,15 @@ static PyObject *queue_get_version(QueueObject *self, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(version);
 }
 
+static PyObject *queue_get_taken(QueueObject *self, void *Py_UNUSED(c))
+{
+    if (shx_py_enter(&self->base) < 0)
+        return NULL;
+    uint64_t taken = shx_queue_taken(&self->base.block);
+    shx_py_leave(&self->base);
+    return PyLong_FromUnsignedLongLong(taken);
+}
+
 static PyObject *queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static const char *const names[] = {"name",  "capacity", "persist", "mode",
@@ -735,7 +744,8 @@ static PyMethodDef queue_methods[] = {
     {"full", (PyCFunction)queue_full, METH_NOARGS,
      "full($self, /)\n--\n\nTrue if not even an empty message fits now (a larger one may not fit earlier)."},
     {"put_async", (PyCFunction)(void (*)(void))queue_put_async, METH_FASTCALL | METH_KEYWORDS,
-     "put_async($self, /, obj, timeout=None)\n--\n\nput() for asyncio: `await q.put_async(obj)`."},
+     "put_async($self, /, obj, timeout=None)\n--\n\nput() for asyncio: `await q.put_async(obj)`.  A task waiting\n"
+     "for room sleeps in the watcher thread of Value.wait_async() until a consumer takes a message."},
     {"get_async", (PyCFunction)(void (*)(void))queue_get_async, METH_FASTCALL | METH_KEYWORDS,
      "get_async($self, /, timeout=None)\n--\n\nget() for asyncio: `await q.get_async()`.  Sleeping tasks share\n"
      "the watcher thread of Value.wait_async()."},
@@ -750,6 +760,7 @@ static PyGetSetDef queue_getset[] = {
     {"unpickle", (getter)queue_get_unpickle, NULL, "Whether pickled messages are unpickled (see Queue).", NULL},
     {"_used", (getter)queue_get_used, NULL, "Bytes of records in the queue now.", NULL},
     {"_version", (getter)queue_get_version, NULL, "Messages ever committed (modulo 2**64).", NULL},
+    {"_taken", (getter)queue_get_taken, NULL, "Bytes of records ever taken (modulo 2**64): moves as room comes.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyDoc_STRVAR(queue_doc,

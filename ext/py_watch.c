@@ -66,17 +66,19 @@ PyType_Spec shx_py_bell_spec = {
     .slots = bell_slots,
 };
 
-/* _wait_any(values, versions, bell, rings, timeout) -> list of the indexes of
- * values closed or being closed (then nothing was waited for: the caller
+/* _wait_any(values, versions, bell, rings, timeout[, room]) -> list of the
+ * indexes of values closed or being closed (then nothing was waited for: the caller
  * learns the outcome from any call on them), or [] after the wait:
  * a version moved, the bell rang, or timeout seconds passed.  The GIL is
  * released while it sleeps; each Value is held open meanwhile, and a close()
- * of one wakes it (shx_value_nudge_watchers). */
+ * of one wakes it (shx_value_nudge_watchers).  room, a tuple of bools as
+ * long as values, asks for room in each Queue where it is true: versions[i]
+ * is then the queue's _taken. */
 PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     module_state *st = (module_state *)PyModule_GetState(module);
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "_wait_any() takes 5 arguments (%zd given)", nargs);
+    if (nargs != 5 && nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "_wait_any() takes 5 or 6 arguments (%zd given)", nargs);
         return NULL;
     }
     if (!PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[0]) != PyTuple_GET_SIZE(args[1])) {
@@ -96,9 +98,14 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
     double timeout = PyFloat_AsDouble(args[4]);
     if ((rung == (unsigned long)-1 || timeout == -1) && PyErr_Occurred())
         return NULL;
+    if (nargs == 6 && (!PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != n)) {
+        PyErr_SetString(PyExc_TypeError, "_wait_any() argument 6 must be a tuple of bools as long as the Values");
+        return NULL;
+    }
     BlockObject *values[SHX_WAIT_ANY_MAX];
     shx_block *blocks[SHX_WAIT_ANY_MAX];
     uint64_t seen[SHX_WAIT_ANY_MAX];
+    unsigned char room[SHX_WAIT_ANY_MAX] = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyTuple_GET_ITEM(args[0], i);
         if (!PyObject_TypeCheck(v, st->value_type) && !PyObject_TypeCheck(v, st->queue_type)) {
@@ -110,6 +117,16 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
         seen[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[1], i));
         if (seen[i] == (uint64_t)-1 && PyErr_Occurred())
             return NULL;
+        if (nargs == 6) {
+            int wants = PyObject_IsTrue(PyTuple_GET_ITEM(args[5], i));
+            if (wants < 0)
+                return NULL;
+            if (wants && !PyObject_TypeCheck(v, st->queue_type)) {
+                PyErr_Format(PyExc_TypeError, "_wait_any() waits for room in Queues, not %.100s", Py_TYPE(v)->tp_name);
+                return NULL;
+            }
+            room[i] = (unsigned char)wants;
+        }
     }
     PyObject *closed = PyList_New(0);
     if (closed == NULL)
@@ -139,7 +156,7 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
     int rc;
     int64_t timeout_ns = timeout > 3600 ? INT64_C(3600000000000) : timeout > 0 ? (int64_t)(timeout * 1e9) : 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = shx_value_wait_any(blocks, seen, (size_t)n, &((BellObject *)args[2])->bell, (uint32_t)rung, timeout_ns, &err);
+    rc = shx_wait_any(blocks, room, seen, (size_t)n, &((BellObject *)args[2])->bell, (uint32_t)rung, timeout_ns, &err);
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
         shx_py_leave(values[i]);

@@ -18,11 +18,6 @@ typedef struct record_head {
 } record_head;
 _Static_assert(sizeof(record_head) == SHX_QUEUE_RECORD, "a record head is one record unit");
 
-static shx_queue_ctl *ctl_of(const shx_block *b)
-{
-    return (shx_queue_ctl *)(void *)((unsigned char *)b->hdr + SHX_QUEUE_CTL_OFFSET);
-}
-
 uint64_t shx_queue_record_size(uint64_t nbytes)
 {
     if (nbytes > SHX_MAX_CAPACITY)
@@ -68,16 +63,21 @@ static int copy_out(shx_block *b, uint64_t at, void *dst, size_t n, uint32_t typ
 
 uint64_t shx_queue_used(const shx_block *b)
 {
-    shx_queue_ctl *q = ctl_of(b);
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
     uint64_t head = atomic_load_explicit(&q->head, memory_order_acquire);
     uint64_t tail = atomic_load_explicit(&q->tail, memory_order_acquire);
     uint64_t used = tail - head;
     return used > b->capacity ? 0 : used; /* a head read before a tail that lagged it, or nonsense */
 }
 
+uint64_t shx_queue_taken(const shx_block *b)
+{
+    return atomic_load_explicit(&shx_queue_ctl_of(b)->head, memory_order_acquire);
+}
+
 uint64_t shx_queue_count(const shx_block *b)
 {
-    shx_queue_ctl *q = ctl_of(b);
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
     for (int tries = 0; tries < 16; tries++) {
         uint64_t head = atomic_load_explicit(&q->head, memory_order_acquire);
         uint64_t version = atomic_load_explicit(&b->hdr->version, memory_order_acquire);
@@ -131,7 +131,7 @@ static int has_room(void *vask)
  * lock, where no record in the ring can be rewritten. */
 static void repair_count(shx_block *b)
 {
-    shx_queue_ctl *q = ctl_of(b);
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
     uint64_t head = atomic_load_explicit(&q->head, memory_order_acquire);
     uint64_t tail = atomic_load_explicit(&q->tail, memory_order_relaxed);
     uint64_t at = head, last = UINT64_MAX;
@@ -160,7 +160,7 @@ static uint32_t data_waiters_to_wake(shx_block *b)
                           memory_order_relaxed);
     uint32_t waiters = shx_value_waiters(b);
     if (SHX_OS_ONE_WAKE_PER_BLOCK && waiters != 0)
-        waiters += (uint32_t)atomic_load_explicit(&ctl_of(b)->room.waiters, memory_order_relaxed);
+        waiters += (uint32_t)atomic_load_explicit(&shx_queue_ctl_of(b)->room.waiters, memory_order_relaxed);
     return waiters;
 }
 
@@ -206,7 +206,7 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
     if (need == 0 || need > b->capacity)
         return shx_fail(err, SHX_E_TOOBIG, nbytes, shx_queue_max_message(b), NULL);
 
-    shx_queue_ctl *q = ctl_of(b);
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
     room_ask ask = {b, need};
     uint64_t start = shx_os_monotonic_ns();
     if ((rc = lock_producers(b, need, start, timeout_ns, hooks, err)) != SHX_OK)
@@ -270,7 +270,7 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
 static int take(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks, uint32_t *type_out,
                 size_t *nbytes_out, shx_error *err)
 {
-    shx_queue_ctl *q = ctl_of(b);
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
     for (;;) {
         uint64_t head = atomic_load_explicit(&q->head, memory_order_acquire);
         uint64_t tail = atomic_load_explicit(&q->tail, memory_order_acquire);

@@ -49,6 +49,11 @@ typedef struct shx_queue_ctl {
 } shx_queue_ctl;
 #define SHX_QUEUE_CTL_OFFSET 512
 
+static inline shx_queue_ctl *shx_queue_ctl_of(const shx_block *b)
+{
+    return (shx_queue_ctl *)(void *)((unsigned char *)b->hdr + SHX_QUEUE_CTL_OFFSET);
+}
+
 /* One part of a message a producer gathers into its record. */
 typedef struct shx_iov {
     const void *base;
@@ -83,6 +88,8 @@ int shx_queue_get_utf8(shx_block *b, void *buf, size_t cap, size_t *len, int *is
 /* Messages in the queue now, and bytes of records (no system call). */
 uint64_t shx_queue_count(const shx_block *b);
 uint64_t shx_queue_used(const shx_block *b);
+/* Bytes of records ever taken: what a wait for room (shx_wait_any) watches. */
+uint64_t shx_queue_taken(const shx_block *b);
 
 /* The channel functions (wait.c).  wait: sleeps while ready(ctx) is false,
  * at most timeout_ns (>= 0); SHX_OK when ready() said so, else SHX_E_TIMEOUT

@@ -254,6 +254,10 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
  * once, and elsewhere looks every millisecond.  No spin. */
 int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
                        int64_t timeout_ns, shx_error *err);
+/* The same where room[i] (room may be NULL) asks instead for room in the
+ * queue blocks[i]: until its head (bytes ever taken) differs from seen[i]. */
+int shx_wait_any(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen, size_t n, shx_os_bell *bell,
+                 uint32_t rung, int64_t timeout_ns, shx_error *err);
 
 /* Wakes this process's shx_value_wait_any sleepers on b early, so that a
  * close() waiting for them need not wait out their timeout; other waiters

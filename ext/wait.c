@@ -220,25 +220,33 @@ static _Atomic int wait_any_unsupported;
 /* How soon a block whose lock a wait on many could not take is looked at again. */
 #define BUSY_LOCK_POLL_NS 1000000
 
-static int any_changed(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n,
-                       shx_os_bell *bell, uint32_t rung)
+/* What entry i of a wait on many watches: a block's version, or for a
+ * queue's room its head (moved by every message taken). */
+static uint64_t watched(shx_block *b, const unsigned char *room, size_t i)
+{
+    if (room != NULL && room[i])
+        return shx_queue_taken(b);
+    return atomic_load_explicit(&b->hdr->version, memory_order_acquire);
+}
+
+static int any_changed(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen,
+                       const uint32_t *nudges, size_t n, shx_os_bell *bell, uint32_t rung)
 {
     if (shx_os_bell_rings(bell) != rung)
         return 1;
     for (size_t i = 0; i < n; i++) {
-        if (atomic_load_explicit(&blocks[i]->hdr->version, memory_order_acquire) != seen[i] ||
-            atomic_load(&blocks[i]->nudges) != nudges[i])
+        if (watched(blocks[i], room, i) != seen[i] || atomic_load(&blocks[i]->nudges) != nudges[i])
             return 1;
     }
     return 0;
 }
 
-static int poll_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n, shx_os_bell *bell,
-                    uint32_t rung, int64_t timeout_ns)
+static int poll_any(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen, const uint32_t *nudges,
+                    size_t n, shx_os_bell *bell, uint32_t rung, int64_t timeout_ns)
 {
     uint64_t start = shx_os_monotonic_ns();
     for (;;) {
-        if (any_changed(blocks, seen, nudges, n, bell, rung))
+        if (any_changed(blocks, room, seen, nudges, n, bell, rung))
             return SHX_OK;
         if ((int64_t)(shx_os_monotonic_ns() - start) >= timeout_ns)
             return SHX_E_TIMEOUT;
@@ -249,11 +257,13 @@ static int poll_any(shx_block *const *blocks, const uint64_t *seen, const uint32
     }
 }
 
-static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n,
-                     shx_os_bell *bell, uint32_t rung, int64_t timeout_ns)
+static void channel_uncount(shx_channel *c, uint32_t epoch);
+
+static int sleep_any(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen, const uint32_t *nudges,
+                     size_t n, shx_os_bell *bell, uint32_t rung, int64_t timeout_ns)
 {
     if (SHX_OS_WAIT_ANY_MAX == 0 || atomic_load(&wait_any_unsupported))
-        return poll_any(blocks, seen, nudges, n, bell, rung, timeout_ns);
+        return poll_any(blocks, room, seen, nudges, n, bell, rung, timeout_ns);
     shx_os_map *maps[SHX_WAIT_ANY_MAX];
     void *words[SHX_WAIT_ANY_MAX];
     uint32_t expected[SHX_WAIT_ANY_MAX];
@@ -263,7 +273,8 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
      * then look at the versions, so that every set() from now on sees us and
      * wakes us.  A block whose lock stays held (or is not a lock any more) is
      * not waited on but looked at again soon: one block cannot hold up the
-     * others. */
+     * others.  A queue's room is a channel without a lock: counted there,
+     * then looked at (any_changed, after the fence). */
     int64_t wait_ns = timeout_ns;
     shx_error ignored;
     int changed = 0;
@@ -272,6 +283,14 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
         size_t i = counted;
         shx_header *h = blocks[i]->hdr;
         maps[i] = &blocks[i]->map;
+        if (room != NULL && room[i]) {
+            shx_channel *c = &shx_queue_ctl_of(blocks[i])->room;
+            words[i] = (void *)&c->seq;
+            expected[i] = atomic_load_explicit(&c->seq, memory_order_acquire);
+            epochs[i] = (uint32_t)(atomic_fetch_add_explicit(&c->waiters, 1, memory_order_seq_cst) >> 32);
+            registered[i] = 1;
+            continue;
+        }
         words[i] = (void *)&h->wake_seq;
         if (register_waiter(blocks[i], seen[i], 0, &expected[i], &registered[i], &epochs[i], &ignored) != SHX_OK) {
             expected[i] = atomic_load_explicit(&h->wake_seq, memory_order_relaxed);
@@ -281,11 +300,14 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
             changed = 1; /* its version moved: nothing to sleep for */
         }
     }
-    int rc = changed || any_changed(blocks, seen, nudges, n, bell, rung)
+    atomic_thread_fence(memory_order_seq_cst);
+    int rc = changed || any_changed(blocks, room, seen, nudges, n, bell, rung)
                  ? SHX_OK
                  : shx_os_wait_any(maps, words, expected, n, bell, rung, wait_ns);
     for (size_t i = 0; i < counted; i++) {
-        if (registered[i])
+        if (room != NULL && room[i])
+            channel_uncount(&shx_queue_ctl_of(blocks[i])->room, epochs[i]);
+        else if (registered[i])
             uncount_waiter(blocks[i]->hdr, epochs[i]);
     }
     if (rc == SHX_E_TIMEOUT && wait_ns < timeout_ns)
@@ -295,7 +317,7 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
          * failure costs this one wait its sleep, not every wait after it. */
         if (!shx_os_wait_any_supported())
             atomic_store(&wait_any_unsupported, 1);
-        return poll_any(blocks, seen, nudges, n, bell, rung, timeout_ns);
+        return poll_any(blocks, room, seen, nudges, n, bell, rung, timeout_ns);
     }
     return rc;
 }
@@ -304,8 +326,8 @@ static int sleep_any(shx_block *const *blocks, const uint64_t *seen, const uint3
  * watcher that hands a version to an event loop is often asked for the next
  * one (a new request rings the bell) or sees the answer within microseconds.
  * The first block's spin state decides and learns for the whole wait. */
-static int spin_any(shx_block *const *blocks, const uint64_t *seen, const uint32_t *nudges, size_t n, shx_os_bell *bell,
-                    uint32_t rung, int64_t timeout_ns)
+static int spin_any(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen, const uint32_t *nudges,
+                    size_t n, shx_os_bell *bell, uint32_t rung, int64_t timeout_ns)
 {
     uint64_t spin = n > 0 ? spin_budget(blocks[0]) : shx_os_cpu_count() >= 2 ? SHX_WAIT_SPIN_NS : 0;
     if (spin == 0)
@@ -316,7 +338,7 @@ static int spin_any(shx_block *const *blocks, const uint64_t *seen, const uint32
     int changed = 0;
     for (;;) {
         for (int i = 0; i < 16 && !changed; i++) {
-            changed = any_changed(blocks, seen, nudges, n, bell, rung);
+            changed = any_changed(blocks, room, seen, nudges, n, bell, rung);
             cpu_relax();
         }
         if (changed || shx_os_monotonic_ns() >= until)
@@ -327,14 +349,16 @@ static int spin_any(shx_block *const *blocks, const uint64_t *seen, const uint32
     return changed;
 }
 
-int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
-                       int64_t timeout_ns, shx_error *err)
+int shx_wait_any(shx_block *const *blocks, const unsigned char *room, const uint64_t *seen, size_t n, shx_os_bell *bell,
+                 uint32_t rung, int64_t timeout_ns, shx_error *err)
 {
     if (n > SHX_WAIT_ANY_MAX)
         return shx_fail(err, SHX_E_SIZE, n, SHX_WAIT_ANY_MAX, NULL);
     for (size_t i = 0; i < n; i++) {
         if (!blocks[i]->attached)
             return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
+        if (room != NULL && room[i] && blocks[i]->kind != SHX_KIND_QUEUE)
+            return shx_fail(err, SHX_E_KIND, blocks[i]->kind, SHX_KIND_QUEUE, NULL);
         if (!versioned(blocks[i]))
             return shx_fail(err, SHX_E_KIND, blocks[i]->kind, SHX_KIND_VALUE, NULL);
     }
@@ -343,12 +367,18 @@ int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n,
         atomic_fetch_add(&blocks[i]->watching, 1);
         nudges[i] = atomic_load(&blocks[i]->nudges);
     }
-    int rc = timeout_ns > 0 && spin_any(blocks, seen, nudges, n, bell, rung, timeout_ns)
+    int rc = timeout_ns > 0 && spin_any(blocks, room, seen, nudges, n, bell, rung, timeout_ns)
                  ? SHX_OK
-                 : sleep_any(blocks, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
+                 : sleep_any(blocks, room, seen, nudges, n, bell, rung, timeout_ns < 0 ? 0 : timeout_ns);
     for (size_t i = 0; i < n; i++)
         atomic_fetch_sub(&blocks[i]->watching, 1);
     return rc;
+}
+
+int shx_value_wait_any(shx_block *const *blocks, const uint64_t *seen, size_t n, shx_os_bell *bell, uint32_t rung,
+                       int64_t timeout_ns, shx_error *err)
+{
+    return shx_wait_any(blocks, NULL, seen, n, bell, rung, timeout_ns, err);
 }
 
 void shx_value_nudge_watchers(shx_block *b)
@@ -358,6 +388,11 @@ void shx_value_nudge_watchers(shx_block *b)
         atomic_thread_fence(memory_order_seq_cst);
         uint32_t waiters = shx_value_waiters(b);
         (void)shx_os_wake_word(&b->map, &b->hdr->wake_seq, waiters > 0 ? waiters : 1);
+        if (b->kind == SHX_KIND_QUEUE) { /* watchers of its room sleep on the room's word */
+            shx_channel *c = &shx_queue_ctl_of(b)->room;
+            uint32_t room_waiters = (uint32_t)atomic_load_explicit(&c->waiters, memory_order_relaxed);
+            (void)shx_os_wake_word(&b->map, &c->seq, room_waiters > 0 ? room_waiters : 1);
+        }
     }
 }
 

@@ -10,6 +10,10 @@ each waiting task's loop with call_soon_threadsafe.  So 1,000 tasks awaiting
 1,000 Values cost ceil(1000 / _WAIT_ANY_MAX) threads, and none while nothing
 is awaited: a watcher with nothing to watch ends after _LINGER seconds.
 
+A Queue's put_async() on a full queue is a request of the same watcher for
+room: it sleeps past the queue's count of bytes taken, on the word that
+consumers ring after each take (only when someone sleeps there).
+
 A new request, a cancelled one and close() ring the watcher's doorbell (or,
 for close(), wake its sleep on the block), so it chooses again what to sleep
 on: a cancelled task leaves no thread and no waiter count behind.
@@ -33,10 +37,37 @@ _SLICE = 5.0  # its longest sleep: wake-ups end it early, this bounds a lost one
 _WARM = 0.05  # seconds a Value stays watched after its last request was answered
 
 
-def _version_of(block: "Value | Queue") -> int:
-    """A Value's committed sets, or a Queue's committed messages: what the
-    watcher sleeps past (both move the same counter of their block)."""
-    return block.version if type(block) is Value else block._version  # type: ignore[union-attr]
+class _Room:
+    """What a put_async() awaits: room in a queue.  The watcher sleeps past
+    the queue's _taken (bytes of records ever taken), on the channel that
+    consumers ring after each take."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    @property
+    def name(self) -> str:
+        return self.queue.name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Room and other.queue is self.queue
+
+    def __hash__(self) -> int:
+        return hash((_Room, id(self.queue)))
+
+
+def _version_of(block: "Value | Queue | _Room") -> int:
+    """A Value's committed sets, a Queue's committed messages (both move the
+    same counter of their block), or a queue's room: what the watcher sleeps
+    past."""
+    kind = type(block)
+    if kind is Value:
+        return block.version  # type: ignore[union-attr]
+    if kind is _Room:
+        return block.queue._taken  # type: ignore[union-attr]
+    return block._version  # type: ignore[union-attr]
 
 
 class _Request:
@@ -96,7 +127,12 @@ class _Watcher:
                         if self in _watchers:
                             _watchers.remove(self)
                         return
-            _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, timeout)
+            rooms = tuple(type(v) is _Room for v in values)
+            if any(rooms):
+                blocks = tuple(v.queue if type(v) is _Room else v for v in values)  # type: ignore[union-attr]
+                _shmemext._wait_any(blocks, tuple(versions), self.bell, rung, timeout, rooms)
+            else:
+                _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, timeout)
 
     def _due(self) -> tuple[list[Value], list[int], float]:
         """Hands new versions (or ClosedError) to the requests they are due
@@ -318,10 +354,10 @@ async def _changes(value: Value, seen: int) -> AsyncIterator[int]:
 
 # ---- Queue.get_async() and Queue.put_async() ----------------------------------
 
-# A put_async() on a full queue looks again after these pauses (seconds),
-# doubling: room comes from consumers' swaps, which wake no watcher.
-_ROOM_POLL_FIRST = 0.0002
-_ROOM_POLL_MOST = 0.01
+# A put_async() on a full queue awaits room in slices of this many seconds:
+# a put_nowait() that gave up behind another producer's long copy (not for
+# want of room) then tries again, although nothing was taken.
+_ROOM_SLICE = 1.0
 
 
 async def _queue_get(queue: Queue, limit: Optional[float]) -> object:
@@ -352,17 +388,21 @@ def queue_get_async(queue: Queue, timeout: Optional[float] = None) -> Coroutine[
 async def _queue_put(queue: Queue, obj: object, limit: Optional[float]) -> None:
     loop = asyncio.get_running_loop()
     deadline = None if limit is None else loop.time() + limit
-    pause = _ROOM_POLL_FIRST
+    room = _Room(queue)
     while True:
+        taken = queue._taken
         try:
             queue.put_nowait(obj)
             return
         except _stdqueue.Full:
             if deadline is not None and loop.time() >= deadline:
                 raise _stdqueue.Full(f"Queue '{queue.name}' stayed full for {limit:g} s") from None
-        left = pause if deadline is None else min(pause, max(deadline - loop.time(), 0.0))
-        await asyncio.sleep(left)
-        pause = min(pause * 2, _ROOM_POLL_MOST)
+        # A message taken since `taken` ends this at once.
+        left = _ROOM_SLICE if deadline is None else min(_ROOM_SLICE, max(deadline - loop.time(), 0.0))
+        try:
+            await _wait(room, taken, left)  # type: ignore[arg-type]
+        except TimeoutError:
+            pass  # one more try, then Full when the time is up
 
 
 def queue_put_async(queue: Queue, obj: object, timeout: Optional[float] = None) -> Coroutine[object, object, None]:

@@ -37,7 +37,13 @@ _WAIT_ANY_MAX: Final[int]     # Values one _wait_any sleeps on
 _WAIT_ANY_SLEEPS: Final[int]  # 1: in the kernel; 0: it looks every millisecond
 
 def _wait_any(
-    values: tuple[Value | Queue, ...], versions: tuple[int, ...], bell: _Bell, rings: int, timeout: float, /
+    values: tuple[Value | Queue, ...],
+    versions: tuple[int, ...],
+    bell: _Bell,
+    rings: int,
+    timeout: float,
+    room: tuple[bool, ...] = ...,
+    /,
 ) -> list[int]: ...
 
 _BACKEND: Final[str]   # which OS mechanism this build uses: "linux-sysv", "posix-lockfiles" or "win32"

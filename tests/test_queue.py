@@ -617,6 +617,77 @@ def test_async_get_and_put(name):
     asyncio.run(main())
 
 
+DRAIN = r"""
+import sys, shmemext
+q = shmemext.Queue(sys.argv[1])
+want, seen = int(sys.argv[2]), set()
+while len(seen) < want:
+    m = q.get(timeout=30)
+    if m.startswith(b"p"):
+        seen.add(m)
+print(len(seen))
+"""
+
+
+def test_put_async_sleeps_until_another_process_takes(name):
+    """Idle put_async() tasks on a full queue sleep in the watcher (no
+    polling: little CPU, one thread), and every one is let in as a consumer
+    in another process makes room."""
+    import asyncio
+
+    tasks = 1000
+
+    async def main():
+        with shmemext.Queue(name, 256) as q:
+            while True:
+                try:
+                    q.put_nowait(b"f" * 16)
+                except queue.Full:
+                    break
+            putters = [asyncio.ensure_future(q.put_async(b"p%04d" % i)) for i in range(tasks)]
+            try:
+                await asyncio.sleep(0.2)
+                cpu = time.process_time()
+                await asyncio.sleep(1.0)
+                cpu = time.process_time() - cpu
+                watchers = [t for t in threading.enumerate() if t.name == "shmemext-watcher"]
+                assert not any(p.done() for p in putters)
+                # Looking every 10 ms, as a poll would, costs 100,000 tries a second.
+                assert cpu < 0.15, f"{tasks} idle put_async() tasks used {cpu:.2f} s of CPU in 1 s"
+                assert len(watchers) == 1
+                drain = spawn(DRAIN, name, str(tasks))
+                await asyncio.wait_for(asyncio.gather(*putters), 60)
+                out, err = drain.communicate(timeout=60)
+                assert drain.returncode == 0, err
+                assert out.split() == [str(tasks)]
+            finally:
+                for p in putters:
+                    p.cancel()
+                await asyncio.gather(*putters, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_close_from_another_thread_ends_a_put_async_awaiting_room(name):
+    import asyncio
+
+    async def main():
+        q = shmemext.Queue(name, 64)
+        q.put(b"x" * 48)
+        putter = asyncio.ensure_future(q.put_async(b"y" * 16))
+        await asyncio.sleep(0.1)
+        closer = threading.Timer(0.1, q.close)
+        closer.start()
+        start = time.monotonic()
+        with pytest.raises(shmemext.ClosedError):
+            await asyncio.wait_for(putter, 5)
+        closer.join()
+        # Woken by the close, not by the watcher's next look a second on.
+        assert time.monotonic() - start < 0.6
+
+    asyncio.run(main())
+
+
 # ---- bytes another process wrote ----------------------------------------------------
 
 

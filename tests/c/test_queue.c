@@ -324,6 +324,37 @@ static void test_queue_blocking(void)
     took = shx_os_monotonic_ns() - t0;
     CHECK(wait_child(pid) == 0 && rc == SHX_OK && took > 50000000 && took < 3000000000ULL,
           "a producer sleeps on a full queue until a consumer makes room (%.0f ms)", took / 1e6);
+
+    /* A watcher (one thread for many waits) sleeps for room too: on a full
+     * queue and a value at once, woken by a take in another process. */
+    CHECK(put_bytes(&q, "x", 1, 0) == SHX_E_FULL, "full again");
+    shx_block v = {0};
+    shx_block_open(&v, qname("block-value"), SHX_KIND_VALUE, 64, 0, 0600, &err);
+    shx_os_bell bell;
+    CHECK(shx_os_bell_init(&bell, &err) == SHX_OK, "a bell");
+    shx_block *both[2] = {&v, &q};
+    const unsigned char room[2] = {0, 1};
+    uint64_t seen[2] = {shx_value_version(&v), shx_queue_taken(&q)};
+    t0 = shx_os_monotonic_ns();
+    rc = shx_wait_any(both, room, seen, 2, &bell, shx_os_bell_rings(&bell), 100000000LL, &err);
+    took = shx_os_monotonic_ns() - t0;
+    CHECK(rc == SHX_E_TIMEOUT && took >= 90000000, "nothing taken: the wait for room times out (%.0f ms)", took / 1e6);
+    pid = fork();
+    if (pid == 0) {
+        usleep(100000);
+        _exit(get_bytes(&q, &d, &n, 0) == SHX_OK ? 0 : 1);
+    }
+    t0 = shx_os_monotonic_ns();
+    rc = shx_wait_any(both, room, seen, 2, &bell, shx_os_bell_rings(&bell), 5000000000LL, &err);
+    took = shx_os_monotonic_ns() - t0;
+    CHECK(wait_child(pid) == 0 && rc == SHX_OK && shx_queue_taken(&q) != seen[1] && took > 50000000 &&
+              took < 3000000000ULL,
+          "a take in another process ends a watcher's wait for room (%.0f ms)", took / 1e6);
+    CHECK((uint32_t)atomic_load(&shx_queue_ctl_of(&q)->room.waiters) == 0, "and it counts itself no longer");
+    const unsigned char not_a_queue[2] = {1, 0};
+    CHECK(shx_wait_any(both, not_a_queue, seen, 2, &bell, 0, 0, &err) == SHX_E_KIND, "room is asked only of queues");
+    shx_os_bell_free(&bell);
+    shx_block_close(&v, 0, &err);
     shx_block_close(&q, 0, &err);
 }
 
