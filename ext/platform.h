@@ -186,7 +186,7 @@ int shx_os_unlink(const char *name, shx_error *err);
  * child's inherited one counts), or -1 where the OS cannot tell. */
 int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err);
 /* Whether a user other than this process's may write the object's memory:
- * 1, 0, or -1 where the OS cannot tell cheaply (Windows: the DACL). */
+ * 1, 0, or -1 where the OS cannot tell (the caller then assumes one may). */
 int shx_os_others_may_write(shx_os_map *m);
 
 /* What the OS knows of one name of this user's, for listing and sweeping.

@@ -13,6 +13,7 @@
 #include <limits.h>
 #include <windows.h>
 #include <sddl.h>
+#include <aclapi.h>
 
 #include <errno.h>
 #include <stdlib.h>
@@ -277,10 +278,52 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
 
 /* Reading the mapping's DACL back is not done: the opener's own security
  * decides (a block is per-user unless someone passed a wider descriptor). */
+/* Rights over a section that let their holder change its memory, or its
+ * DACL so as to grant itself that. */
+#define WRITE_RIGHTS (SECTION_MAP_WRITE | GENERIC_WRITE | GENERIC_ALL | WRITE_DAC | WRITE_OWNER)
+
+/* The user this process runs as, the system, and the administrators (who
+ * can take any object anyway) are not "others". */
+static int is_ours(PSID sid, PSID user)
+{
+    return EqualSid(sid, user) || IsWellKnownSid(sid, WinLocalSystemSid) ||
+           IsWellKnownSid(sid, WinBuiltinAdministratorsSid);
+}
+
 int shx_os_others_may_write(shx_os_map *m)
 {
-    (void)m;
-    return -1;
+    PACL dacl = NULL;
+    PSECURITY_DESCRIPTOR sd = NULL;
+    if (GetSecurityInfo((HANDLE)m->mapping, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL,
+                        &sd) != ERROR_SUCCESS)
+        return -1;
+    HANDLE token;
+    char user_buf[256];
+    DWORD len = 0;
+    int result = -1;
+    if (OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
+        if (GetTokenInformation(token, TokenUser, user_buf, sizeof user_buf, &len)) {
+            PSID user = ((TOKEN_USER *)user_buf)->User.Sid;
+            result = dacl == NULL ? 1 : 0; /* no DACL at all: everyone has every right */
+            for (DWORD i = 0; dacl != NULL && i < dacl->AceCount && result == 0; i++) {
+                ACE_HEADER *ace;
+                if (!GetAce(dacl, i, (void **)&ace)) {
+                    result = -1;
+                    break;
+                }
+                /* Denials are not subtracted: what is allowed to others at
+                 * all is what counts, which can only err towards "may". */
+                if (ace->AceType != ACCESS_ALLOWED_ACE_TYPE)
+                    continue;
+                ACCESS_ALLOWED_ACE *allowed = (ACCESS_ALLOWED_ACE *)ace;
+                if ((allowed->Mask & WRITE_RIGHTS) != 0 && !is_ours((PSID)&allowed->SidStart, user))
+                    result = 1;
+            }
+        }
+        CloseHandle(token);
+    }
+    LocalFree(sd);
+    return result;
 }
 
 /* Windows keeps no list of named mappings that a process may read, and needs

@@ -668,10 +668,9 @@ static PyObject *queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     if (unpickle < 0) {
         /* Unpickling runs code: only what nobody else can write is loaded
-         * unless the opener says so.  Where the OS cannot say, the opener's
-         * own permissions decide. */
+         * unless the opener says so; where the OS cannot tell, nothing. */
         int shared = shx_os_others_may_write(&self->base.block.map);
-        unpickle = (mode & 022) == 0 && security == NULL && shared <= 0;
+        unpickle = (mode & 022) == 0 && security == NULL && shared == 0;
     }
     self->unpickle = unpickle;
     return (PyObject *)self;

@@ -436,6 +436,23 @@ static void test_global_and_sddl(const char *name)
     CHECK(shx_block_open_secured(&a, name, SHX_KIND_VALUE, 0, 0, 0600, "D:P(A;;GA;;;WD)", &err) == SHX_OK,
           "a block created with an SDDL security descriptor");
     CHECK(set_text(&a, "secured") == SHX_OK && strcmp(text_of(&a), "secured") == 0, "works as any other");
+    CHECK(shx_os_others_may_write(&a.map) == 1, "a DACL that lets Everyone write is seen as shared");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created &&
+              shx_os_others_may_write(&b.map) == 1,
+          "and so by a later opener that asks for a private block");
+    shx_block_close(&b, 0, &err);
+    shx_block_close(&a, 0, &err);
+    CHECK(shx_block_open(&a, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && a.created &&
+              shx_os_others_may_write(&a.map) == 0,
+          "a private block (mode 0600: this user alone) is not");
+    CHECK(shx_block_open(&b, name, SHX_KIND_VALUE, 0, 0, 0600, &err) == SHX_OK && !b.created &&
+              shx_os_others_may_write(&b.map) == 0,
+          "nor to another opener");
+    shx_block_close(&b, 0, &err);
+    shx_block_close(&a, 0, &err);
+    CHECK(shx_block_open_secured(&a, name, SHX_KIND_VALUE, 0, 0, 0600, "D:P(A;;GR;;;WD)(A;;GA;;;SY)", &err) == SHX_OK &&
+              shx_os_others_may_write(&a.map) == 0,
+          "nor one that lets Everyone only read (and the system write)");
     shx_block_close(&a, 0, &err);
     int rc = shx_block_open_secured(&a, name, SHX_KIND_VALUE, 0, 0, 0600, "not SDDL at all", &err);
     CHECK(rc == SHX_E_OS && err.win32 && err.detail != NULL, "an invalid SDDL string is an error (%lu), not ignored",
