@@ -3,7 +3,8 @@
     python benchmarks/bench_async.py [--runs 5] [--rounds 2000] [--waiters 1000]
 
 Two processes, each running an asyncio loop, ping-pong a short value: through
-Value.set + `await Value.wait_async()`, and through a socket pair read with
+Value.set + `await Value.wait_async()`, through two Queues (put, then
+`await Queue.get_async()`), and through a socket pair read with
 `loop.sock_recv` (the asyncio way to wait for another process), in the same
 run.  The one-way wake-up latency is the time from a set() (or send) in one
 process to the awaiting task running in the other, on the monotonic clock
@@ -40,6 +41,11 @@ async def values():
         seen = await ping.wait_async(seen, timeout=30)
         pong.set(ping.get())
 
+async def queues():
+    there, back = shmemext.Queue(a), shmemext.Queue(b)
+    for _ in range(rounds):
+        back.put(await there.get_async(timeout=30))
+
 async def sockets():
     loop = asyncio.get_running_loop()
     s = socket.socket(fileno=fd)
@@ -48,7 +54,7 @@ async def sockets():
         data = await loop.sock_recv(s, 64)
         await loop.sock_sendall(s, data)
 
-asyncio.run(values() if kind == "value" else sockets())
+asyncio.run({"value": values, "queue": queues, "socket": sockets}[kind]())
 """
 
 
@@ -76,6 +82,27 @@ async def value_run(rounds: int) -> float:
         peer.wait(30)
         ping.close()
         pong.close()
+    return statistics.median(trips[1:]) / 1e3
+
+
+async def queue_run(rounds: int) -> float:
+    """The same over two Queues: put(), then await get_async()."""
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"bench-async-{tag}-qa", f"bench-async-{tag}-qb"
+    there, back = shmemext.Queue(a, 4096), shmemext.Queue(b, 4096)
+    peer = start_peer("queue", a, b, rounds + 1)
+    await asyncio.sleep(0.3)
+    trips = []
+    try:
+        for _ in range(rounds + 1):
+            start = time.perf_counter_ns()
+            there.put(b"x" * 16)
+            await back.get_async(timeout=30)
+            trips.append(time.perf_counter_ns() - start)
+    finally:
+        peer.wait(30)
+        there.close()
+        back.close()
     return statistics.median(trips[1:]) / 1e3
 
 
@@ -188,11 +215,12 @@ def main() -> int:
     parser.add_argument("--waiters", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"value": [], "socket": [], "wake": [], "hop": []}
+    results: dict[str, list[float]] = {"value": [], "queue": [], "socket": [], "wake": [], "hop": []}
 
     async def runs() -> None:
         for _ in range(args.runs):
             results["value"].append(await value_run(args.rounds))
+            results["queue"].append(await queue_run(args.rounds))
             results["socket"].append(await socket_run(args.rounds))
             results["wake"].append(await wake_latency(200))
             results["hop"].append(await hop_floor(200))
@@ -202,6 +230,9 @@ def main() -> int:
     print(f"{os.cpu_count()} CPUs; median of each run (us): median over {args.runs} runs [min-max]")
     print(f"round trip   wait_async {spread(results['value'])}   socket pair {spread(results['socket'])}   "
           f"socket/wait_async {s / v:5.2f}x")
+    q = statistics.median(results["queue"])
+    print(f"round trip   Queue get_async {spread(results['queue'])}   get_async/wait_async {q / v:5.2f}x   "
+          f"socket/get_async {s / q:5.2f}x")
     print(f"wake-up      set() in another process -> task running: {spread(results['wake'])}   "
           f"(a thread's call_soon_threadsafe -> the loop: {spread(results['hop'])})")
     cost = asyncio.run(idle_cost(args.waiters, args.idle_seconds))

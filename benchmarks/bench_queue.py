@@ -3,9 +3,11 @@
     python benchmarks/bench_queue.py [--rounds 3] [--sections stream,mpmc,pingpong,pickled] [--json FILE]
 
 Peers (each skipped when it is not installed): multiprocessing.Queue,
-multiprocessing.Pipe, faster-fifo, posix_ipc.MessageQueue and pyzmq
-(ipc:// PUSH/PULL; for many to many through a zmq proxy).  Processes are
-forked, so that the peers' handles are inherited as their docs ask.
+multiprocessing.Pipe, faster-fifo, posix_ipc.MessageQueue, pyzmq
+(ipc:// PUSH/PULL; for many to many through a zmq proxy) and iceoryx2
+publish-subscribe (one to one only: each subscriber gets every sample, so
+it is no work queue; its subscriber polls).  Processes are forked, so that
+the peers' handles are inherited as their docs ask.
 
 stream    1 producer -> 1 consumer, N bytes messages of each size: ns per
           message from the first put to the last get, and the copy floor
@@ -23,6 +25,7 @@ spreads, and ratios against the best peer of the same cell.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import multiprocessing as mp
@@ -53,6 +56,7 @@ def optional(name: str) -> Any:
 faster_fifo = optional("faster_fifo")
 posix_ipc = optional("posix_ipc")
 zmq = optional("zmq")
+iox2 = optional("iceoryx2")
 _serial = iter(range(1 << 30))
 
 
@@ -69,8 +73,10 @@ class Method:
 
     mpmc = True
 
-    def done_sending(self) -> None:
-        """In a producer process about to exit: what it sent must still arrive."""
+    def done_sending(self, all_received: Any) -> None:
+        """In a producer process about to exit: what it sent must still
+        arrive.  all_received is an Event the parent sets once every
+        message has come (for unordered methods only)."""
 
     # Whether an end marker put after every producer is done comes out after
     # their messages (one queue in one order); pyzmq's sockets are several.
@@ -233,8 +239,11 @@ class Zmq(Method):
             sock.bind(ch["front"])
         return sock.recv
 
-    def done_sending(self) -> None:
-        # A process that exits with messages in its context's queues loses them.
+    def done_sending(self, all_received: Any) -> None:
+        # A process that exits with messages in its context's queues loses
+        # them, and so does one whose messages wait unread at the proxy: a
+        # proxy drops what it has not read from a peer that disconnects.
+        all_received.wait()
         zmq_context().destroy(linger=-1)
         del _zmq_contexts[os.getpid()]
 
@@ -242,6 +251,76 @@ class Zmq(Method):
         if ch["proxy"] is not None:
             ch["proxy"].terminate()
             ch["proxy"].join()
+
+
+_iox2_nodes: dict[int, Any] = {}
+
+
+class Iceoryx2(Method):
+    """Publish-subscribe of u8 slices, lossless: no safe overflow, and a
+    publisher that retries until the subscriber has room.  The publisher is
+    made before the subscriber (iceoryx2 0.9/0.10 loses samples the other
+    way round with safe overflow off), so its producer starts first."""
+
+    label = "iceoryx2 publish-subscribe"
+    mpmc = False
+    producer_first = True
+
+    def make(self, size: int, cap: int) -> Any:
+        return {"name": fresh_name("iox"), "size": max(size, 16), "depth": max(2, min(256, cap // max(size, 1)))}
+
+    def _service(self, ch: Any) -> Any:
+        pid = os.getpid()
+        if pid not in _iox2_nodes:
+            iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+            _iox2_nodes[pid] = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        return (
+            _iox2_nodes[pid]
+            .service_builder(iox2.ServiceName.new(ch["name"]))
+            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+            .subscriber_max_buffer_size(ch["depth"])
+            .enable_safe_overflow(False)
+            .open_or_create()
+        )
+
+    def sender(self, ch: Any) -> Callable[[Any], None]:
+        publisher = (
+            self._service(ch)
+            .publisher_builder()
+            .initial_max_slice_len(ch["size"])
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
+
+        connected = []
+
+        def put(message: bytes) -> None:
+            if not connected:  # the subscribers came after the publisher
+                publisher.update_connections()
+                connected.append(True)
+            sample = publisher.loan_slice_uninit(len(message))
+            ctypes.memmove(sample.payload().as_ptr(), message, len(message))
+            sample.assume_init().send()
+
+        ch.setdefault("publishers", []).append(publisher)
+        return put
+
+    def receiver(self, ch: Any) -> Callable[[], Any]:
+        subscriber = self._service(ch).subscriber_builder().create()
+
+        def get() -> bytes:
+            while True:
+                sample = subscriber.receive()
+                if sample is not None:
+                    payload = sample.payload()
+                    return ctypes.string_at(payload.as_ptr(), payload.len())
+
+        ch.setdefault("subscribers", []).append(subscriber)
+        return get
+
+    def close(self, ch: Any) -> None:
+        ch.pop("publishers", None)
+        ch.pop("subscribers", None)
 
 
 def methods(pickled: bool = False) -> list[Method]:
@@ -254,6 +333,8 @@ def methods(pickled: bool = False) -> list[Method]:
         found.append(PosixMq())
     if zmq is not None and not pickled:
         found.append(Zmq())
+    if iox2 is not None and not pickled:
+        found.append(Iceoryx2())
     return found
 
 
@@ -264,9 +345,8 @@ def fits(method: Method, size: int) -> bool:
 # ---- measuring ------------------------------------------------------------------
 
 
-def _consume(method: Method, ch: Any, stamps: Any, counts: Any, slot: int) -> None:
-    get = method.receiver(ch)
-    if method.ordered:
+def _consume(get: Callable[[], Any], ordered: bool, stamps: Any, counts: Any, slot: int) -> None:
+    if ordered:
         while True:
             m = get()
             if m == END:
@@ -294,29 +374,45 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
         method.start_proxy(ch)
     stamps = CTX.Array("d", consumers, lock=False)
     counts = CTX.Array("q", consumers, lock=False)
-    cons = [CTX.Process(target=_consume, args=(method, ch, stamps, counts, k)) for k in range(consumers)]
-    for c in cons:
-        c.start()
+    ready = CTX.Semaphore(0)  # one release a process, when its end is made
     each = count // producers
     go = CTX.Event()
+    all_received = CTX.Event()
+    # One to one, the producer ends the stream itself, so that no third
+    # party needs an end of its own (iceoryx2's must come before the
+    # subscriber's).
+    self_ending = producers == 1 and consumers == 1
+
+    def consume(slot: int) -> None:
+        get = method.receiver(ch)
+        ready.release()
+        _consume(get, method.ordered, stamps, counts, slot)
 
     def produce() -> None:
         put = method.sender(ch)
+        ready.release()
         go.wait()
         for _ in range(each):
             put(message)
-        method.done_sending()
+        if self_ending:
+            put(END)
+        method.done_sending(all_received)
 
+    cons = [CTX.Process(target=consume, args=(k,)) for k in range(consumers)]
     prods = [CTX.Process(target=produce) for _ in range(producers)]
-    for p in prods:
-        p.start()
-    time.sleep(0.05)  # connected and waiting
+    for group in ([prods, cons] if getattr(method, "producer_first", False) else [cons, prods]):
+        for proc in group:
+            proc.start()
+        for _ in group:
+            ready.acquire()
+    time.sleep(0.05)  # connected
     t0 = time.perf_counter()
     go.set()
-    for p in prods:
-        p.join()
     lost = False
-    if not method.ordered:
+    if method.ordered:
+        for p in prods:
+            p.join()
+    else:
         waited = time.perf_counter()
         while sum(counts) < each * producers and not lost:
             time.sleep(0.001)
@@ -326,11 +422,18 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
                   file=sys.stderr, flush=True)
             for c in cons:
                 c.kill()
-    put = method.sender(ch)
-    while any(c.is_alive() for c in cons):
-        put(END)
+        all_received.set()
+        for p in prods:
+            p.join()
+    if self_ending:
         for c in cons:
-            c.join(0.01)
+            c.join()
+    else:
+        put = method.sender(ch)
+        while any(c.is_alive() for c in cons):
+            put(END)
+            for c in cons:
+                c.join(0.01)
     t1 = max(stamps)
     method.close(ch)
     return float("nan") if lost else (t1 - t0) / (each * producers) * 1e9
@@ -339,9 +442,12 @@ def stream_once(method: Method, size: int, producers: int, consumers: int, messa
 def pingpong_once(method: Method, rounds: int = 5000) -> float:
     there, back = method.make(16, 64 * KiB), method.make(16, 64 * KiB)
     message = bytes(16)
+    ready = CTX.Event()
+    put = method.sender(there)  # each sender before its receiver, for iceoryx2
 
     def partner() -> None:
         get, put = method.receiver(there), method.sender(back)
+        ready.set()
         while True:
             m = get()
             put(m)
@@ -350,7 +456,8 @@ def pingpong_once(method: Method, rounds: int = 5000) -> float:
 
     p = CTX.Process(target=partner)
     p.start()
-    put, get = method.sender(there), method.receiver(back)
+    ready.wait()
+    get = method.receiver(back)
     for _ in range(100):  # warm
         put(message)
         get()
