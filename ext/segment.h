@@ -117,6 +117,10 @@ typedef struct shx_block {
      * probe (shx_value_wait). */
     _Atomic int spin_off;
     _Atomic uint32_t spin_probe;
+    /* How much longer than SHX_WAIT_SPIN_NS this handle's waits spin: a
+     * queue sets it from the size of its records, because the other side's
+     * copy of a large record is what a wait for it waits out. */
+    _Atomic uint64_t spin_extra_ns;
     /* Threads of this process inside shx_value_wait_any on this handle, and
      * a count of shx_value_nudge_watchers calls, which a polling wait sees. */
     _Atomic int watching;

@@ -116,11 +116,12 @@ static uint64_t spin_budget(shx_block *b)
 {
     if (shx_os_cpu_count() < 2)
         return 0;
+    uint64_t spin = SHX_WAIT_SPIN_NS + atomic_load_explicit(&b->spin_extra_ns, memory_order_relaxed);
     if (!atomic_load_explicit(&b->spin_off, memory_order_relaxed))
-        return SHX_WAIT_SPIN_NS;
+        return spin;
     uint32_t probe = atomic_load_explicit(&b->spin_probe, memory_order_relaxed) + 1;
     atomic_store_explicit(&b->spin_probe, probe, memory_order_relaxed);
-    return probe % SPIN_PROBE_EVERY == 0 ? SHX_WAIT_SPIN_NS : 0;
+    return probe % SPIN_PROBE_EVERY == 0 ? spin : 0;
 }
 
 static void spin_learn(shx_block *b, int seen_change)
