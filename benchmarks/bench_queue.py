@@ -15,6 +15,8 @@ stream    1 producer -> 1 consumer, N bytes messages of each size: ns per
 mpmc      4 producers -> 4 consumers, the same.
 pingpong  16 bytes there and back over two queues (a Value set/wait round
           trip for reference).
+busy      the same with every CPU oversubscribed: two spinning processes
+          a CPU, at the same priority (the methods that sleep when idle).
 pickled   1 -> 1 of a small dict, pickled by each queue.
 
 Every cell is measured in rounds, one method after another within a round,
@@ -30,6 +32,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -77,6 +80,10 @@ class Method:
         """In a producer process about to exit: what it sent must still
         arrive.  all_received is an Event the parent sets once every
         message has come (for unordered methods only)."""
+        self.flush()
+
+    def flush(self) -> None:
+        """In a process about to exit: what it sent must still arrive."""
 
     # Whether an end marker put after every producer is done comes out after
     # their messages (one queue in one order); pyzmq's sockets are several.
@@ -147,7 +154,14 @@ class FasterFifo(Method):
         return ch.put
 
     def receiver(self, ch: Any) -> Callable[[], Any]:
-        return lambda: ch.get(timeout=1e6)  # its default gives up after 10 s
+        def get() -> Any:
+            while True:  # its default gives up after 10 s, and many consumers see spurious Empty
+                try:
+                    return ch.get(timeout=10)
+                except queue.Empty:
+                    pass
+
+        return get
 
     def close(self, ch: Any) -> None:
         ch.close()
@@ -244,6 +258,9 @@ class Zmq(Method):
         # them, and so does one whose messages wait unread at the proxy: a
         # proxy drops what it has not read from a peer that disconnects.
         all_received.wait()
+        self.flush()
+
+    def flush(self) -> None:
         zmq_context().destroy(linger=-1)
         del _zmq_contexts[os.getpid()]
 
@@ -452,6 +469,7 @@ def pingpong_once(method: Method, rounds: int = 5000) -> float:
             m = get()
             put(m)
             if m == END:
+                method.flush()
                 return
 
     p = CTX.Process(target=partner)
@@ -472,6 +490,27 @@ def pingpong_once(method: Method, rounds: int = 5000) -> float:
     method.close(there)
     method.close(back)
     return (t1 - t0) / rounds * 1e9
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+class Oversubscribed:
+    """Two spinning processes a CPU while it is entered."""
+
+    def __enter__(self) -> "Oversubscribed":
+        self.spinners = [CTX.Process(target=_spin, daemon=True) for _ in range(2 * (os.cpu_count() or 1))]
+        for p in self.spinners:
+            p.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.spinners:
+            p.kill()
+            p.join()
 
 
 def value_pingpong_once(rounds: int = 5000) -> float:
@@ -527,13 +566,32 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"ns": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
+def isolated(fn: Callable[[], float]) -> float:
+    """fn() in a process of its own, so that no peer's state (a zmq
+    context, an iceoryx2 node, a feeder thread) outlives its measurement
+    into the next method's forked processes."""
+    mine, theirs = CTX.Pipe(duplex=False)
+
+    def run() -> None:
+        theirs.send(fn())
+
+    p = CTX.Process(target=run)
+    p.start()
+    result = mine.recv() if mine.poll(600) else float("nan")
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    return result
+
+
 def run_cells(cells: dict[str, dict[str, Callable[[], float]]], rounds: int) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for cell, fns in cells.items():
         samples: dict[str, list[float]] = {m: [] for m in fns}
         for _ in range(rounds):
             for m, fn in fns.items():
-                samples[m].append(fn())
+                samples[m].append(isolated(fn))
         out[cell] = {m: summarize(s) for m, s in samples.items()}
         print(f"  {cell}: done", file=sys.stderr, flush=True)
     return out
@@ -570,7 +628,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sections", default="stream,mpmc,pingpong,pickled")
+    parser.add_argument("--sections", default="stream,mpmc,pingpong,busy,pickled")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
@@ -595,11 +653,19 @@ def main(argv: list[str] | None = None) -> int:
         results["mpmc"] = run_cells(cells, args.rounds)
         lines += report("many to many: ns per message", results["mpmc"], "shmemext.Queue", [])
     if "pingpong" in sections:
-        # pyzmq is left out: its PUSH/PULL pair over ipc:// did not answer in this harness.
-        row = {m.label: (lambda m=m: pingpong_once(m)) for m in methods() if not isinstance(m, Zmq)}
+        row = {m.label: (lambda m=m: pingpong_once(m)) for m in methods()}
         row["shmemext.Value set/wait"] = value_pingpong_once
         results["pingpong"] = run_cells({"16 B there and back": row}, args.rounds)
         lines += report("ping-pong: ns per round trip", results["pingpong"], "shmemext.Queue", ["shmemext.Value set/wait"])
+    if "busy" in sections:
+        # Methods that sleep when idle: iceoryx2's subscriber spins.
+        sleepers = [m for m in methods() if not isinstance(m, Iceoryx2)]
+        row = {m.label: (lambda m=m: pingpong_once(m, 500)) for m in sleepers}
+        row["shmemext.Value set/wait"] = lambda: value_pingpong_once(500)
+        with Oversubscribed():
+            results["busy"] = run_cells({f"16 B there and back, {2 * (os.cpu_count() or 1)} spinners": row}, args.rounds)
+        lines += report("ping-pong, every CPU oversubscribed: ns per round trip", results["busy"], "shmemext.Queue",
+                        ["shmemext.Value set/wait"])
     if "pickled" in sections:
         obj = {"id": 12345, "name": "job", "args": [1, 2.5, "x"], "done": False}
         row = {m.label: (lambda m=m: stream_once(m, 0, 1, 1, message=obj)) for m in methods(pickled=True)}
