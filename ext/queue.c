@@ -120,6 +120,12 @@ typedef struct room_ask {
     uint64_t need;
 } room_ask;
 
+static int has_message(void *vb)
+{
+    shx_queue_ctl *q = shx_queue_ctl_of((const shx_block *)vb);
+    return atomic_load_explicit(&q->tail, memory_order_acquire) != atomic_load_explicit(&q->head, memory_order_relaxed);
+}
+
 static int has_room(void *vask)
 {
     room_ask *ask = (room_ask *)vask;
@@ -342,19 +348,27 @@ int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t t
         return rc;
     uint64_t start = timeout_ns != 0 ? shx_os_monotonic_ns() : 0;
     for (;;) {
-        /* The version first: a message committed after it moves it, and
-         * the wait below then returns at once. */
-        uint64_t seen = shx_value_version(b);
         rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, err);
         if (rc != SHX_E_EMPTY)
             return rc;
         int64_t left = timeout_ns == 0 ? 0 : next_sleep(timeout_ns, start, hooks);
         if (left <= 0)
             return shx_fail(err, SHX_E_EMPTY, 0, 0, NULL);
+        /* The spin watches the tail, which the next message moves first:
+         * the version's line is then read only by a consumer about to
+         * sleep, and stays with the producers while messages stream. */
+        if (shx_spin_until(b, has_message, b, left))
+            continue;
+        /* The version before one more look: a message committed after it
+         * moves it, and the sleep below then returns at once. */
+        uint64_t seen = shx_value_version(b);
+        rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, err);
+        if (rc != SHX_E_EMPTY)
+            return rc;
         uint64_t now;
         if (hooks != NULL && hooks->blocking_begin != NULL)
             hooks->blocking_begin(hooks->ctx);
-        rc = shx_value_wait(b, seen, left, &now, err);
+        rc = shx_value_sleep(b, seen, left, &now, err);
         if (hooks != NULL && hooks->blocking_end != NULL)
             hooks->blocking_end(hooks->ctx);
         if (rc != SHX_OK && rc != SHX_E_TIMEOUT)

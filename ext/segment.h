@@ -247,6 +247,13 @@ int shx_value_check(uint32_t type, const void *data, size_t nbytes, shx_error *e
  * timeout), and fails as shx_os_lock does for a thread that holds it or a
  * lock that was overwritten. */
 int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
+/* The same without the spin first: for callers that spun on something of
+ * their own (shx_spin_until). */
+int shx_value_sleep(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err);
+/* Spins (when this handle spins at all: 2+ CPUs, not oversubscribed) until
+ * ready(ctx), for at most the handle's spin and timeout_ns (>= 0; 0: no
+ * spin).  1 if ready() said so. */
+int shx_spin_until(shx_block *b, int (*ready)(void *), void *ctx, int64_t timeout_ns);
 
 /* At most this many blocks per shx_value_wait_any. */
 #define SHX_WAIT_ANY_MAX (SHX_OS_WAIT_ANY_MAX > 0 ? SHX_OS_WAIT_ANY_MAX : 127)

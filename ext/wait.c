@@ -178,7 +178,7 @@ static int64_t wait_left(int64_t timeout_ns, uint64_t start)
     return timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
 }
 
-int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
+static int value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, int spin_first, uint64_t *now, shx_error *err)
 {
     if (!b->attached)
         return shx_fail(err, SHX_E_CLOSED, 0, 0, NULL);
@@ -186,7 +186,7 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
         return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
     shx_header *h = b->hdr;
     uint64_t start = shx_os_monotonic_ns();
-    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
+    uint64_t spin = timeout_ns != 0 && spin_first ? spin_budget(b) : 0;
     if (spin > 0 && atomic_load_explicit(&h->version, memory_order_acquire) == seen) {
         if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
             spin = (uint64_t)timeout_ns;
@@ -212,6 +212,32 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
             (void)shx_os_wait_word(&b->map, &h->wake_seq, word, left);
         uncount_waiter(h, epoch);
     }
+}
+
+int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
+{
+    return value_wait(b, seen, timeout_ns, 1, now, err);
+}
+
+int shx_value_sleep(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
+{
+    return value_wait(b, seen, timeout_ns, 0, now, err);
+}
+
+int shx_spin_until(shx_block *b, int (*ready)(void *), void *ctx, int64_t timeout_ns)
+{
+    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
+    if (spin == 0)
+        return 0;
+    uint64_t until =
+        shx_os_monotonic_ns() + (timeout_ns > 0 && (uint64_t)timeout_ns < spin ? (uint64_t)timeout_ns : spin);
+    int seen = 0;
+    while (!seen && shx_os_monotonic_ns() < until) {
+        for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
+            cpu_relax();
+    }
+    spin_learn(b, seen);
+    return seen;
 }
 
 /* Whether the kernel has no wait on many words (an old Linux): from then on
@@ -419,18 +445,8 @@ static void channel_uncount(shx_channel *c, uint32_t epoch)
 int shx_channel_wait(shx_block *b, shx_channel *c, int (*ready)(void *), void *ctx, int64_t timeout_ns)
 {
     uint64_t start = shx_os_monotonic_ns();
-    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
-    if (spin > 0 && !ready(ctx)) {
-        uint64_t until = start + (timeout_ns > 0 && (uint64_t)timeout_ns < spin ? (uint64_t)timeout_ns : spin);
-        int seen = 0;
-        while (!seen && shx_os_monotonic_ns() < until) {
-            for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
-                cpu_relax();
-        }
-        spin_learn(b, seen);
-        if (seen)
-            return SHX_OK;
-    }
+    if (!ready(ctx) && shx_spin_until(b, ready, ctx, timeout_ns))
+        return SHX_OK;
     uint32_t word = atomic_load_explicit(&c->seq, memory_order_acquire);
     uint32_t epoch = (uint32_t)(atomic_fetch_add_explicit(&c->waiters, 1, memory_order_seq_cst) >> 32);
     atomic_thread_fence(memory_order_seq_cst);
