@@ -286,6 +286,8 @@ int shx_os_wait_any_supported(void);
 uint64_t shx_os_monotonic_ns(void);
 /* Sleeps a fraction of a millisecond: for short polls. */
 void shx_os_pause_briefly(void);
+/* Lets another thread ready on this CPU run, without sleeping. */
+void shx_os_yield(void);
 /* CPUs this process can run on (at least 1). */
 int shx_os_cpu_count(void);
 /* Bytes of the level-`level` data (or unified) cache of one core, or 0 when

@@ -509,6 +509,8 @@ void shx_os_pause_briefly(void)
     (void)nanosleep(&ts, NULL);
 }
 
+void shx_os_yield(void) { (void)sched_yield(); }
+
 uint64_t shx_os_monotonic_ns(void)
 {
     struct timespec ts;

@@ -548,6 +548,8 @@ int shx_os_wait_any(shx_os_map *const *maps, void *const *words, const uint32_t 
 
 void shx_os_pause_briefly(void) { Sleep(1); }
 
+void shx_os_yield(void) { (void)SwitchToThread(); }
+
 int shx_os_cpu_count(void)
 {
     static int count;

@@ -229,10 +229,22 @@ int shx_spin_until(shx_block *b, int (*ready)(void *), void *ctx, int64_t timeou
     uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
     if (spin == 0)
         return 0;
-    uint64_t until =
-        shx_os_monotonic_ns() + (timeout_ns > 0 && (uint64_t)timeout_ns < spin ? (uint64_t)timeout_ns : spin);
+    if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
+        spin = (uint64_t)timeout_ns;
+    uint64_t start = shx_os_monotonic_ns(), until = start + spin;
+    /* Past the usual spin (a queue's long one, for large records) each look
+     * yields the CPU: were the other side on this CPU, it runs.  A sleep
+     * instead lets the kernel wake us onto the waker's CPU, and the two then
+     * take turns on one CPU (1 MiB messages streamed at half the speed in
+     * runs whose sides slept some 30 times in 300 messages). */
+    uint64_t yield_from = start + SHX_WAIT_SPIN_NS;
     int seen = 0;
-    while (!seen && shx_os_monotonic_ns() < until) {
+    for (uint64_t now = start; !seen && now < until; now = shx_os_monotonic_ns()) {
+        if (now >= yield_from) {
+            if (!(seen = ready(ctx)))
+                shx_os_yield();
+            continue;
+        }
         for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
             cpu_relax();
     }
