@@ -63,46 +63,39 @@ def start_peer(kind: str, a: str, b: str, rounds: int, fd: int = -1) -> subproce
                             pass_fds=(fd,) if fd >= 0 else ())
 
 
-async def value_run(rounds: int) -> float:
-    """The median round trip, in us; the first one warms up."""
+async def block_run(kind: str, rounds: int) -> float:
+    """The median round trip, in us, through two Values (set(), then await
+    wait_async()) or two Queues (put(), then await get_async()); the first
+    one warms up."""
     tag = uuid.uuid4().hex[:8]
-    a, b = f"bench-async-{tag}-a", f"bench-async-{tag}-b"
-    ping, pong = shmemext.Value(a, 64), shmemext.Value(b, 64)
-    peer = start_peer("value", a, b, rounds + 1)
+    a, b = f"bench-async-{tag}-{kind}-a", f"bench-async-{tag}-{kind}-b"
+    if kind == "value":
+        ping, pong = shmemext.Value(a, 64), shmemext.Value(b, 64)
+        seen = pong.version
+
+        async def trip() -> None:
+            nonlocal seen
+            ping.set("x" * 16)
+            seen = await pong.wait_async(seen, timeout=30)
+    else:
+        ping, pong = shmemext.Queue(a, 4096), shmemext.Queue(b, 4096)
+
+        async def trip() -> None:
+            ping.put(b"x" * 16)
+            await pong.get_async(timeout=30)
+
+    peer = start_peer(kind, a, b, rounds + 1)
     await asyncio.sleep(0.3)
     trips = []
-    seen = pong.version
     try:
         for _ in range(rounds + 1):
             start = time.perf_counter_ns()
-            ping.set(str(start))
-            seen = await pong.wait_async(seen, timeout=30)
+            await trip()
             trips.append(time.perf_counter_ns() - start)
     finally:
         peer.wait(30)
         ping.close()
         pong.close()
-    return statistics.median(trips[1:]) / 1e3
-
-
-async def queue_run(rounds: int) -> float:
-    """The same over two Queues: put(), then await get_async()."""
-    tag = uuid.uuid4().hex[:8]
-    a, b = f"bench-async-{tag}-qa", f"bench-async-{tag}-qb"
-    there, back = shmemext.Queue(a, 4096), shmemext.Queue(b, 4096)
-    peer = start_peer("queue", a, b, rounds + 1)
-    await asyncio.sleep(0.3)
-    trips = []
-    try:
-        for _ in range(rounds + 1):
-            start = time.perf_counter_ns()
-            there.put(b"x" * 16)
-            await back.get_async(timeout=30)
-            trips.append(time.perf_counter_ns() - start)
-    finally:
-        peer.wait(30)
-        there.close()
-        back.close()
     return statistics.median(trips[1:]) / 1e3
 
 
@@ -219,8 +212,8 @@ def main() -> int:
 
     async def runs() -> None:
         for _ in range(args.runs):
-            results["value"].append(await value_run(args.rounds))
-            results["queue"].append(await queue_run(args.rounds))
+            results["value"].append(await block_run("value", args.rounds))
+            results["queue"].append(await block_run("queue", args.rounds))
             results["socket"].append(await socket_run(args.rounds))
             results["wake"].append(await wake_latency(200))
             results["hop"].append(await hop_floor(200))
