@@ -83,6 +83,33 @@ static SECURITY_ATTRIBUTES *from_sddl(SECURITY_ATTRIBUTES *sa, const char *sddl,
     return sa;
 }
 
+/* Room for the TOKEN_USER of this process's token: its SID follows it. */
+typedef union token_user_buf {
+    TOKEN_USER user;
+    char bytes[256];
+} token_user_buf;
+
+/* The SID of the user this process runs as (inside *buf), or NULL with the
+ * failed call's name in *failed and its error in GetLastError(). */
+static PSID current_user(token_user_buf *buf, const char **failed)
+{
+    HANDLE token;
+    DWORD len = 0;
+    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
+        *failed = "OpenProcessToken";
+        return NULL;
+    }
+    BOOL ok = GetTokenInformation(token, TokenUser, buf, sizeof *buf, &len);
+    DWORD error = GetLastError();
+    CloseHandle(token);
+    if (!ok) {
+        SetLastError(error);
+        *failed = "GetTokenInformation";
+        return NULL;
+    }
+    return buf->user.User.Sid;
+}
+
 /* Security for new objects: the caller's SDDL if given; else, for a private
  * block, a DACL granting only the current user; else NULL (the default DACL). */
 static SECURITY_ATTRIBUTES *object_security(SECURITY_ATTRIBUTES *sa, unsigned mode, const char *security,
@@ -93,21 +120,15 @@ static SECURITY_ATTRIBUTES *object_security(SECURITY_ATTRIBUTES *sa, unsigned mo
         return from_sddl(sa, security, err, rc);
     if ((mode & 077) != 0)
         return NULL;
-    HANDLE token;
-    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
-        *rc = shx_fail_os(err, "OpenProcessToken");
-        return NULL;
-    }
-    char buf[256];
-    DWORD len = 0;
-    BOOL ok = GetTokenInformation(token, TokenUser, buf, sizeof buf, &len);
-    CloseHandle(token);
-    if (!ok) {
-        *rc = shx_fail_os(err, "GetTokenInformation");
+    token_user_buf buf;
+    const char *failed = NULL;
+    PSID user = current_user(&buf, &failed);
+    if (user == NULL) {
+        *rc = shx_fail_os(err, failed);
         return NULL;
     }
     wchar_t *sid = NULL;
-    if (!ConvertSidToStringSidW(((TOKEN_USER *)buf)->User.Sid, &sid)) {
+    if (!ConvertSidToStringSidW(user, &sid)) {
         *rc = shx_fail_os(err, "ConvertSidToStringSidW");
         return NULL;
     }
@@ -276,8 +297,6 @@ int shx_os_holders(shx_os_map *m, int64_t *count, shx_error *err)
     return SHX_OK;
 }
 
-/* Reading the mapping's DACL back is not done: the opener's own security
- * decides (a block is per-user unless someone passed a wider descriptor). */
 /* Rights over a section that let their holder change its memory, or its
  * DACL so as to grant itself that. */
 #define WRITE_RIGHTS (SECTION_MAP_WRITE | GENERIC_WRITE | GENERIC_ALL | WRITE_DAC | WRITE_OWNER)
@@ -297,30 +316,23 @@ int shx_os_others_may_write(shx_os_map *m)
     if (GetSecurityInfo((HANDLE)m->mapping, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL,
                         &sd) != ERROR_SUCCESS)
         return -1;
-    HANDLE token;
-    char user_buf[256];
-    DWORD len = 0;
-    int result = -1;
-    if (OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
-        if (GetTokenInformation(token, TokenUser, user_buf, sizeof user_buf, &len)) {
-            PSID user = ((TOKEN_USER *)user_buf)->User.Sid;
-            result = dacl == NULL ? 1 : 0; /* no DACL at all: everyone has every right */
-            for (DWORD i = 0; dacl != NULL && i < dacl->AceCount && result == 0; i++) {
-                ACE_HEADER *ace;
-                if (!GetAce(dacl, i, (void **)&ace)) {
-                    result = -1;
-                    break;
-                }
-                /* Denials are not subtracted: what is allowed to others at
-                 * all is what counts, which can only err towards "may". */
-                if (ace->AceType != ACCESS_ALLOWED_ACE_TYPE)
-                    continue;
-                ACCESS_ALLOWED_ACE *allowed = (ACCESS_ALLOWED_ACE *)ace;
-                if ((allowed->Mask & WRITE_RIGHTS) != 0 && !is_ours((PSID)&allowed->SidStart, user))
-                    result = 1;
-            }
+    token_user_buf buf;
+    const char *failed = NULL;
+    PSID user = current_user(&buf, &failed);
+    int result = user == NULL ? -1 : dacl == NULL ? 1 : 0; /* no DACL at all: everyone has every right */
+    for (DWORD i = 0; result == 0 && i < dacl->AceCount; i++) {
+        ACE_HEADER *ace;
+        if (!GetAce(dacl, i, (void **)&ace)) {
+            result = -1;
+            break;
         }
-        CloseHandle(token);
+        /* Denials are not subtracted: what is allowed to others at all is
+         * what counts, which can only err towards "may". */
+        if (ace->AceType != ACCESS_ALLOWED_ACE_TYPE)
+            continue;
+        ACCESS_ALLOWED_ACE *allowed = (ACCESS_ALLOWED_ACE *)ace;
+        if ((allowed->Mask & WRITE_RIGHTS) != 0 && !is_ours((PSID)&allowed->SidStart, user))
+            result = 1;
     }
     LocalFree(sd);
     return result;

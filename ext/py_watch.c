@@ -98,8 +98,10 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
     double timeout = PyFloat_AsDouble(args[4]);
     if ((rung == (unsigned long)-1 || timeout == -1) && PyErr_Occurred())
         return NULL;
-    if (nargs == 6 && (!PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != n)) {
-        PyErr_SetString(PyExc_TypeError, "_wait_any() argument 6 must be a tuple of bools as long as the Values");
+    /* room=() (its default) asks for no room at all. */
+    int with_room = nargs == 6 && !(PyTuple_Check(args[5]) && PyTuple_GET_SIZE(args[5]) == 0);
+    if (with_room && (!PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != n)) {
+        PyErr_SetString(PyExc_TypeError, "_wait_any() argument 6 must be () or a tuple of bools as long as the Values");
         return NULL;
     }
     BlockObject *values[SHX_WAIT_ANY_MAX];
@@ -117,7 +119,7 @@ PyObject *shx_py_wait_any(PyObject *module, PyObject *const *args, Py_ssize_t na
         seen[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[1], i));
         if (seen[i] == (uint64_t)-1 && PyErr_Occurred())
             return NULL;
-        if (nargs == 6) {
+        if (with_room) {
             int wants = PyObject_IsTrue(PyTuple_GET_ITEM(args[5], i));
             if (wants < 0)
                 return NULL;

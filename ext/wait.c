@@ -85,24 +85,6 @@ static void cpu_relax(void)
 #endif
 }
 
-/* Watches the version for a short while before sleeping: a partner that
- * answers within that time (a ping-pong, a request and its reply) is seen
- * without either process going through the kernel's sleep and wake-up, which
- * on an idle machine costs tens of microseconds.  Returns whether it saw a
- * change. */
-static int spin_for_change(shx_header *h, uint64_t seen, uint64_t until)
-{
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            if (atomic_load_explicit(&h->version, memory_order_acquire) != seen)
-                return 1;
-            cpu_relax();
-        }
-        if (shx_os_monotonic_ns() >= until)
-            return 0;
-    }
-}
-
 /* A spin pays only while the partner that would answer it can run.  When one
  * sees no change and more threads are runnable than there are CPUs, waits
  * sleep at once, except every SPIN_PROBE_EVERY-th, which spins again; a spin
@@ -128,6 +110,38 @@ static void spin_learn(shx_block *b, int seen_change)
 {
     int off = !seen_change && shx_os_cpus_oversubscribed();
     atomic_store_explicit(&b->spin_off, off, memory_order_relaxed);
+}
+
+/* Watches for a short while before sleeping: a partner that answers within
+ * that time (a ping-pong, a request and its reply) is seen without either
+ * process going through the kernel's sleep and wake-up, which on an idle
+ * machine costs tens of microseconds. */
+int shx_spin_until(shx_block *b, int (*ready)(void *), void *ctx, int64_t timeout_ns)
+{
+    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
+    if (spin == 0)
+        return 0;
+    if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
+        spin = (uint64_t)timeout_ns;
+    uint64_t start = shx_os_monotonic_ns(), until = start + spin;
+    /* Past the usual spin (a queue's long one, for large records) each look
+     * yields the CPU: were the other side on this CPU, it runs.  A sleep
+     * instead lets the kernel wake us onto the waker's CPU, and the two then
+     * take turns on one CPU (1 MiB messages streamed at half the speed in
+     * runs whose sides slept some 30 times in 300 messages). */
+    uint64_t yield_from = start + SHX_WAIT_SPIN_NS;
+    int seen = 0;
+    for (uint64_t now = start; !seen && now < until; now = shx_os_monotonic_ns()) {
+        if (now >= yield_from) {
+            if (!(seen = ready(ctx)))
+                shx_os_yield();
+            continue;
+        }
+        for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
+            cpu_relax();
+    }
+    spin_learn(b, seen);
+    return seen;
 }
 
 /* How many times a waiter that finds the writer lock held looks again at
@@ -178,6 +192,17 @@ static int64_t wait_left(int64_t timeout_ns, uint64_t start)
     return timeout_ns < 0 ? INT64_C(1000000000) : timeout_ns - (int64_t)(shx_os_monotonic_ns() - start);
 }
 
+typedef struct version_moved_ask {
+    shx_header *h;
+    uint64_t seen;
+} version_moved_ask;
+
+static int version_moved(void *vask)
+{
+    version_moved_ask *ask = (version_moved_ask *)vask;
+    return atomic_load_explicit(&ask->h->version, memory_order_acquire) != ask->seen;
+}
+
 static int value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, int spin_first, uint64_t *now, shx_error *err)
 {
     if (!b->attached)
@@ -186,12 +211,9 @@ static int value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, int spin_
         return shx_fail(err, SHX_E_KIND, b->kind, SHX_KIND_VALUE, NULL);
     shx_header *h = b->hdr;
     uint64_t start = shx_os_monotonic_ns();
-    uint64_t spin = timeout_ns != 0 && spin_first ? spin_budget(b) : 0;
-    if (spin > 0 && atomic_load_explicit(&h->version, memory_order_acquire) == seen) {
-        if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
-            spin = (uint64_t)timeout_ns;
-        spin_learn(b, spin_for_change(h, seen, start + spin));
-    }
+    version_moved_ask ask = {h, seen};
+    if (spin_first && !version_moved(&ask))
+        (void)shx_spin_until(b, version_moved, &ask, timeout_ns);
     for (;;) {
         uint64_t version = atomic_load_explicit(&h->version, memory_order_acquire);
         *now = version;
@@ -222,34 +244,6 @@ int shx_value_wait(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *no
 int shx_value_sleep(shx_block *b, uint64_t seen, int64_t timeout_ns, uint64_t *now, shx_error *err)
 {
     return value_wait(b, seen, timeout_ns, 0, now, err);
-}
-
-int shx_spin_until(shx_block *b, int (*ready)(void *), void *ctx, int64_t timeout_ns)
-{
-    uint64_t spin = timeout_ns != 0 ? spin_budget(b) : 0;
-    if (spin == 0)
-        return 0;
-    if (timeout_ns > 0 && (uint64_t)timeout_ns < spin)
-        spin = (uint64_t)timeout_ns;
-    uint64_t start = shx_os_monotonic_ns(), until = start + spin;
-    /* Past the usual spin (a queue's long one, for large records) each look
-     * yields the CPU: were the other side on this CPU, it runs.  A sleep
-     * instead lets the kernel wake us onto the waker's CPU, and the two then
-     * take turns on one CPU (1 MiB messages streamed at half the speed in
-     * runs whose sides slept some 30 times in 300 messages). */
-    uint64_t yield_from = start + SHX_WAIT_SPIN_NS;
-    int seen = 0;
-    for (uint64_t now = start; !seen && now < until; now = shx_os_monotonic_ns()) {
-        if (now >= yield_from) {
-            if (!(seen = ready(ctx)))
-                shx_os_yield();
-            continue;
-        }
-        for (int i = 0; i < 64 && !(seen = ready(ctx)); i++)
-            cpu_relax();
-    }
-    spin_learn(b, seen);
-    return seen;
 }
 
 /* Whether the kernel has no wait on many words (an old Linux): from then on
