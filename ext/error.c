@@ -89,6 +89,7 @@ void shx_strerror(const shx_error *err, char *buf, size_t size)
     case SHX_E_RANGE: snprintf(buf, size, "range ends at byte %llu, beyond the size of %llu bytes", a, b); break;
     case SHX_E_EMPTY: snprintf(buf, size, "has no message"); break;
     case SHX_E_FULL: snprintf(buf, size, "has no room for a record of %llu bytes (capacity %llu bytes)", a, b); break;
+    case SHX_E_MOVED: snprintf(buf, size, "moved on to %llu from the expected %llu", a, b); break;
     default: snprintf(buf, size, "unknown error %d", err->status);
     }
 }

@@ -199,6 +199,9 @@ typedef struct {
 } shx_py_dst;
 void *shx_py_prepare_dst(void *ctx, uint32_t type, size_t nbytes);
 int shx_py_value_set(BlockObject *self, PyObject *value);
+/* The same while `expect` is the committed version: 0 with *written set, 1
+ * when another set() came first (nothing written), -1 with an exception. */
+int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uint64_t *written);
 PyObject *shx_py_value_wait(BlockObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 PyObject *shx_py_lock_new(BlockObject *segment, double timeout);
 

@@ -81,7 +81,8 @@ typedef enum shx_status {
     SHX_E_BUSY,        /* close refused: a consumer still holds the handle (a = C API pins) */
     SHX_E_NOTFOUND,    /* SHX_OPEN_EXISTING, and no live block has the name */
     SHX_E_EMPTY,       /* a queue had no message in time */
-    SHX_E_FULL         /* a queue had no room for a record of a bytes in time (b: its capacity) */
+    SHX_E_FULL,        /* a queue had no room for a record of a bytes in time (b: its capacity) */
+    SHX_E_MOVED        /* a conditional call found a = the version or queue position it did not expect (b = expected) */
 } shx_status;
 
 typedef struct shx_error {

@@ -296,31 +296,64 @@ static PyObject *raise_queue(QueueObject *self, const shx_error *err, double sec
 
 /* ---- put ---------------------------------------------------------------------- */
 
-static int put_one(QueueObject *self, PyObject *obj, double seconds, uint64_t start)
+/* Puts m and releases it. */
+static int put_outgoing(QueueObject *self, outgoing *m, double seconds, uint64_t start)
 {
-    module_state *st = STATE(self);
-    outgoing m;
-    if (outgoing_make(st, obj, &m) < 0)
-        return -1;
     shx_py_release release;
     shx_error err;
     int rc;
     do {
         if (shx_py_enter(&self->base) < 0) {
-            outgoing_release(&m);
+            outgoing_release(m);
             return -1;
         }
         shx_hooks hooks = SHX_PY_HOOKS(release, &self->base);
-        rc = shx_queue_put(&self->base.block, m.type, m.parts, m.n, left_ns(seconds, start), &hooks, &err);
+        rc = shx_queue_put(&self->base.block, m->type, m->parts, m->n, left_ns(seconds, start), &hooks, &err);
         shx_py_leave(&self->base);
     } while (SHX_PY_RETRY(rc, release));
-    outgoing_release(&m);
+    outgoing_release(m);
     if (rc != SHX_OK) {
         if (!PyErr_Occurred())
             raise_queue(self, &err, seconds);
         return -1;
     }
     return 0;
+}
+
+static int put_one(QueueObject *self, PyObject *obj, double seconds, uint64_t start)
+{
+    outgoing m;
+    if (outgoing_make(STATE(self), obj, &m) < 0)
+        return -1;
+    return put_outgoing(self, &m, seconds, start);
+}
+
+/* _put_raw(kind, data, timeout=None): a message as _peek() gave it (kind 1:
+ * bytes, 6: a pickle, 7: a framed pickle), never unpickled here; a bridge
+ * carries pickles it may not load.  A framed pickle that is not well formed
+ * is refused by whoever loads it (CorruptBlockError), as from the ring. */
+static PyObject *queue_put_raw(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"kind", "data", "timeout"};
+    static const shx_py_sig sig = {"_put_raw", names, 3, 2, 3};
+    PyObject *v[3];
+    double seconds;
+    if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || wait_args("_put_raw", NULL, v[2], &seconds) < 0)
+        return NULL;
+    long kind = PyLong_AsLong(v[0]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (kind != SHX_TYPE_BYTES && kind != SHX_TYPE_PICKLE && kind != SHX_TYPE_PICKLE_FRAMED)
+        return PyErr_Format(PyExc_ValueError, "_put_raw(): kind %ld is not 1 (bytes), 6 or 7 (pickles)", kind);
+    outgoing m;
+    memset(&m, 0, sizeof m);
+    if (PyObject_GetBuffer(v[1], &m.view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    m.have_view = 1;
+    outgoing_one(&m, (uint32_t)kind, m.view.buf, (size_t)m.view.len);
+    if (put_outgoing(self, &m, seconds, seconds > 0 ? shx_os_monotonic_ns() : 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *queue_put(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -518,6 +551,83 @@ static PyObject *queue_get_nowait(QueueObject *self, PyObject *Py_UNUSED(ignored
     if (raise_pending(self) < 0)
         return NULL;
     return get_one(self, 0);
+}
+
+/* _peek(at=None, timeout=None): the message at byte position `at` (the
+ * oldest: None) copied and left in the queue, as (at, next, kind, data):
+ * data is str for text, else bytes (a pickle is not loaded); kind as
+ * _put_raw() takes it, or 0 for text.  None when another consumer took it
+ * first; queue.Empty when none came in time.  With _drop(at, next) a
+ * bridge takes a message only once it has handed it on. */
+static PyObject *queue_peek(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"at", "timeout"};
+    static const shx_py_sig sig = {"_peek", names, 2, 0, 2};
+    PyObject *v[2];
+    double seconds;
+    if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || wait_args("_peek", NULL, v[1], &seconds) < 0)
+        return NULL;
+    shx_queue_spot spot = {SHX_QUEUE_AT_HEAD, 0};
+    if (v[0] != NULL && v[0] != Py_None) {
+        unsigned long long at = PyLong_AsUnsignedLongLong(v[0]);
+        if (at == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        spot.at = at;
+    }
+    shx_py_dst dst = {NULL, 0};
+    shx_py_release release;
+    shx_error err;
+    uint32_t type = 0;
+    size_t nbytes;
+    int rc;
+    uint64_t start = seconds > 0 ? shx_os_monotonic_ns() : 0;
+    do {
+        if (shx_py_enter(&self->base) < 0) {
+            Py_XDECREF(dst.obj);
+            return NULL;
+        }
+        shx_hooks hooks = SHX_PY_HOOKS(release, &self->base);
+        rc = shx_queue_peek(&self->base.block, &spot, shx_py_prepare_dst, &dst, left_ns(seconds, start), &hooks, &type,
+                            &nbytes, &err);
+        shx_py_leave(&self->base);
+    } while (SHX_PY_RETRY(rc, release));
+    if (rc == SHX_E_MOVED) {
+        Py_XDECREF(dst.obj);
+        Py_RETURN_NONE;
+    }
+    if (rc != SHX_OK) {
+        Py_XDECREF(dst.obj);
+        if (PyErr_Occurred())
+            return NULL;
+        return raise_queue(self, &err, seconds);
+    }
+    long kind = type <= SHX_TYPE_UCS4 && type != SHX_TYPE_BYTES ? 0 : (long)type;
+    return Py_BuildValue("(KKlN)", (unsigned long long)spot.at, (unsigned long long)spot.next, kind, dst.obj);
+}
+
+static PyObject *queue_drop(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2)
+        return PyErr_Format(PyExc_TypeError, "_drop() takes 2 arguments (%zd given)", nargs);
+    unsigned long long from = PyLong_AsUnsignedLongLong(args[0]), to;
+    if (from == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    to = PyLong_AsUnsignedLongLong(args[1]);
+    if (to == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (shx_py_enter(&self->base) < 0)
+        return NULL;
+    shx_error err;
+    int rc = shx_queue_drop(&self->base.block, from, to, &err);
+    shx_py_leave(&self->base);
+    if (rc == SHX_E_MOVED)
+        Py_RETURN_FALSE;
+    if (rc == SHX_E_RANGE)
+        return PyErr_Format(PyExc_ValueError, "_drop(): %llu..%llu is not a run of records in Queue '%s'", from, to,
+                            self->base.block.name);
+    if (rc != SHX_OK)
+        return raise_queue(self, &err, 0);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *queue_get_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -748,6 +858,15 @@ static PyMethodDef queue_methods[] = {
     {"get_async", (PyCFunction)(void (*)(void))queue_get_async, METH_FASTCALL | METH_KEYWORDS,
      "get_async($self, /, timeout=None)\n--\n\nget() for asyncio: `await q.get_async()`.  Sleeping tasks share\n"
      "the watcher thread of Value.wait_async()."},
+    {"_peek", (PyCFunction)(void (*)(void))queue_peek, METH_FASTCALL | METH_KEYWORDS,
+     "_peek($self, /, at=None, timeout=None)\n--\n\nThe message at byte position `at` (None: the oldest), left in\n"
+     "the queue: (at, next, kind, data), or None when another consumer took it first (for a bridge)."},
+    {"_drop", (PyCFunction)(void (*)(void))queue_drop, METH_FASTCALL,
+     "_drop($self, start, end, /)\n--\n\nTake the messages _peek() saw from start to end: False when the oldest\n"
+     "message is not at start (another consumer took it), nothing taken."},
+    {"_put_raw", (PyCFunction)(void (*)(void))queue_put_raw, METH_FASTCALL | METH_KEYWORDS,
+     "_put_raw($self, /, kind, data, timeout=None)\n--\n\nPut a message as _peek() gave it (kind 1: bytes, 6 or 7:\n"
+     "a pickle), without loading it."},
     SHX_PY_BLOCK_METHODS,
     {NULL, NULL, 0, NULL}};
 

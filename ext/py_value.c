@@ -85,6 +85,11 @@ PyObject *shx_py_value_get(BlockObject *self)
 
 int shx_py_value_set(BlockObject *self, PyObject *value)
 {
+    return shx_py_value_set_if(self, value, SHX_ANY_VERSION, NULL);
+}
+
+int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uint64_t *written)
+{
     Py_buffer view;
     const void *data;
     size_t nbytes;
@@ -134,11 +139,13 @@ int shx_py_value_set(BlockObject *self, PyObject *value)
             return -1;
         }
         shx_hooks hooks = SHX_PY_HOOKS(release, self);
-        rc = shx_value_set(&self->block, type, data, nbytes, &hooks, &err);
+        rc = shx_value_set_if(&self->block, type, data, nbytes, expect, written, &hooks, &err);
         shx_py_leave(self);
     } while (SHX_PY_RETRY(rc, release));
     if (have_view)
         PyBuffer_Release(&view);
+    if (rc == SHX_E_MOVED)
+        return 1;
     if (rc != SHX_OK) {
         shx_py_raise_block(self, &err);
         return -1;
@@ -172,6 +179,26 @@ static PyObject *value_set(BlockObject *self, PyObject *value)
     if (shx_py_value_set(self, value) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* _set_if(value, version): set() only while `version` is the committed
+ * one; the version written, or None when another set() came first. */
+static PyObject *value_set_if(BlockObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2)
+        return PyErr_Format(PyExc_TypeError, "_set_if() takes 2 arguments (%zd given)", nargs);
+    unsigned long long expect = PyLong_AsUnsignedLongLong(args[1]);
+    if (expect == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (expect == SHX_ANY_VERSION)
+        return PyErr_Format(PyExc_ValueError, "_set_if(): version %llu is out of range", expect);
+    uint64_t written = 0;
+    int rc = shx_py_value_set_if(self, args[0], expect, &written);
+    if (rc < 0)
+        return NULL;
+    if (rc > 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(written);
 }
 
 static PyObject *value_repr(BlockObject *self)
@@ -300,6 +327,9 @@ static PyObject *value_read_stats(BlockObject *self, PyObject *Py_UNUSED(ignored
 static PyMethodDef value_methods[] = {
     {"get", (PyCFunction)value_get, METH_NOARGS,
      "get($self, /)\n--\n\nReturn the committed value: str or bytes, as it was set. A never-written block gives ''."},
+    {"_set_if", (PyCFunction)(void (*)(void))value_set_if, METH_FASTCALL,
+     PyDoc_STR("_set_if($self, value, version, /)\n--\n\nset() only while version is the committed one: the version "
+               "written, or None when another set() came first (for a bridge).")},
     {"set", (PyCFunction)value_set, METH_O,
      "set($self, value, /)\n--\n\nCommit value (str or a contiguous bytes-like object) for every process to see."},
     {"wait", (PyCFunction)(void (*)(void))value_wait, METH_FASTCALL | METH_KEYWORDS,

@@ -285,46 +285,62 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
 /* ---- consumers ---------------------------------------------------------- */
 
 /* One try: SHX_OK with a message taken, SHX_E_EMPTY, or an error.  A record
- * that another consumer takes first while we copy is tried again. */
+ * that another consumer takes first while we copy is tried again.  With
+ * `peek`, the record at peek->at (the oldest when SHX_QUEUE_AT_HEAD) is
+ * copied and left where it is; SHX_E_MOVED when the head has passed it. */
 static int take(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_hooks *hooks, uint32_t *type_out,
-                size_t *nbytes_out, shx_error *err)
+                size_t *nbytes_out, shx_queue_spot *peek, shx_error *err)
 {
     shx_queue_ctl *q = shx_queue_ctl_of(b);
+    int fixed = peek != NULL && peek->at != SHX_QUEUE_AT_HEAD;
     for (;;) {
         uint64_t head = atomic_load_explicit(&q->head, memory_order_acquire);
         uint64_t tail = atomic_load_explicit(&q->tail, memory_order_acquire);
-        if (tail == head)
+        uint64_t at = fixed ? peek->at : head;
+        if (at - head > tail - head) /* at < head, or a position past the tail */
+            return at < head ? shx_fail(err, SHX_E_MOVED, head, at, NULL) : SHX_E_EMPTY;
+        if (tail == at)
             return SHX_E_EMPTY;
-        int sane = tail - head <= b->capacity && head % SHX_QUEUE_RECORD == 0;
+        int sane = tail - head <= b->capacity && head % SHX_QUEUE_RECORD == 0 && at % SHX_QUEUE_RECORD == 0;
         record_head r = {0, 0, 0};
         uint64_t size = 0;
         if (sane) {
-            memcpy(&r, b->data + head % b->capacity, sizeof r);
+            memcpy(&r, b->data + at % b->capacity, sizeof r);
             size = shx_queue_record_size(r.nbytes);
-            sane = size != 0 && size <= tail - head && valid_type(r.type);
+            sane = size != 0 && size <= tail - at && valid_type(r.type);
         }
         int good = 0;
         void *dst = NULL;
         if (sane) {
             dst = prepare(ctx, r.type, (size_t)r.nbytes);
             if (dst != NULL)
-                good = copy_out(b, head + SHX_QUEUE_RECORD, dst, (size_t)r.nbytes, r.type, hooks);
+                good = copy_out(b, at + SHX_QUEUE_RECORD, dst, (size_t)r.nbytes, r.type, hooks);
         }
         /* Taking it is the proof that what we read was the record: no
          * producer rewrites bytes the head has not passed. */
-        if (!sane) {
+        if (!sane || dst == NULL || peek != NULL) {
             atomic_thread_fence(memory_order_acquire);
-            if (atomic_load_explicit(&q->head, memory_order_relaxed) != head)
-                continue;
-            /* Still there, so it is what the ring holds: nothing a consumer
-             * can step over safely. */
-            return shx_fail(err, SHX_E_BADVALUE, r.nbytes, tail - head, "has a record no ring can hold");
-        }
-        if (dst == NULL) {
-            atomic_thread_fence(memory_order_acquire);
-            if (atomic_load_explicit(&q->head, memory_order_relaxed) != head)
+            uint64_t now = atomic_load_explicit(&q->head, memory_order_relaxed);
+            if (now != head && now > at) {
+                if (fixed)
+                    return shx_fail(err, SHX_E_MOVED, now, at, NULL);
                 continue; /* maybe a size torn by a producer reusing the bytes */
+            }
+        }
+        /* Still there, so it is what the ring holds: nothing a consumer
+         * can step over safely. */
+        if (!sane)
+            return shx_fail(err, SHX_E_BADVALUE, r.nbytes, tail - at, "has a record no ring can hold");
+        if (dst == NULL)
             return shx_fail(err, SHX_E_OS, 0, 0, "out of memory");
+        if (peek != NULL) {
+            peek->at = at;
+            peek->next = at + size;
+            if (!good)
+                return shx_fail(err, SHX_E_BADVALUE, r.nbytes, r.type, "had a message that is not well formed");
+            *type_out = r.type;
+            *nbytes_out = (size_t)r.nbytes;
+            return SHX_OK;
         }
         uint64_t expected = head;
         if (!atomic_compare_exchange_strong_explicit(&q->head, &expected, head + size, memory_order_seq_cst,
@@ -340,15 +356,30 @@ static int take(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, const shx_h
     }
 }
 
-int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns, const shx_hooks *hooks,
-                  uint32_t *type_out, size_t *nbytes_out, shx_error *err)
+typedef struct message_ask {
+    shx_block *b;
+    uint64_t at; /* SHX_QUEUE_AT_HEAD: any message */
+} message_ask;
+
+static int has_message_at(void *vask)
+{
+    message_ask *ask = (message_ask *)vask;
+    if (ask->at == SHX_QUEUE_AT_HEAD)
+        return has_message(ask->b);
+    shx_queue_ctl *q = shx_queue_ctl_of(ask->b);
+    return atomic_load_explicit(&q->tail, memory_order_acquire) > ask->at;
+}
+
+static int wait_take(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns, const shx_hooks *hooks,
+                     uint32_t *type_out, size_t *nbytes_out, shx_queue_spot *peek, shx_error *err)
 {
     int rc = queue_usable(b, err);
     if (rc != SHX_OK)
         return rc;
+    message_ask ask = {b, peek != NULL ? peek->at : SHX_QUEUE_AT_HEAD};
     uint64_t start = timeout_ns != 0 ? shx_os_monotonic_ns() : 0;
     for (;;) {
-        rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, err);
+        rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, peek, err);
         if (rc != SHX_E_EMPTY)
             return rc;
         int64_t left = timeout_ns == 0 ? 0 : next_sleep(timeout_ns, start, hooks);
@@ -357,12 +388,12 @@ int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t t
         /* The spin watches the tail, which the next message moves first:
          * the version's line is then read only by a consumer about to
          * sleep, and stays with the producers while messages stream. */
-        if (shx_spin_until(b, has_message, b, left))
+        if (shx_spin_until(b, has_message_at, &ask, left))
             continue;
         /* The version before one more look: a message committed after it
          * moves it, and the sleep below then returns at once. */
         uint64_t seen = shx_value_version(b);
-        rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, err);
+        rc = take(b, prepare, ctx, hooks, type_out, nbytes_out, peek, err);
         if (rc != SHX_E_EMPTY)
             return rc;
         uint64_t now;
@@ -376,4 +407,32 @@ int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t t
         if (rc == SHX_E_TIMEOUT && hooks != NULL && hooks->interrupted != NULL && hooks->interrupted(hooks->ctx))
             return shx_fail(err, SHX_E_INTERRUPTED, 0, 0, NULL);
     }
+}
+
+int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns, const shx_hooks *hooks,
+                  uint32_t *type_out, size_t *nbytes_out, shx_error *err)
+{
+    return wait_take(b, prepare, ctx, timeout_ns, hooks, type_out, nbytes_out, NULL, err);
+}
+
+int shx_queue_peek(shx_block *b, shx_queue_spot *spot, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns,
+                   const shx_hooks *hooks, uint32_t *type_out, size_t *nbytes_out, shx_error *err)
+{
+    return wait_take(b, prepare, ctx, timeout_ns, hooks, type_out, nbytes_out, spot, err);
+}
+
+int shx_queue_drop(shx_block *b, uint64_t from, uint64_t to, shx_error *err)
+{
+    int rc = queue_usable(b, err);
+    if (rc != SHX_OK)
+        return rc;
+    shx_queue_ctl *q = shx_queue_ctl_of(b);
+    uint64_t tail = atomic_load_explicit(&q->tail, memory_order_acquire);
+    if (to < from || to > tail || (to - from) % SHX_QUEUE_RECORD != 0)
+        return shx_fail(err, SHX_E_RANGE, to, tail, NULL);
+    uint64_t expected = from;
+    if (!atomic_compare_exchange_strong_explicit(&q->head, &expected, to, memory_order_seq_cst, memory_order_relaxed))
+        return shx_fail(err, SHX_E_MOVED, expected, from, NULL);
+    shx_channel_wake(b, &q->room);
+    return SHX_OK;
 }

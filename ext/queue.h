@@ -79,6 +79,27 @@ int shx_queue_put(shx_block *b, uint32_t type, const shx_iov *parts, size_t n, i
 int shx_queue_get(shx_block *b, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns, const shx_hooks *hooks,
                   uint32_t *type_out, size_t *nbytes_out, shx_error *err);
 
+/* Where a peek looks (at: a byte position, or SHX_QUEUE_AT_HEAD for the
+ * oldest message) and, after it, where that record was and where the next
+ * one starts. */
+#define SHX_QUEUE_AT_HEAD UINT64_MAX
+typedef struct shx_queue_spot {
+    uint64_t at, next;
+} shx_queue_spot;
+
+/* Copies the message at spot->at as shx_queue_get would, and leaves it in
+ * the queue: for a consumer that must not lose a message it has not yet
+ * handed on (a bridge), and takes it with shx_queue_drop once it has.
+ * Waits like shx_queue_get for a message to be there; SHX_E_MOVED when
+ * another consumer took it first.  A message that is not well formed is
+ * SHX_E_BADVALUE with spot->next set, so that the caller can drop it. */
+int shx_queue_peek(shx_block *b, shx_queue_spot *spot, shx_prepare_dst_fn prepare, void *ctx, int64_t timeout_ns,
+                   const shx_hooks *hooks, uint32_t *type_out, size_t *nbytes_out, shx_error *err);
+/* Takes every record from byte position `from` (the head) to `to` (a
+ * spot's next) at once; SHX_E_MOVED, nothing taken, when the head is not
+ * at `from`. */
+int shx_queue_drop(shx_block *b, uint64_t from, uint64_t to, shx_error *err);
+
 /* The same for callers without Python (text.c): bytes and pickles copied
  * as they are, text as UTF-8 into buf; SHX_E_BUFFER with *len the room text
  * may need (its longest UTF-8), the message left in the queue. */

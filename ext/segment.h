@@ -223,6 +223,14 @@ int shx_value_recount_waiters(shx_block *b);
 
 /* Commits `nbytes` of `type` as the new value. */
 int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err);
+/* The same only while the committed version is `expect` (checked under the
+ * writer lock, so that no set() slips between): *written is the version
+ * this commits; SHX_E_MOVED (a: the version found), nothing written, when
+ * another set() came first.  For a bridge that must not overwrite a local
+ * value it has not yet passed on. */
+#define SHX_ANY_VERSION UINT64_MAX
+int shx_value_set_if(shx_block *b, uint32_t type, const void *data, size_t nbytes, uint64_t expect, uint64_t *written,
+                     const shx_hooks *hooks, shx_error *err);
 /* Copies one committed value into prepare()'s destination.  *type_out and
  * *nbytes_out describe it; *version_out (may be NULL) is its version.  A value
  * that is not well formed (shx_value_check) is SHX_E_BADVALUE: whatever another

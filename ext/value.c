@@ -17,7 +17,8 @@
 
 /* ---- the value protocol --------------------------------------------------- */
 
-int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err)
+static inline int set_value(shx_block *b, uint32_t type, const void *data, size_t nbytes, uint64_t expect,
+                            uint64_t *written, const shx_hooks *hooks, shx_error *err)
 {
     int owner_died, rc;
     if (!b->attached)
@@ -31,6 +32,12 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, 
 
     shx_header *h = b->hdr;
     uint64_t next = atomic_load_explicit(&h->version, memory_order_relaxed) + 1;
+    if (expect != SHX_ANY_VERSION && next - 1 != expect) {
+        rc = shx_block_unlock(b, err);
+        return rc != SHX_OK ? rc : shx_fail(err, SHX_E_MOVED, next - 1, expect, NULL);
+    }
+    if (written != NULL)
+        *written = next;
     unsigned index = (unsigned)(next & 1);
     shx_slot *s = &h->slot[index];
     /* Odd while we write.  A writer that died here left it odd already: keep
@@ -56,6 +63,17 @@ int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, 
     if (waiters != 0)
         shx_wait_after_wake(b, shx_os_wake_word(&b->map, &h->wake_seq, waiters));
     return rc;
+}
+
+int shx_value_set(shx_block *b, uint32_t type, const void *data, size_t nbytes, const shx_hooks *hooks, shx_error *err)
+{
+    return set_value(b, type, data, nbytes, SHX_ANY_VERSION, NULL, hooks, err);
+}
+
+int shx_value_set_if(shx_block *b, uint32_t type, const void *data, size_t nbytes, uint64_t expect, uint64_t *written,
+                     const shx_hooks *hooks, shx_error *err)
+{
+    return set_value(b, type, data, nbytes, expect, written, hooks, err);
 }
 
 /* A statistic: no read-modify-write, so no bus lock; racing threads may lose a count. */

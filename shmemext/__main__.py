@@ -1,4 +1,4 @@
-"""Command line: python -m shmemext {demo,get,set,info,hold,watch,ls,sweep,unlink,bench}."""
+"""Command line: python -m shmemext {demo,get,set,info,hold,watch,ls,sweep,unlink,bench,bridge}."""
 
 from __future__ import annotations
 
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("sweep", parents=[as_json], help="remove names whose memory is gone, and memory nothing names or holds")
     p.set_defaults(func=cmd_sweep)
+    sub.add_parser("bridge", add_help=False,
+                   help="carry Values and Queues between hosts through Redis (needs shmemext[redis]; bridge --help)")
     p = sub.add_parser("unlink", help="remove a block's name (a persistent one)")
     p.add_argument("block", metavar="NAME")
     p.set_defaults(func=cmd_unlink)
@@ -301,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bridge"]:
+        from shmemext import bridge
+
+        return bridge.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -1,0 +1,511 @@
+"""The Redis bridge, between "hosts" on this machine.
+
+Each host is a set of processes whose blocks carry the host's own name
+prefix (LOCAL=REMOTE in the bridge's arguments maps them to one name in
+Redis), with one bridge process per host, all through one redis-server that
+the tests start on loopback.  Everything runs in separate processes: the
+bridges are `python -m shmemext bridge` as users run it.
+"""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import TEST_PREFIX
+
+redis = pytest.importorskip("redis") if not os.environ.get("CI") else __import__("redis")
+import shmemext  # noqa: E402
+
+REDIS_SERVER = shutil.which("redis-server")
+if REDIS_SERVER is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("the bridge tests need redis-server (apt-get install redis-server)")
+    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+
+_hosts = iter(range(10**6))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of our own on loopback, durable (every write fsynced to its log), restartable."""
+
+    def __init__(self, tmp_path, password=None):
+        self.dir = tmp_path / "redis"
+        self.dir.mkdir(exist_ok=True)
+        self.port = free_port()
+        self.password = password
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self):
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--logfile", "redis.log"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def wipe(self):
+        """Its data gone, as a Redis without persistence loses it."""
+        shutil.rmtree(self.dir)
+        self.dir.mkdir()
+
+    def client(self):
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = RedisServer(tmp_path)
+    yield s
+    s.kill()
+
+
+class Bridge:
+    """One `python -m shmemext bridge` process; its stderr collected."""
+
+    def __init__(self, url, prefix, args, bridge_id):
+        self.args = [sys.executable, "-m", "shmemext", "bridge", "--redis", url, "--prefix", prefix,
+                     "--id", bridge_id, *args]
+        self.log = []
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def read(stream=self.proc.stderr):
+            with stream:
+                for line in stream:
+                    self.log.append(line)
+                    if "connected to" in line:
+                        ready.set()
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        assert ready.wait(20), f"bridge did not connect: {''.join(self.log)}"
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.reader.join(10)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(10) == 0, "".join(self.log)
+        self.reader.join(10)
+
+
+@pytest.fixture
+def bridges():
+    started = []
+
+    def start(url, prefix, args, bridge_id):
+        b = Bridge(url, prefix, args, bridge_id)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        if b.proc.poll() is None:
+            b.kill()
+
+
+def host_name(host, name):
+    return f"{TEST_PREFIX}-h{host}.{name}"
+
+
+def new_prefix():
+    return f"t{os.getpid()}-{next(_hosts)}:"
+
+
+def run(code, *args):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)])
+
+
+def settle(read, timeout=20.0):
+    """Waits until read() gives the same answer twice, 0.5 s apart."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"never settled: {last!r}")
+
+
+WRITER = """
+import sys, time, shmemext
+v = shmemext.Value(sys.argv[1])
+tag, n = sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    v.set(f"{tag}:{i}" if i % 2 else f"{tag}:{i}".encode())
+    if i % 64 == 0:
+        time.sleep(0.001)
+"""
+
+# Records every value it sees; fails if any writer's number goes back.
+READER = """
+import sys, json, shmemext
+v = shmemext.Value(sys.argv[1])
+out = sys.argv[2]
+last, seen, version = {}, 0, 0
+while True:
+    try:
+        version = v.wait(version, timeout=3)
+    except TimeoutError:
+        break
+    got = v.get()
+    text = got.decode() if isinstance(got, bytes) else got
+    if text == "stop":
+        break
+    tag, i = text.rsplit(":", 1)
+    i = int(i)
+    if isinstance(got, bytes) != (i % 2 == 0):
+        raise SystemExit(f"{text}: its type changed on the way")
+    if i < last.get(tag, -1):
+        raise SystemExit(f"{tag} went back from {last[tag]} to {i}")
+    last[tag] = i
+    seen += 1
+json.dump({"seen": seen, "last": last}, open(out, "w"))
+"""
+
+
+def value_hosts(server, bridges, hosts, extra=()):
+    prefix = new_prefix()
+    started = [
+        bridges(server.url, prefix, [f"{host_name(h, 'v')}=v", *extra], f"host{h}") for h in range(hosts)
+    ]
+    return prefix, started
+
+
+def final_values(server, prefix, hosts):
+    def read():
+        values = [shmemext.Value(host_name(h, "v")).get() for h in range(hosts)]
+        stored = server.client().hmget(f"{prefix}value:v", ["version", "kind", "data"])
+        return values, stored
+
+    values, (version, kind, data) = settle(read)
+    want = data.decode() if kind == b"s" else data
+    assert values == [want] * hosts, (values, want)
+    return int(version)
+
+
+def test_a_set_reaches_the_other_host_with_its_type(server, bridges):
+    prefix, _ = value_hosts(server, bridges, 2)
+    a, b = shmemext.Value(host_name(0, "v")), shmemext.Value(host_name(1, "v"))
+    seen = b.version
+    a.set("h\u00e9llo \udc80")   # a lone surrogate travels too
+    seen = b.wait(seen, timeout=10)
+    assert b.get() == "h\u00e9llo \udc80"
+    a.set(b"\x00bytes")
+    b.wait(seen, timeout=10)
+    assert b.get() == b"\x00bytes"
+    # A set on b goes back to a, and nothing echoes.
+    b.set("from b")
+    deadline = time.monotonic() + 10
+    while a.get() != "from b":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert final_values(server, prefix, 2) == 3
+
+
+def test_interleaved_sets_from_two_hosts_end_the_same_everywhere(server, bridges, tmp_path):
+    hosts, per_writer = 2, 5000
+    prefix, _ = value_hosts(server, bridges, hosts)
+    readers = [run(READER, host_name(h, "v"), tmp_path / f"r{h}.json") for h in range(hosts)]
+    time.sleep(0.3)
+    writers = [run(WRITER, host_name(h, "v"), f"w{h}", per_writer) for h in range(hosts)]
+    for w in writers:
+        assert w.wait(120) == 0
+    version = final_values(server, prefix, hosts)
+    # Nothing echoed: Redis ordered no more versions than there were sets.
+    assert 1 <= version <= hosts * per_writer
+    for r in readers:
+        assert r.wait(60) == 0
+    for h in range(hosts):
+        report = json.loads((tmp_path / f"r{h}.json").read_text())
+        assert report["seen"] > 0
+        # A host's own writer's last value was seen there.
+        assert report["last"][f"w{h}"] == per_writer - 1
+
+
+@pytest.mark.parametrize("keep_data", [True, False], ids=["restarted", "restarted-empty"])
+def test_redis_killed_in_the_middle_then_caught_up(server, bridges, tmp_path, keep_data):
+    hosts = 2
+    prefix, started = value_hosts(server, bridges, hosts)
+    writers = [run(WRITER, host_name(h, "v"), f"w{h}", 3000) for h in range(hosts)]
+    time.sleep(0.3)
+    server.kill()
+    if not keep_data:
+        server.wipe()
+    time.sleep(1.0)   # local work goes on meanwhile
+    server.start()
+    for w in writers:
+        assert w.wait(120) == 0
+    final_values(server, prefix, hosts)
+    for b in started:
+        log = "".join(b.log)
+        assert "unreachable" in log and "connected again" in log, log
+
+
+def test_a_bridge_killed_and_restarted_catches_up(server, bridges):
+    prefix, started = value_hosts(server, bridges, 2)
+    a, b = shmemext.Value(host_name(0, "v")), shmemext.Value(host_name(1, "v"))
+    writer = run(WRITER, host_name(0, "v"), "w0", 3000)
+    time.sleep(0.3)
+    started[1].kill()
+    time.sleep(0.5)
+    started[1].start()
+    assert writer.wait(120) == 0
+    final_values(server, prefix, 2)
+    # The bridge down again; a set on its host meanwhile goes out when it is back.
+    started[1].kill()
+    b.set("while b's bridge was down")
+    started[1].start()
+    deadline = time.monotonic() + 10
+    while a.get() != "while b's bridge was down":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # And a restart with nothing new locally adopts what Redis has.
+    started[1].kill()
+    a.set("while b's bridge was down, from a")
+    time.sleep(0.3)
+    started[1].start()
+    final_values(server, prefix, 2)
+    assert b.get() == "while b's bridge was down, from a"
+
+
+PRODUCER = """
+import sys, shmemext
+q = shmemext.Queue(sys.argv[1], 1 << 20)
+tag, n = sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    m = f"{tag}:{i}"
+    q.put(m if i % 3 == 0 else m.encode() if i % 3 == 1 else {"m": m})
+"""
+
+CONSUMER = """
+import sys, shmemext, queue
+q = shmemext.Queue(sys.argv[1], 1 << 20)
+with open(sys.argv[2], "w") as out:
+    while True:
+        try:
+            got = q.get_many(256, timeout=0.2)
+        except queue.Empty:
+            continue
+        for m in got:
+            m = m["m"] if isinstance(m, dict) else m.decode() if isinstance(m, bytes) else m
+            if m == "stop":
+                sys.exit(0)
+            out.write(m + "\\n")
+        out.flush()
+"""
+
+
+def test_queue_from_two_hosts_to_three_with_bridges_killed(server, bridges, tmp_path):
+    per_producer = 50_000
+    prefix = new_prefix()
+    send = [(0, "out"), (1, "out")]
+    receive = [0, 1, 2]
+    started = {}
+    for h in range(3):
+        args = ["--claim-after", "2"]
+        if (h, "out") in send:
+            args += ["--send", f"{host_name(h, 'out')}=jobs"]
+        args += ["--receive", f"{host_name(h, 'in')}=jobs", "--capacity", str(1 << 20)]
+        started[h] = bridges(server.url, prefix, args, f"host{h}")
+    outputs = {h: tmp_path / f"c{h}.txt" for h in receive}
+    consumers = {h: run(CONSUMER, host_name(h, "in"), outputs[h]) for h in receive}
+    producers = [run(PRODUCER, host_name(h, "out"), f"p{h}", per_producer) for h, _ in send]
+
+    def taken():
+        lines = []
+        for path in outputs.values():
+            if path.exists():
+                lines += path.read_text().splitlines()
+        return lines
+
+    # Mid-way: host 1's bridge (a sender and a receiver) is killed and
+    # restarted; host 2's receiving bridge is killed for good, and what it
+    # had read and not acknowledged is claimed by the others.
+    while len(taken()) < per_producer // 2:
+        time.sleep(0.05)
+    started[1].kill()
+    started[2].kill()
+    time.sleep(0.5)
+    started[1].start()
+    for p in producers:
+        assert p.wait(120) == 0
+    want = {f"p{h}:{i}" for h, _ in send for i in range(per_producer)}
+    deadline = time.monotonic() + 60
+    while not want <= set(taken()):
+        assert time.monotonic() < deadline, f"{len(want - set(taken()))} messages never arrived"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    for h in receive:
+        shmemext.Queue(host_name(h, "in")).put("stop")
+    for h in (0, 1):
+        assert consumers[h].wait(20) == 0
+    consumers[2].kill()
+    lines = taken()
+    assert set(lines) == want, "a message arrived that nobody put"
+    duplicates = len(lines) - len(set(lines))
+    print(f"{len(want)} messages, {duplicates} delivered twice")
+    # At least once: duplicates only from the bridges killed between a
+    # local put and its acknowledgement, a batch each at most.
+    assert duplicates <= 4 * 256
+    # Nothing left behind in Redis: every message acknowledged and deleted.
+    client = server.client()
+    assert settle(lambda: client.xlen(f"{prefix}queue:jobs")) == 0
+
+
+def test_hostile_entries_are_dropped_and_said(server, bridges):
+    prefix = new_prefix()
+    b = bridges(server.url, prefix, ["--receive", f"{host_name(0, 'in')}=q", f"{host_name(0, 'v')}=v"], "host0")
+    q = shmemext.Queue(host_name(0, "in"))
+    v = shmemext.Value(host_name(0, "v"))
+    client = server.client()
+    client.xadd(f"{prefix}queue:q", {"k": "99", "d": b"x"})
+    client.xadd(f"{prefix}queue:q", {"nothing": "here"})
+    client.xadd(f"{prefix}queue:q", {"k": "7", "d": b"\xff" * 40})   # a framed pickle that is not one
+    client.xadd(f"{prefix}queue:q", {"k": "1", "d": b"fine"})
+    client.publish(f"{prefix}value:v", b"not a version")
+    client.publish(f"{prefix}value:v", b"99 someone z data")
+    # The bad pickle reached the queue as bytes-to-be-loaded, never loaded by
+    # the bridge; loading it here is refused as corrupt.
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        try:
+            got.append(q.get(timeout=0.2))
+        except shmemext.CorruptBlockError as e:
+            got.append(e)
+        except queue.Empty:
+            pass
+    assert [type(g) for g in got] == [shmemext.CorruptBlockError, bytes], got
+    assert v.version == 0
+    time.sleep(0.3)
+    log = "".join(b.log)
+    assert "kind b'99'" in log and "kind b''" in log and "not 'version origin kind data'" in log, log
+    assert "kind b'z'" in log, log
+    assert b.proc.poll() is None
+
+
+def test_password_never_printed(tmp_path, bridges):
+    secret = "s3cret-Pa55"
+    s = RedisServer(tmp_path, password=secret)
+    try:
+        prefix = new_prefix()
+        b = bridges(s.url, prefix, [f"{host_name(0, 'v')}=v"], "host0")
+        s.kill()
+        time.sleep(0.5)
+        s.start()
+        deadline = time.monotonic() + 10
+        while "connected again" not in "".join(b.log):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        b.stop()
+        log = "".join(b.log)
+        assert secret not in log and ":***@" in log, log
+        # A wrong password: an error, and still not the password.
+        wrong = s.url.replace(secret, "wrong-" + secret)
+        proc = subprocess.Popen([sys.executable, "-m", "shmemext", "bridge", "--redis", wrong, "--id", "x",
+                                 host_name(1, "v")], stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        assert "unreachable" in err and "AuthenticationError" in err, err
+        assert secret not in err
+    finally:
+        s.kill()
+
+
+def test_the_library_and_asyncio(server):
+    import asyncio
+
+    from shmemext.bridge import Bridge
+
+    prefix = new_prefix()
+    a, b = host_name(0, "v"), host_name(1, "v")
+    with Bridge(server.url, [f"{a}=v"], prefix=prefix, bridge_id="a") as one, \
+            Bridge(server.url, [f"{b}=v"], prefix=prefix, bridge_id="b") as two:
+        t = threading.Thread(target=one.run)
+        t.start()
+
+        async def main():
+            task = asyncio.ensure_future(two.run_async())
+            vb = shmemext.Value(b)
+            seen = vb.version
+            shmemext.Value(a).set("async")
+            for _ in range(100):
+                if vb.get() == "async":
+                    break
+                seen = await vb.wait_async(seen, timeout=10)
+            assert vb.get() == "async"
+            two.close()
+            await asyncio.wait_for(task, 10)
+
+        asyncio.run(main())
+        one.close()
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_bad_arguments(server, name):
+    from shmemext.bridge import Bridge
+
+    q = shmemext.Queue(name)
+    with pytest.raises(ValueError, match="is a Queue: bridge it with send= or receive="):
+        Bridge(server.url, [name])
+    with pytest.raises(ValueError, match="nothing to bridge"):
+        Bridge(server.url)
+    with pytest.raises(ValueError, match="expected NAME or LOCAL=REMOTE"):
+        Bridge(server.url, ["x="])
+    with pytest.raises(ValueError, match="named twice"):
+        Bridge(server.url, send=[name], receive=[name])
+    with pytest.raises(ValueError, match="claim_after"):
+        Bridge(server.url, send=[name], claim_after=0)
+    q.close()
+    p = subprocess.run([sys.executable, "-m", "shmemext", "bridge", name], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "SHMEMEXT_REDIS_URL"})
+    assert p.returncode == 2 and "--redis URL is required" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "shmemext", "bridge", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--send" in p.stdout and "--receive" in p.stdout
