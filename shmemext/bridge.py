@@ -27,19 +27,16 @@ the bridge.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, TextIO
+import time
+from typing import Any, Iterable, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import shmemext
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
 __all__ = ["Bridge"]
 
@@ -94,9 +91,10 @@ class _ValueLink:
     def __init__(self, value: shmemext.Value, key: str) -> None:
         self.value = value
         self.key = key
-        self.lock = asyncio.Lock()
-        self.applied = 0                  # the newest Redis version reflected locally
+        self.lock = threading.Lock()
+        self.applied = 0                     # the newest Redis version reflected locally
         self.local_seen: int | None = None   # the local version last published or applied
+        self.seen_stored: int | None = None  # what Redis has of local_seen
 
     def read(self) -> tuple[int, str | bytes]:
         """The local value and its version, read consistently."""
@@ -105,6 +103,10 @@ class _ValueLink:
             data = self.value.get()
             if self.value.version == before:
                 return before, data
+
+
+class _SessionOver(Exception):
+    """A worker saw the session end (close(), or another worker lost Redis)."""
 
 
 class Bridge:
@@ -122,9 +124,11 @@ class Bridge:
     receiving bridge that does not acknowledge it before another takes it.
 
     ``run()`` blocks until ``close()`` (from another thread or a signal
-    handler); ``await run_async()`` is the same for asyncio.  Losing Redis
-    stops nothing local: the bridge says so on ``log`` (stderr), retries with
-    backoff, and catches up.
+    handler); ``await run_async()`` runs it in a worker thread for asyncio.
+    Each local Value and Queue has a thread of its own that sleeps in the
+    kernel until there is work, so a change goes on without crossing an
+    event loop.  Losing Redis stops nothing local: the bridge says so on
+    ``log`` (stderr), retries with backoff, and catches up.
     """
 
     def __init__(
@@ -141,13 +145,13 @@ class Bridge:
         log: TextIO | None = None,
     ) -> None:
         try:
-            import redis.asyncio  # noqa: F401
+            import redis  # noqa: F401
         except ImportError:
             raise ImportError("the bridge needs redis-py: pip install 'shmemext[redis]'") from None
         self.redis_url = redis_url
         self.prefix = prefix
         self.claim_after = float(claim_after)
-        if self.claim_after <= 0:
+        if not self.claim_after > 0:
             raise ValueError(f"claim_after must be > 0 seconds, not {claim_after!r}")
         self._log_to = log
         value_specs = [_split_name(s) for s in values]
@@ -160,7 +164,7 @@ class Bridge:
             if locals_.count(name) > 1:
                 raise ValueError(f"local block {name!r} is named twice: a queue is either sent or received")
         self.bridge_id = bridge_id or f"{socket.gethostname()}:{','.join(sorted(locals_))}"
-        if any(c.isspace() for c in self.bridge_id) or not self.bridge_id:
+        if not self.bridge_id or any(c.isspace() for c in self.bridge_id):
             raise ValueError(f"bridge_id {self.bridge_id!r} must be non-empty, without spaces")
         self._values: list[_ValueLink] = []
         self._send: list[tuple[shmemext.Queue, str]] = []
@@ -183,35 +187,28 @@ class Bridge:
             raise
         self._group = f"{prefix}bridges"
         self._closing = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._session_over = threading.Event()
+        self._failure: BaseException | None = None
         self._was_down = False
         self._connected_once = False
+        self._running = threading.Lock()
         self.delivered = 0   # queue messages put into local queues (duplicates included)
         self.sent = 0        # queue messages added to Redis
 
     # ---- life ---------------------------------------------------------------
 
-    def run(self) -> None:
-        """Bridge until close()."""
-        asyncio.run(self.run_async())
-
     def close(self) -> None:
-        """Ends run() or run_async() soon; safe from any thread and from signal handlers."""
+        """Ends run() or run_async() soon (within a quarter of a second); safe from any thread and signal handler."""
         self._closing.set()
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:   # the loop has ended
-                pass
+        self._session_over.set()
 
     def __enter__(self) -> Bridge:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-        self._close_blocks()
+        with self._running:   # run() in another thread has let go of the blocks
+            self._close_blocks()
 
     def _close_blocks(self) -> None:
         for link in getattr(self, "_values", []):
@@ -224,90 +221,115 @@ class Bridge:
         print(f"shmemext bridge {self.bridge_id}: {message}", file=out, flush=True)
 
     async def run_async(self) -> None:
+        """run() in a worker thread, for asyncio; cancelling it closes the bridge."""
+        import asyncio
+
+        future = asyncio.get_running_loop().run_in_executor(None, self.run)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.close()
+            await future
+            raise
+
+    def run(self) -> None:
         """Bridge until close()."""
-        import redis.asyncio as aioredis
+        import redis
         from redis.exceptions import RedisError
 
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError("this bridge is already running")
+        try:
+            delay = _BACKOFF_FIRST
+            while not self._closing.is_set():
+                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_keepalive=True,
+                                              health_check_interval=10)
+                try:
+                    self._session(client)
+                    delay = _BACKOFF_FIRST
+                except (RedisError, OSError) as e:
+                    if self._closing.is_set():
+                        break
+                    self._was_down = True
+                    self._log(f"Redis at {safe_url(self.redis_url)} unreachable ({type(e).__name__}: {e}); "
+                              f"local work goes on; retrying in {delay:.1f} s")
+                    self._closing.wait(delay)
+                    delay = min(delay * 2, _BACKOFF_MOST)
+                finally:
+                    client.close()
+        finally:
+            self._running.release()
+
+    def _session(self, client: Any) -> None:
+        """One connection's life: subscribe, catch up, follow; returns on close(), raises when Redis goes."""
+        client.ping()
+        self._session_over.clear()
+        self._failure = None
         if self._closing.is_set():
             return
-        delay = _BACKOFF_FIRST
-        while not self._closing.is_set():
-            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=5, health_check_interval=10)
-            try:
-                await self._session(client)
-                delay = _BACKOFF_FIRST
-            except (RedisError, OSError) as e:
-                if self._closing.is_set():
-                    break
-                self._was_down = True
-                self._log(f"Redis at {safe_url(self.redis_url)} unreachable ({type(e).__name__}: {e}); "
-                          f"local work goes on; retrying in {delay:.1f} s")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-                delay = min(delay * 2, _BACKOFF_MOST)
-            finally:
-                try:
-                    await client.aclose()
-                except (RedisError, OSError):
-                    pass
-
-    async def _session(self, client: aioredis.Redis) -> None:
-        """One connection's life: subscribe, catch up, follow; returns on close(), raises when Redis goes."""
-        assert self._wake is not None
-        await client.ping()
         publish = client.register_script(_PUBLISH)
         pubsub = client.pubsub()
         try:
             if self._values:
-                await pubsub.subscribe(*[link.key for link in self._values])
+                pubsub.subscribe(*[link.key for link in self._values])
             for link in self._values:
-                await self._catch_up(client, publish, link)
+                self._catch_up(client, publish, link)
             for _, key in self._receive:
-                await self._make_group(client, key)
+                self._make_group(client, key)
             if self._was_down:
                 self._log(f"connected again to {safe_url(self.redis_url)}; caught up")
                 self._was_down = False
             elif not self._connected_once:
                 self._log(f"connected to {safe_url(self.redis_url)}")
             self._connected_once = True
-            tasks = [asyncio.ensure_future(self._wake.wait())]
+            jobs: list[tuple[Any, tuple[Any, ...]]] = []
             if self._values:
-                tasks.append(asyncio.ensure_future(self._follow(client, pubsub)))
-            tasks += [asyncio.ensure_future(self._watch(client, publish, link)) for link in self._values]
-            tasks += [asyncio.ensure_future(self._send_queue(client, q, key)) for q, key in self._send]
-            tasks += [asyncio.ensure_future(self._receive_queue(client, q, key)) for q, key in self._receive]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+                jobs.append((self._follow, (client, publish, pubsub)))
+            jobs += [(self._watch, (client, publish, link)) for link in self._values]
+            jobs += [(self._send_queue, (client, q, key)) for q, key in self._send]
+            jobs += [(self._receive_queue, (client, q, key)) for q, key in self._receive]
+            threads = [threading.Thread(target=self._worker, args=job, daemon=True,
+                                        name=f"shmemext-bridge-{job[0].__name__}") for job in jobs]
+            for t in threads:
+                t.start()
+            self._session_over.wait()
+            for t in threads:
+                t.join()
+            if self._failure is not None:
+                raise self._failure
         finally:
             try:
-                await pubsub.aclose()
+                pubsub.close()
             except Exception:
                 pass
 
+    def _worker(self, job: Any, args: tuple[Any, ...]) -> None:
+        try:
+            job(*args)
+        except _SessionOver:
+            pass
+        except BaseException as e:
+            if self._failure is None and not self._session_over.is_set():
+                self._failure = e
+            self._session_over.set()
+
+    def _going_on(self) -> None:
+        if self._session_over.is_set():
+            raise _SessionOver
+
     # ---- values -------------------------------------------------------------
 
-    async def _publish(self, publish: Any, link: _ValueLink) -> None:
+    def _publish(self, publish: Any, link: _ValueLink) -> None:
         """Passes the local value on (under link.lock)."""
         version, data = link.read()
         kind, raw = _encode(data)
-        redis_version = int(await publish(keys=[link.key], args=[kind, raw, self.bridge_id, version]))
-        link.local_seen = version
+        redis_version = int(publish(keys=[link.key], args=[kind, raw, self.bridge_id, version]))
+        link.local_seen = link.seen_stored = version
         link.applied = max(link.applied, redis_version)
 
-    async def _apply(self, client: aioredis.Redis, publish: Any, link: _ValueLink, version: int, kind: bytes,
-                     raw: bytes) -> None:
-        """A version from Redis, made local unless it is old or a local set() is waiting to be passed on."""
+    def _apply(self, publish: Any, link: _ValueLink, version: int, kind: bytes, raw: bytes) -> None:
+        """A version from Redis, made local unless it is old or a local set() is waiting to be passed on
+        (under link.lock)."""
         if version <= link.applied:
             return
         if kind == b"s":
@@ -327,66 +349,85 @@ class Bridge:
         if written is None:
             # A local set() came after what we last saw: it is newer than
             # this version in every order that matters, so it goes out now.
-            await self._publish(publish, link)
+            self._publish(publish, link)
             return
         link.local_seen = written
         link.applied = version
-        await client.hset(link.key, f"seen:{self.bridge_id}", written)
 
-    async def _catch_up(self, client: aioredis.Redis, publish: Any, link: _ValueLink) -> None:
+    def _store_seen(self, client: Any, links: Iterable[_ValueLink]) -> None:
+        """Tells Redis the local versions applied since the last time, for a restart to know them."""
+        pipe = client.pipeline(transaction=False)
+        for link in links:
+            with link.lock:
+                seen = link.local_seen
+                if seen is None or seen == link.seen_stored:
+                    continue
+                link.seen_stored = seen
+            pipe.hset(link.key, f"seen:{self.bridge_id}", seen)
+        if len(pipe):
+            pipe.execute()
+
+    def _catch_up(self, client: Any, publish: Any, link: _ValueLink) -> None:
         """On (re)connecting: whichever of Redis and the local value changed last without the other knowing."""
-        async with link.lock:
-            fields = await client.hmget(link.key, ["version", "kind", "data", f"seen:{self.bridge_id}"])
+        with link.lock:
+            fields: Any = client.hmget(link.key, ["version", "kind", "data", f"seen:{self.bridge_id}"])
             local_version = link.value.version
             if link.local_seen is None and fields[3] is not None:
-                link.local_seen = int(fields[3])   # what this bridge, before a restart, last saw
+                link.local_seen = link.seen_stored = int(fields[3])   # what this bridge last saw before a restart
             if fields[0] is None or int(fields[0]) < link.applied:
                 # Redis has no value, or lost what it had: ours is the news.
                 link.applied = 0
                 if local_version > 0:
-                    await self._publish(publish, link)
+                    self._publish(publish, link)
                 else:
                     link.local_seen = local_version
                 return
             if link.local_seen is not None and local_version != link.local_seen:
-                await self._publish(publish, link)   # set locally while Redis was away
+                self._publish(publish, link)   # set locally while the bridge or Redis was away
                 return
             if link.local_seen is None:
                 link.local_seen = local_version
-            await self._apply(client, publish, link, int(fields[0]), fields[1] or b"b", fields[2] or b"")
+            self._apply(publish, link, int(fields[0]), fields[1] or b"b", fields[2] or b"")
+        self._store_seen(client, [link])
 
-    async def _follow(self, client: aioredis.Redis, pubsub: Any) -> None:
-        """Versions other hosts publish."""
-        publish = client.register_script(_PUBLISH)
+    def _follow(self, client: Any, publish: Any, pubsub: Any) -> None:
+        """Versions other hosts publish.  What was applied is told to Redis
+        when no message waits, at least every _POLL seconds."""
         links = {link.key.encode(): link for link in self._values}
+        me = self.bridge_id.encode()
+        told = time.monotonic()
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
+            self._going_on()
+            msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
+            if msg is None or time.monotonic() - told > _POLL:
+                self._store_seen(client, self._values)
+                told = time.monotonic()
             if msg is None or msg.get("type") != "message":
                 continue
             link = links.get(msg["channel"])
             if link is None:
                 continue
-            parts = msg["data"].split(b" ", 3)
+            parts: list[bytes] = msg["data"].split(b" ", 3)
             if len(parts) != 4 or not parts[0].isdigit():
                 self._log(f"{link.key}: a message that is not 'version origin kind data': ignored")
                 continue
-            version, origin, kind, raw = int(parts[0]), parts[1], parts[2], parts[3]
-            if origin == self.bridge_id.encode():
+            if parts[1] == me:
                 continue
-            async with link.lock:
-                await self._apply(client, publish, link, version, kind, raw)
+            with link.lock:
+                self._apply(publish, link, int(parts[0]), parts[2], parts[3])
 
-    async def _watch(self, client: aioredis.Redis, publish: Any, link: _ValueLink) -> None:
+    def _watch(self, client: Any, publish: Any, link: _ValueLink) -> None:
         """Local sets, passed on."""
         while True:
+            self._going_on()
             seen = link.local_seen if link.local_seen is not None else link.value.version
             try:
-                await link.value.wait_async(seen, timeout=_POLL)
+                link.value.wait(seen, timeout=_POLL)
             except TimeoutError:
                 continue
-            async with link.lock:
+            with link.lock:
                 if link.value.version != link.local_seen:
-                    await self._publish(publish, link)
+                    self._publish(publish, link)
 
     # ---- queues -------------------------------------------------------------
 
@@ -411,9 +452,10 @@ class Bridge:
             batch.append((kind, data))
         return start, end, batch
 
-    async def _send_queue(self, client: aioredis.Redis, q: shmemext.Queue, key: str) -> None:
+    def _send_queue(self, client: Any, q: shmemext.Queue, key: str) -> None:
         while True:
-            got = await asyncio.to_thread(self._peek_batch, q)
+            self._going_on()
+            got = self._peek_batch(q)
             if got is None:
                 continue
             start, end, batch = got
@@ -421,23 +463,23 @@ class Bridge:
             for kind, data in batch:
                 raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
                 pipe.xadd(key, {"k": str(kind), "d": raw, "o": self.bridge_id})
-            await pipe.execute()
+            pipe.execute()
             self.sent += len(batch)
             if not q._drop(start, end):
                 self._log(f"{q.name}: another consumer takes from this sent queue; "
                           "its messages may reach Redis twice")
 
-    async def _make_group(self, client: aioredis.Redis, key: str) -> None:
+    def _make_group(self, client: Any, key: str) -> None:
         from redis.exceptions import ResponseError
 
         try:
-            await client.xgroup_create(key, self._group, id="0", mkstream=True)
+            client.xgroup_create(key, self._group, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
     def _put_batch(self, q: shmemext.Queue, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        """Puts each entry's message into q, waiting for room; how many were put before close()."""
+        """Puts each entry's message into q, waiting for room; how many were handled before the session ended."""
         for n, (entry_id, fields) in enumerate(entries):
             kind_text = fields.get(b"k", b"")
             raw = fields.get(b"d", b"")
@@ -450,7 +492,7 @@ class Bridge:
                 self._log(f"{q.name}: stream entry {entry_id!r} has kind {kind_text!r}: dropped")
                 continue
             while True:
-                if self._closing.is_set():
+                if self._session_over.is_set():
                     return n
                 try:
                     if kind == _TEXT:
@@ -465,46 +507,46 @@ class Bridge:
                     break
         return len(entries)
 
-    async def _deliver(self, client: aioredis.Redis, q: shmemext.Queue, key: str,
-                       entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _deliver(self, client: Any, q: shmemext.Queue, key: str, entries: Any) -> None:
         entries = [(i, f) for i, f in entries if f is not None]   # deleted while pending
         if not entries:
             return
-        put = await asyncio.to_thread(self._put_batch, q, entries)
+        put = self._put_batch(q, entries)
         if put:
             ids = [i for i, _ in entries[:put]]
             pipe = client.pipeline(transaction=True)
             pipe.xack(key, self._group, *ids)
             pipe.xdel(key, *ids)
-            await pipe.execute()
+            pipe.execute()
             self.delivered += put
+        self._going_on()
 
-    async def _receive_queue(self, client: aioredis.Redis, q: shmemext.Queue, key: str) -> None:
+    def _receive_queue(self, client: Any, q: shmemext.Queue, key: str) -> None:
         me = self.bridge_id
         # What this bridge read before it last stopped, and never acknowledged.
         while True:
-            reply = await client.xreadgroup(self._group, me, {key: "0"}, count=_BATCH)
+            reply: Any = client.xreadgroup(self._group, me, {key: "0"}, count=_BATCH)
             entries = reply[0][1] if reply else []
             if not entries:
                 break
-            await self._deliver(client, q, key, entries)
-        loop = asyncio.get_running_loop()
-        next_claim = loop.time()
+            self._deliver(client, q, key, entries)
+        next_claim = time.monotonic()
         claim_ms = int(self.claim_after * 1000)
         while True:
-            if loop.time() >= next_claim:
+            self._going_on()
+            if time.monotonic() >= next_claim:
                 # What a bridge that died (or hangs) left unacknowledged.
-                cursor = "0-0"
+                cursor: Any = "0-0"
                 while True:
-                    reply = await client.xautoclaim(key, self._group, me, claim_ms, cursor, count=_BATCH)
+                    reply = client.xautoclaim(key, self._group, me, claim_ms, cursor, count=_BATCH)
                     cursor, entries = reply[0], reply[1]
-                    await self._deliver(client, q, key, entries)
+                    self._deliver(client, q, key, entries)
                     if cursor in (b"0-0", "0-0"):
                         break
-                next_claim = loop.time() + min(self.claim_after / 2, 5.0)
-            reply = await client.xreadgroup(self._group, me, {key: ">"}, count=_BATCH, block=int(_POLL * 1000))
+                next_claim = time.monotonic() + min(self.claim_after / 2, 5.0)
+            reply = client.xreadgroup(self._group, me, {key: ">"}, count=_BATCH, block=int(_POLL * 1000))
             if reply:
-                await self._deliver(client, q, key, reply[0][1])
+                self._deliver(client, q, key, reply[0][1])
 
 
 def main(argv: list[str]) -> int:

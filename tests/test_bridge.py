@@ -146,6 +146,13 @@ def bridges():
             b.kill()
 
 
+def wait_for_log(bridge, text, timeout=20):
+    deadline = time.monotonic() + timeout
+    while text not in "".join(bridge.log):
+        assert time.monotonic() < deadline, f"no {text!r} in {''.join(bridge.log)}"
+        time.sleep(0.05)
+
+
 def host_name(host, name):
     return f"{TEST_PREFIX}-h{host}.{name}"
 
@@ -280,10 +287,10 @@ def test_redis_killed_in_the_middle_then_caught_up(server, bridges, tmp_path, ke
     server.start()
     for w in writers:
         assert w.wait(120) == 0
-    final_values(server, prefix, hosts)
     for b in started:
-        log = "".join(b.log)
-        assert "unreachable" in log and "connected again" in log, log
+        wait_for_log(b, "connected again")
+        assert "unreachable" in "".join(b.log)
+    final_values(server, prefix, hosts)
 
 
 def test_a_bridge_killed_and_restarted_catches_up(server, bridges):
@@ -438,10 +445,7 @@ def test_password_never_printed(tmp_path, bridges):
         s.kill()
         time.sleep(0.5)
         s.start()
-        deadline = time.monotonic() + 10
-        while "connected again" not in "".join(b.log):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_log(b, "connected again")
         b.stop()
         log = "".join(b.log)
         assert secret not in log and ":***@" in log, log

@@ -358,6 +358,113 @@ static void test_queue_blocking(void)
     shx_block_close(&q, 0, &err);
 }
 
+static int peek_bytes(shx_block *b, shx_queue_spot *spot, qdst *d, size_t *n, int64_t timeout_ns)
+{
+    uint32_t type;
+    shx_error err;
+    return shx_queue_peek(b, spot, to_qdst, d, timeout_ns, NULL, &type, n, &err);
+}
+
+/* A bridge's consumer: copy without taking, take only once handed on. */
+static void test_queue_peek_and_drop(void)
+{
+    shx_block q = {0};
+    shx_error err;
+    qdst d;
+    size_t n;
+    CHECK(shx_block_open(&q, qname("peek"), SHX_KIND_QUEUE, 96, 0, 0600, &err) == SHX_OK, "open %s", qname("peek"));
+    shx_queue_spot spot = {SHX_QUEUE_AT_HEAD, 0};
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_E_EMPTY, "nothing to peek in an empty queue");
+    CHECK(peek_bytes(&q, &spot, &d, &n, 20000000) == SHX_E_EMPTY, "a peek waits, then gives up");
+    put_bytes(&q, "one", 3, 0);
+    put_bytes(&q, "two!", 4, 0);
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_OK && n == 3 && memcmp(d.buf, "one", 3) == 0 && spot.at == 0 &&
+              spot.next == 32 && shx_queue_count(&q) == 2,
+          "the oldest is copied and left: at 0, next at 32 (at %llu, next %llu)", (unsigned long long)spot.at,
+          (unsigned long long)spot.next);
+    uint64_t first = spot.at;
+    spot.at = spot.next;
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_OK && n == 4 && memcmp(d.buf, "two!", 4) == 0 && spot.next == 64,
+          "the next one, by its position");
+    uint64_t end = spot.next;
+    spot.at = end;
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_E_EMPTY, "nothing past the tail");
+    CHECK(shx_queue_drop(&q, first, end + 16, &err) == SHX_E_RANGE && shx_queue_drop(&q, first, 8, &err) == SHX_E_RANGE,
+          "a drop past the tail or into a record is refused");
+    CHECK(shx_queue_drop(&q, first, end, &err) == SHX_OK && shx_queue_count(&q) == 0 && shx_queue_used(&q) == 0,
+          "both taken at once");
+    CHECK(shx_queue_drop(&q, first, end, &err) == SHX_E_MOVED && err.a == end,
+          "a second drop of them: moved on to %llu", (unsigned long long)err.a);
+    /* Another process takes what we peeked: the peek at that position is gone. */
+    put_bytes(&q, "three", 5, 0);
+    spot.at = SHX_QUEUE_AT_HEAD;
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_OK, "peeked three");
+    pid_t pid = fork();
+    if (pid == 0) {
+        qdst cd;
+        size_t cn;
+        _exit(get_bytes(&q, &cd, &cn, 0) == SHX_OK && cn == 5 ? 0 : 1);
+    }
+    CHECK(wait_child(pid) == 0, "a consumer in another process took it");
+    uint64_t at = spot.at;
+    CHECK(peek_bytes(&q, &spot, &d, &n, 0) == SHX_E_MOVED, "the peek at its position finds it gone");
+    CHECK(shx_queue_drop(&q, at, at + 32, &err) == SHX_E_MOVED, "and nothing to drop");
+    /* Records wrapped around the ring's end peek whole. */
+    int whole = 1;
+    for (int i = 0; i < 200 && whole; i++) {
+        unsigned char msg[40];
+        for (int k = 0; k < 40; k++)
+            msg[k] = (unsigned char)(i * 3 + k);
+        size_t len = (size_t)(i % 41);
+        spot.at = SHX_QUEUE_AT_HEAD;
+        whole = put_bytes(&q, msg, len, 0) == SHX_OK && peek_bytes(&q, &spot, &d, &n, 0) == SHX_OK && n == len &&
+                memcmp(d.buf, msg, n) == 0 && shx_queue_drop(&q, spot.at, spot.next, &err) == SHX_OK;
+    }
+    CHECK(whole && shx_queue_count(&q) == 0, "200 messages of every size, around the ring: peeked whole, dropped");
+    /* A message waited for at a position past the oldest comes from another process. */
+    put_bytes(&q, "a", 1, 0);
+    spot.at = SHX_QUEUE_AT_HEAD;
+    peek_bytes(&q, &spot, &d, &n, 0);
+    pid = fork();
+    if (pid == 0) {
+        usleep(50000);
+        _exit(put_bytes(&q, "later", 5, 0) == SHX_OK ? 0 : 1);
+    }
+    spot.at = spot.next;
+    CHECK(peek_bytes(&q, &spot, &d, &n, 5000000000) == SHX_OK && n == 5 && memcmp(d.buf, "later", 5) == 0,
+          "a peek past the oldest waits for the next message");
+    CHECK(wait_child(pid) == 0, "its producer");
+    shx_block_close(&q, 0, &err);
+}
+
+/* The value's conditional set: a bridge must not overwrite a local value
+ * it has not passed on. */
+static void test_value_set_if(void)
+{
+    shx_block v = {0};
+    shx_error err;
+    uint64_t written = 0;
+    CHECK(shx_block_open(&v, qname("setif"), SHX_KIND_VALUE, 64, 0, 0600, &err) == SHX_OK, "open");
+    CHECK(shx_value_set_if(&v, SHX_TYPE_BYTES, "a", 1, 0, &written, NULL, &err) == SHX_OK && written == 1 &&
+              shx_value_version(&v) == 1,
+          "set while the version is the expected one: version 1");
+    CHECK(shx_value_set_if(&v, SHX_TYPE_BYTES, "b", 1, 0, &written, NULL, &err) == SHX_E_MOVED && err.a == 1 &&
+              err.b == 0 && shx_value_version(&v) == 1,
+          "refused once another set came: found 1, expected 0, nothing written");
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(shx_value_set(&v, SHX_TYPE_BYTES, "c", 1, NULL, &err) == SHX_OK ? 0 : 1);
+    CHECK(wait_child(pid) == 0, "a set in another process");
+    CHECK(shx_value_set_if(&v, SHX_TYPE_BYTES, "d", 1, 1, &written, NULL, &err) == SHX_E_MOVED && err.a == 2,
+          "which a set_if expecting 1 sees");
+    CHECK(shx_value_set_if(&v, SHX_TYPE_BYTES, "e", 1, 2, &written, NULL, &err) == SHX_OK && written == 3,
+          "and one expecting 2 writes version 3");
+    int owner_died = 0;
+    CHECK(shx_block_lock(&v, 0, &owner_died, NULL, &err) == SHX_OK && shx_block_unlock(&v, &err) == SHX_OK,
+          "the writer lock is free after a refused set_if");
+    shx_block_close(&v, 0, &err);
+}
+
 void run_queue_tests(int *passed_out, int *failed_out)
 {
     snprintf(qprefix, sizeof qprefix, "shmemext-qtest-%d", (int)getpid());
@@ -366,6 +473,8 @@ void run_queue_tests(int *passed_out, int *failed_out)
     test_queue_producer_death();
     test_queue_hostile();
     test_queue_blocking();
+    test_queue_peek_and_drop();
+    test_value_set_if();
     *passed_out += passed;
     *failed_out += failed;
 }
