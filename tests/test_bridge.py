@@ -42,24 +42,39 @@ def free_port():
 
 
 class RedisServer:
-    """A redis-server of our own on loopback, durable (every write fsynced to its log), restartable."""
+    """A redis-server of our own on loopback, durable (every write fsynced to its log), restartable;
+    with a password and TLS (a certificate made here) when asked."""
 
-    def __init__(self, tmp_path, password=None):
+    def __init__(self, tmp_path, password=None, tls=False):
         self.dir = tmp_path / "redis"
         self.dir.mkdir(exist_ok=True)
         self.port = free_port()
         self.password = password
+        self.cert = None
+        if tls:
+            self.cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                            "-out", str(self.cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+            self.key = key
         self.proc = None
         self.start()
 
     @property
     def url(self):
         auth = f":{self.password}@" if self.password else ""
+        if self.cert:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self):
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--logfile", "redis.log"]
+        if self.cert:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                     "--tls-key-file", str(self.key), "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,7 +101,7 @@ class RedisServer:
         self.dir.mkdir()
 
     def client(self):
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        return redis.Redis.from_url(self.url)
 
 
 @pytest.fixture
@@ -404,6 +419,38 @@ def test_queue_from_two_hosts_to_three_with_bridges_killed(server, bridges, tmp_
     assert settle(lambda: client.xlen(f"{prefix}queue:jobs")) == 0
 
 
+def test_queue_through_a_redis_killed_in_the_middle(server, bridges, tmp_path):
+    n = 20_000
+    prefix = new_prefix()
+    sender = bridges(server.url, prefix, ["--send", f"{host_name(0, 'out')}=jobs"], "host0")
+    receiver = bridges(server.url, prefix, ["--receive", f"{host_name(1, 'in')}=jobs"], "host1")
+    out = tmp_path / "c.txt"
+    consumer = run(CONSUMER, host_name(1, "in"), out)
+    producer = run(PRODUCER, host_name(0, "out"), "p", n)
+
+    def taken():
+        return out.read_text().splitlines() if out.exists() else []
+
+    while len(taken()) < n // 4:
+        time.sleep(0.02)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    assert producer.wait(120) == 0
+    want = {f"p:{i}" for i in range(n)}
+    deadline = time.monotonic() + 60
+    while not want <= set(taken()):
+        assert time.monotonic() < deadline, f"{len(want - set(taken()))} messages never arrived"
+        time.sleep(0.1)
+    shmemext.Queue(host_name(1, "in")).put("stop")
+    assert consumer.wait(20) == 0
+    lines = taken()
+    assert set(lines) == want
+    print(f"{n} messages, {len(lines) - len(want)} delivered twice")
+    for b in (sender, receiver):
+        wait_for_log(b, "connected again")
+
+
 def test_hostile_entries_are_dropped_and_said(server, bridges):
     prefix = new_prefix()
     b = bridges(server.url, prefix, ["--receive", f"{host_name(0, 'in')}=q", f"{host_name(0, 'v')}=v"], "host0")
@@ -436,12 +483,18 @@ def test_hostile_entries_are_dropped_and_said(server, bridges):
     assert b.proc.poll() is None
 
 
-def test_password_never_printed(tmp_path, bridges):
+def test_tls_and_a_password_never_printed(tmp_path, bridges):
     secret = "s3cret-Pa55"
-    s = RedisServer(tmp_path, password=secret)
+    s = RedisServer(tmp_path, password=secret, tls=True)
     try:
         prefix = new_prefix()
         b = bridges(s.url, prefix, [f"{host_name(0, 'v')}=v"], "host0")
+        bridges(s.url, prefix, [f"{host_name(1, 'v')}=v"], "host1")
+        shmemext.Value(host_name(0, "v")).set("over TLS")
+        deadline = time.monotonic() + 10
+        while shmemext.Value(host_name(1, "v")).get() != "over TLS":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         s.kill()
         time.sleep(0.5)
         s.start()
