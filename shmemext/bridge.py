@@ -247,12 +247,15 @@ class Bridge:
                 try:
                     self._session(client)
                     delay = _BACKOFF_FIRST
-                except (RedisError, OSError) as e:
+                except Exception as e:
                     if self._closing.is_set():
                         break
                     self._was_down = True
-                    self._log(f"Redis at {safe_url(self.redis_url)} unreachable ({type(e).__name__}: {e}); "
-                              f"local work goes on; retrying in {delay:.1f} s")
+                    if isinstance(e, (RedisError, OSError)):
+                        self._log(f"Redis at {safe_url(self.redis_url)} unreachable ({type(e).__name__}: {e}); "
+                                  f"local work goes on; retrying in {delay:.1f} s")
+                    else:   # what Redis holds made no sense to us; it may be mended meanwhile
+                        self._log(f"stopped by {type(e).__name__}: {e}; local work goes on; retrying in {delay:.1f} s")
                     self._closing.wait(delay)
                     delay = min(delay * 2, _BACKOFF_MOST)
                 finally:
@@ -332,12 +335,15 @@ class Bridge:
         (under link.lock)."""
         if version <= link.applied:
             return
+        data: str | bytes = raw
+        why = None if kind in (b"s", b"b") else f"kind {kind!r}, not b or s"
         if kind == b"s":
-            data: str | bytes = raw.decode("utf-8", "surrogatepass")
-        elif kind == b"b":
-            data = raw
-        else:
-            self._log(f"{link.key}: version {version} has kind {kind!r}, not b or s: ignored")
+            try:
+                data = raw.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError as e:
+                why = f"text that is not UTF-8 ({e})"
+        if why is not None:
+            self._log(f"{link.key}: version {version} has {why}: ignored")
             return
         expect = link.local_seen if link.local_seen is not None else link.value.version
         try:
@@ -372,8 +378,10 @@ class Bridge:
         with link.lock:
             fields: Any = client.hmget(link.key, ["version", "kind", "data", f"seen:{self.bridge_id}"])
             local_version = link.value.version
-            if link.local_seen is None and fields[3] is not None:
+            if link.local_seen is None and fields[3] is not None and fields[3].isdigit():
                 link.local_seen = link.seen_stored = int(fields[3])   # what this bridge last saw before a restart
+            if fields[0] is not None and not fields[0].isdigit():
+                raise ValueError(f"{link.key} holds version {fields[0][:40]!r}, not a number")
             if fields[0] is None or int(fields[0]) < link.applied:
                 # Redis has no value, or lost what it had: ours is the news.
                 link.applied = 0
@@ -485,7 +493,11 @@ class Bridge:
             raw = fields.get(b"d", b"")
             kind = int(kind_text) if kind_text.isdigit() else -1
             if kind == _TEXT:
-                message: Any = raw.decode("utf-8", "surrogatepass")
+                try:
+                    message: Any = raw.decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError as e:
+                    self._log(f"{q.name}: stream entry {entry_id!r} is text that is not UTF-8 ({e}): dropped")
+                    continue
             elif kind in (_BYTES,) + _PICKLES:
                 message = raw
             else:

@@ -407,6 +407,7 @@ def test_queue_from_two_hosts_to_three_with_bridges_killed(server, bridges, tmp_
     for h in (0, 1):
         assert consumers[h].wait(20) == 0
     consumers[2].kill()
+    consumers[2].wait()
     lines = taken()
     assert set(lines) == want, "a message arrived that nobody put"
     duplicates = len(lines) - len(set(lines))
@@ -460,9 +461,11 @@ def test_hostile_entries_are_dropped_and_said(server, bridges):
     client.xadd(f"{prefix}queue:q", {"k": "99", "d": b"x"})
     client.xadd(f"{prefix}queue:q", {"nothing": "here"})
     client.xadd(f"{prefix}queue:q", {"k": "7", "d": b"\xff" * 40})   # a framed pickle that is not one
+    client.xadd(f"{prefix}queue:q", {"k": "0", "d": b"\xff\xfe not UTF-8"})
     client.xadd(f"{prefix}queue:q", {"k": "1", "d": b"fine"})
     client.publish(f"{prefix}value:v", b"not a version")
     client.publish(f"{prefix}value:v", b"99 someone z data")
+    client.publish(f"{prefix}value:v", b"98 someone s \xff")
     # The bad pickle reached the queue as bytes-to-be-loaded, never loaded by
     # the bridge; loading it here is refused as corrupt.
     got = []
@@ -479,7 +482,21 @@ def test_hostile_entries_are_dropped_and_said(server, bridges):
     time.sleep(0.3)
     log = "".join(b.log)
     assert "kind b'99'" in log and "kind b''" in log and "not 'version origin kind data'" in log, log
-    assert "kind b'z'" in log, log
+    assert "kind b'z'" in log and log.count("not UTF-8") == 2, log
+    assert b.proc.poll() is None
+    # A hash whose version is not a number stops the bridge's session, not the bridge.
+    client.hset(f"{prefix}value:v", "version", "many")
+    client.publish(f"{prefix}value:v", b"97 someone s fine")   # a version 97 after the garbage is applied
+    deadline = time.monotonic() + 10
+    while v.get() != "fine":
+        assert time.monotonic() < deadline, "".join(b.log)
+        time.sleep(0.02)
+    server.kill()
+    time.sleep(0.3)
+    server.start()
+    wait_for_log(b, "holds version b'many', not a number")
+    client.hset(f"{prefix}value:v", "version", "5")
+    wait_for_log(b, "connected again")
     assert b.proc.poll() is None
 
 
