@@ -765,3 +765,37 @@ def test_a_queue_in_a_subprocess_script(name):
         capture_output=True, text=True, timeout=30,
     )
     assert out.stdout.strip() == "hi", out.stderr
+
+
+def test_peek_leaves_a_message_until_dropped_and_put_raw_never_loads(name):
+    """What the bridge is built on: copy without taking, take once handed on."""
+    q = shmemext.Queue(name, 4096)
+    q.put("t\u00e9xt")
+    q.put(b"raw")
+    q.put({"a": 1})
+    first = q._peek()
+    assert first[2:] == (0, "t\u00e9xt") and q.qsize() == 3
+    second = q._peek(first[1])
+    third = q._peek(second[1])
+    assert second[2:] == (1, b"raw") and third[2] == 6 and pickle.loads(third[3]) == {"a": 1}
+    with pytest.raises(queue.Empty):
+        q._peek(third[1], timeout=0.05)
+    with pytest.raises(ValueError, match="is not a run of records"):
+        q._drop(first[0], first[1] + 8)
+    assert q._drop(first[0], second[1]) is True and q.qsize() == 1
+    assert q._drop(first[0], second[1]) is False   # already taken
+    assert q._peek(first[0]) is None                # gone
+    assert q.get() == {"a": 1}
+    # A pickle that runs code when loaded travels as bytes: _put_raw does not load it.
+    evil = pickle.dumps(os.getpid)[:-1] + b"(tR."   # calls os.getpid() on load, harmlessly
+    q._put_raw(6, evil)
+    assert q._peek()[2:] == (6, evil)
+    assert q.get() == os.getpid()
+    with pytest.raises(ValueError, match="kind 3 is not 1"):
+        q._put_raw(3, b"x")
+    with pytest.raises(TypeError):
+        q._put_raw(1, "not bytes")
+    q.close()
+    with pytest.raises(shmemext.ClosedError):
+        q._peek()
+

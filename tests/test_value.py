@@ -306,3 +306,17 @@ def test_errors_of_shmemext_are_value_errors_of_their_own_kind(name):
         v.get()
     with pytest.raises(shmemext.ClosedError):
         _ = v.version
+
+
+def test_set_if_sets_only_the_expected_version(name):
+    v = shmemext.Value(name, 64)
+    assert v._set_if("a", 0) == 1
+    assert v._set_if("b", 0) is None and v.get() == "a"
+    assert v._set_if(b"c", 1) == 2 and v.get() == b"c"
+    with pytest.raises(ValueError, match="does not fit"):
+        v._set_if(b"x" * 65, 2)
+    with pytest.raises(OverflowError):
+        v._set_if("x", -1)
+    v.close()
+    with pytest.raises(shmemext.ClosedError):
+        v._set_if("x", 2)
