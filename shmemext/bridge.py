@@ -94,7 +94,6 @@ class _ValueLink:
         self.lock = threading.Lock()
         self.applied = 0                     # the newest Redis version reflected locally
         self.local_seen: int | None = None   # the local version last published or applied
-        self.seen_stored: int | None = None  # what Redis has of local_seen
 
     def read(self) -> tuple[int, str | bytes]:
         """The local value and its version, read consistently."""
@@ -103,6 +102,31 @@ class _ValueLink:
             data = self.value.get()
             if self.value.version == before:
                 return before, data
+
+
+class _Intents:
+    """Writes that tell Redis of a local change, sent before the change is
+    made and their replies read later: a bridge killed just after the change
+    has told Redis already, since the kernel still delivers what was sent."""
+
+    def __init__(self, client: Any) -> None:
+        self.connection = client.connection_pool.make_connection()
+        self.connection.connect()
+        self.unread = 0
+
+    def send(self, *args: object) -> None:
+        self.connection.send_command(*args)
+        self.unread += 1
+        if self.unread >= _BATCH:
+            self.drain()
+
+    def drain(self) -> None:
+        while self.unread:
+            self.unread -= 1
+            self.connection.read_response()
+
+    def close(self) -> None:
+        self.connection.disconnect()
 
 
 class _SessionOver(Exception):
@@ -272,11 +296,13 @@ class Bridge:
             return
         publish = client.register_script(_PUBLISH)
         pubsub = client.pubsub()
+        intents = _Intents(client)
         try:
             if self._values:
                 pubsub.subscribe(*[link.key for link in self._values])
             for link in self._values:
-                self._catch_up(client, publish, link)
+                self._catch_up(client, publish, intents, link)
+            intents.drain()
             for _, key in self._receive:
                 self._make_group(client, key)
             if self._was_down:
@@ -287,7 +313,7 @@ class Bridge:
             self._connected_once = True
             jobs: list[tuple[Any, tuple[Any, ...]]] = []
             if self._values:
-                jobs.append((self._follow, (client, publish, pubsub)))
+                jobs.append((self._follow, (publish, intents, pubsub)))
             jobs += [(self._watch, (client, publish, link)) for link in self._values]
             jobs += [(self._send_queue, (client, q, key)) for q, key in self._send]
             jobs += [(self._receive_queue, (client, q, key)) for q, key in self._receive]
@@ -301,10 +327,11 @@ class Bridge:
             if self._failure is not None:
                 raise self._failure
         finally:
-            try:
-                pubsub.close()
-            except Exception:
-                pass
+            for closing in (pubsub, intents):
+                try:
+                    closing.close()
+                except Exception:
+                    pass
 
     def _worker(self, job: Any, args: tuple[Any, ...]) -> None:
         try:
@@ -327,10 +354,11 @@ class Bridge:
         version, data = link.read()
         kind, raw = _encode(data)
         redis_version = int(publish(keys=[link.key], args=[kind, raw, self.bridge_id, version]))
-        link.local_seen = link.seen_stored = version
+        link.local_seen = version
         link.applied = max(link.applied, redis_version)
 
-    def _apply(self, publish: Any, link: _ValueLink, version: int, kind: bytes, raw: bytes) -> None:
+    def _apply(self, publish: Any, intents: _Intents, link: _ValueLink, version: int, kind: bytes,
+               raw: bytes) -> None:
         """A version from Redis, made local unless it is old or a local set() is waiting to be passed on
         (under link.lock)."""
         if version <= link.applied:
@@ -346,9 +374,12 @@ class Bridge:
             self._log(f"{link.key}: version {version} has {why}: ignored")
             return
         expect = link.local_seen if link.local_seen is not None else link.value.version
+        seen_field = f"seen:{self.bridge_id}"
+        intents.send("HSET", link.key, seen_field, expect + 1)
         try:
             written = link.value._set_if(data, expect)
         except ValueError as e:   # too big for the local capacity
+            intents.send("HSET", link.key, seen_field, expect)
             self._log(f"{link.key}: version {version} not applied: {e}")
             link.applied = version
             return
@@ -360,28 +391,21 @@ class Bridge:
         link.local_seen = written
         link.applied = version
 
-    def _store_seen(self, client: Any, links: Iterable[_ValueLink]) -> None:
-        """Tells Redis the local versions applied since the last time, for a restart to know them."""
-        pipe = client.pipeline(transaction=False)
-        for link in links:
-            with link.lock:
-                seen = link.local_seen
-                if seen is None or seen == link.seen_stored:
-                    continue
-                link.seen_stored = seen
-            pipe.hset(link.key, f"seen:{self.bridge_id}", seen)
-        if len(pipe):
-            pipe.execute()
-
-    def _catch_up(self, client: Any, publish: Any, link: _ValueLink) -> None:
+    def _catch_up(self, client: Any, publish: Any, intents: _Intents, link: _ValueLink) -> None:
         """On (re)connecting: whichever of Redis and the local value changed last without the other knowing."""
         with link.lock:
             fields: Any = client.hmget(link.key, ["version", "kind", "data", f"seen:{self.bridge_id}"])
-            local_version = link.value.version
-            if link.local_seen is None and fields[3] is not None and fields[3].isdigit():
-                link.local_seen = link.seen_stored = int(fields[3])   # what this bridge last saw before a restart
             if fields[0] is not None and not fields[0].isdigit():
                 raise ValueError(f"{link.key} holds version {fields[0][:40]!r}, not a number")
+            local_version = link.value.version
+            if link.local_seen is None:
+                # Started afresh: what this bridge last passed on or was about
+                # to apply (written before applying it), if it ran before.
+                told = int(fields[3]) if fields[3] is not None and fields[3].isdigit() else None
+                if told is None or local_version in (told, told - 1):
+                    link.local_seen = local_version
+                elif local_version < told - 1 and local_version == 0:
+                    link.local_seen = 0   # a block made anew, never written
             if fields[0] is None or int(fields[0]) < link.applied:
                 # Redis has no value, or lost what it had: ours is the news.
                 link.applied = 0
@@ -390,26 +414,25 @@ class Bridge:
                 else:
                     link.local_seen = local_version
                 return
-            if link.local_seen is not None and local_version != link.local_seen:
-                self._publish(publish, link)   # set locally while the bridge or Redis was away
-                return
-            if link.local_seen is None:
+            if link.local_seen is None or local_version != link.local_seen:
+                # Set locally while the bridge or Redis was away, unless it is what Redis has.
+                _, data = link.read()
+                if _encode(data) != (fields[1], fields[2]):
+                    self._publish(publish, link)
+                    return
                 link.local_seen = local_version
-            self._apply(publish, link, int(fields[0]), fields[1] or b"b", fields[2] or b"")
-        self._store_seen(client, [link])
+            self._apply(publish, intents, link, int(fields[0]), fields[1] or b"b", fields[2] or b"")
 
-    def _follow(self, client: Any, publish: Any, pubsub: Any) -> None:
-        """Versions other hosts publish.  What was applied is told to Redis
-        when no message waits, at least every _POLL seconds."""
+    def _follow(self, publish: Any, intents: _Intents, pubsub: Any) -> None:
+        """Versions other hosts publish."""
         links = {link.key.encode(): link for link in self._values}
         me = self.bridge_id.encode()
-        told = time.monotonic()
         while True:
             self._going_on()
-            msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
-            if msg is None or time.monotonic() - told > _POLL:
-                self._store_seen(client, self._values)
-                told = time.monotonic()
+            msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+            if msg is None:
+                intents.drain()
+                msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
             if msg is None or msg.get("type") != "message":
                 continue
             link = links.get(msg["channel"])
@@ -422,7 +445,7 @@ class Bridge:
             if parts[1] == me:
                 continue
             with link.lock:
-                self._apply(publish, link, int(parts[0]), parts[2], parts[3])
+                self._apply(publish, intents, link, int(parts[0]), parts[2], parts[3])
 
     def _watch(self, client: Any, publish: Any, link: _ValueLink) -> None:
         """Local sets, passed on."""

@@ -335,6 +335,53 @@ def test_a_bridge_killed_and_restarted_catches_up(server, bridges):
     assert b.get() == "while b's bridge was down, from a"
 
 
+# Writes until told to stop, a number a set.
+ENDLESS_WRITER = """
+import sys, time, shmemext
+v = shmemext.Value(sys.argv[1])
+tag, stop = sys.argv[2], shmemext.Value(sys.argv[3])
+i = 0
+while stop.get() != "stop":
+    v.set(f"{tag}:{i}" if i % 2 else f"{tag}:{i}".encode())
+    i += 1
+    time.sleep(0.0005)
+v.set(f"{tag}:{i}" if i % 2 else f"{tag}:{i}".encode())
+"""
+
+
+def test_bridges_killed_again_and_again_while_three_hosts_write(server, bridges, tmp_path):
+    """Every SHMEMEXT_BRIDGE_SOAK seconds (6 by default), one of three hosts'
+    bridges is SIGKILLed and restarted, while a writer on each host sets
+    and a reader on each host checks that no writer's numbers go back."""
+    import random
+
+    hosts, seconds = 3, float(os.environ.get("SHMEMEXT_BRIDGE_SOAK", "6"))
+    prefix, started = value_hosts(server, bridges, hosts)
+    stop = host_name(9, "stop")
+    stopper = shmemext.Value(stop)
+    readers = [run(READER, host_name(h, "v"), tmp_path / f"r{h}.json") for h in range(hosts)]
+    writers = [run(ENDLESS_WRITER, host_name(h, "v"), f"w{h}", stop) for h in range(hosts)]
+    rng = random.Random(7)
+    kills = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        b = started[rng.randrange(hosts)]
+        time.sleep(rng.uniform(0, 0.3))
+        b.kill()
+        kills += 1
+        time.sleep(rng.uniform(0, 0.2))
+        b.start()
+    stopper.set("stop")
+    for w in writers:
+        assert w.wait(60) == 0
+    version = final_values(server, prefix, hosts)
+    for r in readers:
+        assert r.wait(60) == 0, "a reader saw a writer's numbers go back (see its output)"
+    seen = [json.loads((tmp_path / f"r{h}.json").read_text())["seen"] for h in range(hosts)]
+    print(f"{kills} bridges killed; {version} versions in Redis; values seen per host {seen}")
+    stopper.close()
+
+
 PRODUCER = """
 import sys, shmemext
 q = shmemext.Queue(sys.argv[1], 1 << 20)
