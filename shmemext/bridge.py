@@ -543,15 +543,16 @@ class Bridge:
         return len(entries)
 
     def _deliver(self, client: Any, q: shmemext.Queue, key: str, entries: Any) -> None:
-        entries = [(i, f) for i, f in entries if f is not None]   # deleted while pending
-        if not entries:
-            return
-        put = self._put_batch(q, entries)
-        if put:
-            ids = [i for i, _ in entries[:put]]
+        # An entry deleted while pending comes without fields: only acknowledged.
+        gone = [i for i, f in entries if f is None]
+        entries = [(i, f) for i, f in entries if f is not None]
+        put = self._put_batch(q, entries) if entries else 0
+        ids = [i for i, _ in entries[:put]]
+        if ids or gone:
             pipe = client.pipeline(transaction=True)
-            pipe.xack(key, self._group, *ids)
-            pipe.xdel(key, *ids)
+            pipe.xack(key, self._group, *(ids + gone))
+            if ids:
+                pipe.xdel(key, *ids)
             pipe.execute()
             self.delivered += put
         self._going_on()
