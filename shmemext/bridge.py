@@ -27,6 +27,7 @@ the bridge.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import socket
@@ -77,6 +78,11 @@ def _split_name(spec: str) -> tuple[str, str]:
     if not local or (sep and not remote):
         raise ValueError(f"bridge name {spec!r}: expected NAME or LOCAL=REMOTE")
     return local, remote if sep else local
+
+
+def _digest(kind: bytes, raw: bytes) -> str:
+    """A value's fingerprint, told to Redis before the value is applied."""
+    return hashlib.blake2b(kind + b":" + raw, digest_size=16).hexdigest()
 
 
 def _encode(obj: str | bytes) -> tuple[bytes, bytes]:
@@ -375,7 +381,7 @@ class Bridge:
             return
         expect = link.local_seen if link.local_seen is not None else link.value.version
         seen_field = f"seen:{self.bridge_id}"
-        intents.send("HSET", link.key, seen_field, expect + 1)
+        intents.send("HSET", link.key, seen_field, f"{expect + 1} {_digest(kind, raw)}")
         try:
             written = link.value._set_if(data, expect)
         except ValueError as e:   # too big for the local capacity
@@ -401,10 +407,16 @@ class Bridge:
             if link.local_seen is None:
                 # Started afresh: what this bridge last passed on or was about
                 # to apply (written before applying it), if it ran before.
-                told = int(fields[3]) if fields[3] is not None and fields[3].isdigit() else None
-                if told is None or local_version in (told, told - 1):
-                    link.local_seen = local_version
-                elif local_version < told - 1 and local_version == 0:
+                # "N": it published local version N; "N DIGEST": it was about to
+                # make the value of that digest local version N.
+                told = (fields[3] or b"").split()
+                told_version = int(told[0]) if told and told[0].isdigit() else None
+                if told_version is None or local_version == told_version - 1:
+                    link.local_seen = local_version   # never ran here, or was killed before applying
+                elif local_version == told_version:
+                    if len(told) == 1 or _digest(*_encode(link.read()[1])) == told[1].decode(errors="replace"):
+                        link.local_seen = local_version   # applied it, or passed it on
+                elif local_version == 0:
                     link.local_seen = 0   # a block made anew, never written
             if fields[0] is None or int(fields[0]) < link.applied:
                 # Redis has no value, or lost what it had: ours is the news.

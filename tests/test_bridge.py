@@ -335,6 +335,44 @@ def test_a_bridge_killed_and_restarted_catches_up(server, bridges):
     assert b.get() == "while b's bridge was down, from a"
 
 
+def wait_value(v, want, timeout=10):
+    deadline = time.monotonic() + timeout
+    while v.get() != want:
+        assert time.monotonic() < deadline, f"{v.name} holds {v.get()!r}, not {want!r}"
+        time.sleep(0.01)
+
+
+def test_a_restart_tells_an_applied_value_from_a_local_set(server, bridges):
+    """What a bridge last told Redis decides, after a SIGKILL, whether the
+    local value is news: a value it applied is not passed on again (which
+    would undo a newer one), a local set is."""
+    from shmemext.bridge import _digest
+
+    prefix, started = value_hosts(server, bridges, 2)
+    a, b = shmemext.Value(host_name(0, "v")), shmemext.Value(host_name(1, "v"))
+    a.set("one")
+    wait_value(b, "one")
+    client = server.client()
+    key, field = f"{prefix}value:v", "seen:host1"
+    settle(lambda: client.hget(key, field))
+    assert client.hget(key, field).decode() == f"{b.version} {_digest(b's', b'one')}"
+    started[1].kill()
+    a.set("two")              # newer than what b holds, while b's bridge is away
+    time.sleep(0.2)
+    started[1].start()
+    wait_value(b, "two")
+    time.sleep(0.3)
+    assert a.get() == "two"   # not undone by b's "one"
+    # Killed after telling Redis it would apply "three" as the next version,
+    # before applying it; then one local set on b takes that version number.
+    started[1].kill()
+    client.hset(key, field, f"{b.version + 1} {_digest(b's', b'three')}")
+    b.set("b's own")
+    started[1].start()
+    wait_value(a, "b's own")
+    final_values(server, prefix, 2)
+
+
 # Writes until told to stop, a number a set.
 ENDLESS_WRITER = """
 import sys, time, shmemext
