@@ -342,6 +342,19 @@ def wait_value(v, want, timeout=10):
         time.sleep(0.01)
 
 
+def test_a_value_too_big_for_a_host_is_said_and_skipped_there(server, bridges):
+    prefix = new_prefix()
+    small = shmemext.Value(host_name(1, "v"), 16)
+    big = shmemext.Value(host_name(0, "v"), 4096)
+    bridges(server.url, prefix, [f"{host_name(0, 'v')}=v"], "host0")
+    b = bridges(server.url, prefix, [f"{host_name(1, 'v')}=v"], "host1")
+    big.set("x" * 100)
+    wait_for_log(b, "does not fit")
+    big.set("fits")
+    wait_value(small, "fits")
+    assert b.proc.poll() is None
+
+
 def test_a_restart_tells_an_applied_value_from_a_local_set(server, bridges):
     """What a bridge last told Redis decides, after a SIGKILL, whether the
     local value is news: a value it applied is not passed on again (which
