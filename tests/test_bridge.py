@@ -756,3 +756,8 @@ def test_bad_arguments(server, name):
     assert p.returncode == 2 and "--redis URL is required" in p.stderr
     p = subprocess.run([sys.executable, "-m", "shmemext", "bridge", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--send" in p.stdout and "--receive" in p.stdout
+    # Without redis-py: the core module never needs it; the bridge says what to install.
+    code = ("import sys; sys.modules['redis'] = None; import shmemext, shmemext.bridge; "
+            "from shmemext.__main__ import main; sys.exit(main(['bridge', '--redis', 'redis://127.0.0.1:1/0', 'v']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 2 and "pip install 'shmemext[redis]'" in p.stderr, p.stderr
