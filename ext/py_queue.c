@@ -506,32 +506,50 @@ static int raise_pending(QueueObject *self)
     return -1;
 }
 
-static PyObject *get_one(QueueObject *self, double seconds)
+/* Waits (`seconds`: 0 only tries, < 0 for ever) for a message and copies it
+ * out as bytes or str into *obj: taken, or with `spot` left in the queue
+ * (shx_queue_peek).  Returns SHX_OK, SHX_E_MOVED for a peek at a message
+ * another consumer took meanwhile, or -1 with an exception set. */
+static int copy_message(QueueObject *self, double seconds, shx_queue_spot *spot, PyObject **obj, uint32_t *type)
 {
     shx_py_dst dst = {NULL, 0};
     shx_py_release release;
     shx_error err;
-    uint32_t type = 0;
     size_t nbytes;
     int rc;
     uint64_t start = seconds > 0 ? shx_os_monotonic_ns() : 0;
+    *type = 0;
     do {
         if (shx_py_enter(&self->base) < 0) {
             Py_XDECREF(dst.obj);
-            return NULL;
+            return -1;
         }
         shx_hooks hooks = SHX_PY_HOOKS(release, &self->base);
-        rc = shx_queue_get(&self->base.block, shx_py_prepare_dst, &dst, left_ns(seconds, start), &hooks, &type, &nbytes,
-                           &err);
+        int64_t left = left_ns(seconds, start);
+        rc = spot == NULL
+                 ? shx_queue_get(&self->base.block, shx_py_prepare_dst, &dst, left, &hooks, type, &nbytes, &err)
+                 : shx_queue_peek(&self->base.block, spot, shx_py_prepare_dst, &dst, left, &hooks, type, &nbytes, &err);
         shx_py_leave(&self->base);
     } while (SHX_PY_RETRY(rc, release));
-    if (rc != SHX_OK) {
-        Py_XDECREF(dst.obj);
-        if (PyErr_Occurred())
-            return NULL;
-        return raise_queue(self, &err, seconds);
+    if (rc == SHX_OK) {
+        *obj = dst.obj;
+        return SHX_OK;
     }
-    return incoming(self, type, dst.obj);
+    Py_XDECREF(dst.obj);
+    if (rc == SHX_E_MOVED)
+        return rc;
+    if (!PyErr_Occurred())
+        raise_queue(self, &err, seconds);
+    return -1;
+}
+
+static PyObject *get_one(QueueObject *self, double seconds)
+{
+    PyObject *data;
+    uint32_t type;
+    if (copy_message(self, seconds, NULL, &data, &type) != SHX_OK)
+        return NULL;
+    return incoming(self, type, data);
 }
 
 static PyObject *queue_get(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -574,35 +592,15 @@ static PyObject *queue_peek(QueueObject *self, PyObject *const *args, Py_ssize_t
             return NULL;
         spot.at = at;
     }
-    shx_py_dst dst = {NULL, 0};
-    shx_py_release release;
-    shx_error err;
-    uint32_t type = 0;
-    size_t nbytes;
-    int rc;
-    uint64_t start = seconds > 0 ? shx_os_monotonic_ns() : 0;
-    do {
-        if (shx_py_enter(&self->base) < 0) {
-            Py_XDECREF(dst.obj);
-            return NULL;
-        }
-        shx_hooks hooks = SHX_PY_HOOKS(release, &self->base);
-        rc = shx_queue_peek(&self->base.block, &spot, shx_py_prepare_dst, &dst, left_ns(seconds, start), &hooks, &type,
-                            &nbytes, &err);
-        shx_py_leave(&self->base);
-    } while (SHX_PY_RETRY(rc, release));
-    if (rc == SHX_E_MOVED) {
-        Py_XDECREF(dst.obj);
+    PyObject *data;
+    uint32_t type;
+    int rc = copy_message(self, seconds, &spot, &data, &type);
+    if (rc == SHX_E_MOVED)
         Py_RETURN_NONE;
-    }
-    if (rc != SHX_OK) {
-        Py_XDECREF(dst.obj);
-        if (PyErr_Occurred())
-            return NULL;
-        return raise_queue(self, &err, seconds);
-    }
+    if (rc != SHX_OK)
+        return NULL;
     long kind = type <= SHX_TYPE_UCS4 && type != SHX_TYPE_BYTES ? 0 : (long)type;
-    return Py_BuildValue("(KKlN)", (unsigned long long)spot.at, (unsigned long long)spot.next, kind, dst.obj);
+    return Py_BuildValue("(KKlN)", (unsigned long long)spot.at, (unsigned long long)spot.next, kind, data);
 }
 
 static PyObject *queue_drop(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)

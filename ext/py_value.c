@@ -83,12 +83,9 @@ PyObject *shx_py_value_get(BlockObject *self)
     return dst.obj;
 }
 
-int shx_py_value_set(BlockObject *self, PyObject *value)
-{
-    return shx_py_value_set_if(self, value, SHX_ANY_VERSION, NULL);
-}
-
-int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uint64_t *written)
+/* Both sets, inlined into each so that a plain set() keeps no trace of the
+ * condition. */
+static inline int set_from(BlockObject *self, PyObject *value, uint64_t expect, uint64_t *written)
 {
     Py_buffer view;
     const void *data;
@@ -139,7 +136,9 @@ int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uin
             return -1;
         }
         shx_hooks hooks = SHX_PY_HOOKS(release, self);
-        rc = shx_value_set_if(&self->block, type, data, nbytes, expect, written, &hooks, &err);
+        rc = expect == SHX_ANY_VERSION
+                 ? shx_value_set(&self->block, type, data, nbytes, &hooks, &err)
+                 : shx_value_set_if(&self->block, type, data, nbytes, expect, written, &hooks, &err);
         shx_py_leave(self);
     } while (SHX_PY_RETRY(rc, release));
     if (have_view)
@@ -151,6 +150,13 @@ int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uin
         return -1;
     }
     return 0;
+}
+
+int shx_py_value_set(BlockObject *self, PyObject *value) { return set_from(self, value, SHX_ANY_VERSION, NULL); }
+
+int shx_py_value_set_if(BlockObject *self, PyObject *value, uint64_t expect, uint64_t *written)
+{
+    return set_from(self, value, expect, written);
 }
 
 static PyObject *value_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
