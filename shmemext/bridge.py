@@ -179,7 +179,6 @@ class Bridge:
         except ImportError:
             raise ImportError("the bridge needs redis-py: pip install 'shmemext[redis]'") from None
         self.redis_url = redis_url
-        self.prefix = prefix
         self.claim_after = float(claim_after)
         if not self.claim_after > 0:
             raise ValueError(f"claim_after must be > 0 seconds, not {claim_after!r}")
@@ -222,8 +221,6 @@ class Bridge:
         self._was_down = False
         self._connected_once = False
         self._running = threading.Lock()
-        self.delivered = 0   # queue messages put into local queues (duplicates included)
-        self.sent = 0        # queue messages added to Redis
 
     # ---- life ---------------------------------------------------------------
 
@@ -507,7 +504,6 @@ class Bridge:
                 raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
                 pipe.xadd(key, {"k": str(kind), "d": raw, "o": self.bridge_id})
             pipe.execute()
-            self.sent += len(batch)
             if not q._drop(start, end):
                 self._log(f"{q.name}: another consumer takes from this sent queue; "
                           "its messages may reach Redis twice")
@@ -566,7 +562,6 @@ class Bridge:
             if ids:
                 pipe.xdel(key, *ids)
             pipe.execute()
-            self.delivered += put
         self._going_on()
 
     def _receive_queue(self, client: Any, q: shmemext.Queue, key: str) -> None:

@@ -180,6 +180,11 @@ def run(code, *args):
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)])
 
 
+def lines_in(paths):
+    """Every line the consumers wrote to these files, duplicates included."""
+    return [line for path in paths if path.exists() for line in path.read_text().splitlines()]
+
+
 def settle(read, timeout=20.0):
     """Waits until read() gives the same answer twice, 0.5 s apart."""
     deadline = time.monotonic() + timeout
@@ -478,11 +483,7 @@ def test_queue_from_two_hosts_to_three_with_bridges_killed(server, bridges, tmp_
     producers = [run(PRODUCER, host_name(h, "out"), f"p{h}", per_producer) for h, _ in send]
 
     def taken():
-        lines = []
-        for path in outputs.values():
-            if path.exists():
-                lines += path.read_text().splitlines()
-        return lines
+        return lines_in(outputs.values())
 
     # Mid-way: host 1's bridge (a sender and a receiver) is killed and
     # restarted; host 2's receiving bridge is killed for good, and what it
@@ -561,11 +562,7 @@ def test_queue_with_bridges_killed_again_and_again(server, bridges, tmp_path):
     want = {f"r{r}p{h}:{i}" for r in range(rounds) for h in range(2) for i in range(per_producer)}
 
     def taken():
-        lines = []
-        for path in outputs.values():
-            if path.exists():
-                lines += path.read_text().splitlines()
-        return lines
+        return lines_in(outputs.values())
 
     deadline = time.monotonic() + 90
     while not want <= set(taken()):
@@ -603,7 +600,7 @@ def test_queue_through_a_redis_killed_in_the_middle(server, bridges, tmp_path):
     producer = run(PRODUCER, host_name(0, "out"), "p", n)
 
     def taken():
-        return out.read_text().splitlines() if out.exists() else []
+        return lines_in([out])
 
     while len(taken()) < n // 4:
         time.sleep(0.02)
