@@ -522,6 +522,11 @@ def supervise(args: argparse.Namespace) -> dict:
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
+    # The SIGSEGV a worker is sent is a crash: the kernel is to end the process.  An
+    # AddressSanitizer build would run its report instead, inside whatever C library or
+    # allocator call the signal interrupted, and can wait forever on a lock held there.
+    worker_env = dict(os.environ)
+    worker_env["ASAN_OPTIONS"] = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS"), "handle_segv=0"]))
 
     def start(role: str) -> dict:
         seed = next(seeds)
@@ -534,7 +539,7 @@ def supervise(args: argparse.Namespace) -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-W", "ignore::DeprecationWarning", __file__, "--worker", role, "--prefix", prefix,
              "--seed", str(seed), "--log", log, "--state", state, "--bound", str(args.bound)],
-            preexec_fn=no_core_dumps, start_new_session=True)
+            env=worker_env, preexec_fn=no_core_dumps, start_new_session=True)
         groups.append(proc.pid)
         with open(state, "r+b") as f:
             view = mmap.mmap(f.fileno(), 1)
@@ -574,7 +579,7 @@ def supervise(args: argparse.Namespace) -> dict:
         kills[kind] += 1
         if in_lock:
             deaths_in_lock[f"seg{victim['seed'] % 2}"] += 1
-        dying.append((victim, time.monotonic()))
+        dying.append((victim, time.monotonic(), kind))
         workers[workers.index(victim)] = start(victim["role"])
         started += 1
         reap(dying, problems_of_supervisor, args.bound)
@@ -641,14 +646,31 @@ def reap(dying: list, problems: list[str], bound: float) -> None:
     """Collects the victims that have ended; one that outlives the signal it
     was sent by the bound was stuck where the signal could not reach it."""
     for entry in list(dying):
-        victim, sent = entry
+        victim, sent, kind = entry
         if victim["proc"].poll() is not None:
             dying.remove(entry)
         elif time.monotonic() - sent > bound:
-            problems.append(f"HANG {victim['role']}-{victim['seed']}: alive {bound} s after its signal")
+            problems.append(f"HANG {victim['role']}-{victim['seed']}: alive {bound} s after its {kind},"
+                            f" threads in {kernel_waits(victim['proc'].pid)}")
             victim["proc"].kill()
             victim["proc"].wait()
             dying.remove(entry)
+
+
+def kernel_waits(pid: int) -> str:
+    """Where each thread of a stuck process sleeps in the kernel (Linux), to
+    tell a wait of ours from one in a signal handler or the C library."""
+    try:
+        tasks = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+        waits = []
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                run_state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                waits.append(f"{run_state}:{f.read() or '-'}")
+        return " ".join(waits)
+    except OSError as error:
+        return f"(unknown: {error})"
 
 
 def group_alive(group: int) -> bool:
