@@ -296,8 +296,9 @@ static PyObject *raise_queue(QueueObject *self, const shx_error *err, double sec
 
 /* ---- put ---------------------------------------------------------------------- */
 
-/* Puts m and releases it. */
-static int put_outgoing(QueueObject *self, outgoing *m, double seconds, uint64_t start)
+/* Puts m and releases it.  With no_room set, a full queue is no error:
+ * *no_room is then the size of the record that found no room, else 0. */
+static int put_outgoing(QueueObject *self, outgoing *m, double seconds, uint64_t start, uint64_t *no_room)
 {
     shx_py_release release;
     shx_error err;
@@ -312,7 +313,9 @@ static int put_outgoing(QueueObject *self, outgoing *m, double seconds, uint64_t
         shx_py_leave(&self->base);
     } while (SHX_PY_RETRY(rc, release));
     outgoing_release(m);
-    if (rc != SHX_OK) {
+    if (no_room != NULL)
+        *no_room = rc == SHX_E_FULL ? err.a : 0;
+    if (rc != SHX_OK && !(rc == SHX_E_FULL && no_room != NULL)) {
         if (!PyErr_Occurred())
             raise_queue(self, &err, seconds);
         return -1;
@@ -320,12 +323,12 @@ static int put_outgoing(QueueObject *self, outgoing *m, double seconds, uint64_t
     return 0;
 }
 
-static int put_one(QueueObject *self, PyObject *obj, double seconds, uint64_t start)
+static int put_one(QueueObject *self, PyObject *obj, double seconds, uint64_t start, uint64_t *no_room)
 {
     outgoing m;
     if (outgoing_make(STATE(self), obj, &m) < 0)
         return -1;
-    return put_outgoing(self, &m, seconds, start);
+    return put_outgoing(self, &m, seconds, start, no_room);
 }
 
 /* _put_raw(kind, data, timeout=None): a message as _peek() gave it (kind 1:
@@ -351,7 +354,7 @@ static PyObject *queue_put_raw(QueueObject *self, PyObject *const *args, Py_ssiz
         return NULL;
     m.have_view = 1;
     outgoing_one(&m, (uint32_t)kind, m.view.buf, (size_t)m.view.len);
-    if (put_outgoing(self, &m, seconds, seconds > 0 ? shx_os_monotonic_ns() : 0) < 0)
+    if (put_outgoing(self, &m, seconds, seconds > 0 ? shx_os_monotonic_ns() : 0, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -364,16 +367,27 @@ static PyObject *queue_put(QueueObject *self, PyObject *const *args, Py_ssize_t 
     double seconds;
     if (shx_py_parse(&sig, args, nargs, kwnames, v) < 0 || wait_args("put", v[1], v[2], &seconds) < 0)
         return NULL;
-    if (put_one(self, v[0], seconds, shx_os_monotonic_ns()) < 0)
+    if (put_one(self, v[0], seconds, shx_os_monotonic_ns(), NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *queue_put_nowait(QueueObject *self, PyObject *obj)
 {
-    if (put_one(self, obj, 0, 0) < 0)
+    if (put_one(self, obj, 0, 0, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* put_nowait() for put_async(), whose watcher hands the room taken to the
+ * awaiting puts it fits, in turn: 0 once put, else the size of the record
+ * that found no room. */
+static PyObject *queue_try_put(QueueObject *self, PyObject *obj)
+{
+    uint64_t no_room;
+    if (put_one(self, obj, 0, 0, &no_room) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(no_room);
 }
 
 static PyObject *queue_put_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -391,7 +405,7 @@ static PyObject *queue_put_many(QueueObject *self, PyObject *const *args, Py_ssi
     Py_ssize_t done = 0;
     PyObject *item;
     while ((item = PyIter_Next(it)) != NULL) {
-        int rc = put_one(self, item, seconds, start);
+        int rc = put_one(self, item, seconds, start, NULL);
         Py_DECREF(item);
         if (rc < 0)
             break;
@@ -832,6 +846,9 @@ static PyMethodDef queue_methods[] = {
      "queue.Full if there is none.  ValueError for a message that can never fit."},
     {"put_nowait", (PyCFunction)queue_put_nowait, METH_O,
      "put_nowait($self, obj, /)\n--\n\nput(obj, block=False): queue.Full at once when there is no room."},
+    {"_try_put", (PyCFunction)queue_try_put, METH_O,
+     "_try_put($self, obj, /)\n--\n\nput_nowait(obj), but a full queue returns the size of the record that\n"
+     "found no room (0 once put) instead of raising queue.Full."},
     {"put_many", (PyCFunction)(void (*)(void))queue_put_many, METH_FASTCALL | METH_KEYWORDS,
      "put_many($self, /, messages, block=True, timeout=None)\n--\n\nPut each of an iterable of messages, in order,\n"
      "and return how many.  On an error the messages before it are in the queue.  `timeout` is\n"

@@ -12,7 +12,10 @@ is awaited: a watcher with nothing to watch ends after _LINGER seconds.
 
 A Queue's put_async() on a full queue is a request of the same watcher for
 room: it sleeps past the queue's count of bytes taken, on the word that
-consumers ring after each take (only when someone sleeps there).
+consumers ring after each take (only when someone sleeps there).  Room
+that comes is handed to the awaiting puts in turn, to as many as it fits,
+each promised its record's size until it has tried: one take wakes one put
+of its size, not every put that waits.
 
 A new request, a cancelled one and close() ring the watcher's doorbell (or,
 for close(), wake its sleep on the block), so it chooses again what to sleep
@@ -27,7 +30,7 @@ import queue as _stdqueue
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Optional
+from typing import Optional, Union
 
 from . import _shmemext
 from ._shmemext import Queue, Value
@@ -58,7 +61,11 @@ class _Room:
         return hash((_Room, id(self.queue)))
 
 
-def _version_of(block: "Value | Queue | _Room") -> int:
+# What a watcher sleeps on: a Value's or a Queue's version, or a queue's room.
+_Watched = Union[Value, Queue, _Room]
+
+
+def _version_of(block: _Watched) -> int:
     """A Value's committed sets, a Queue's committed messages (both move the
     same counter of their block), or a queue's room: what the watcher sleeps
     past."""
@@ -71,12 +78,14 @@ def _version_of(block: "Value | Queue | _Room") -> int:
 
 
 class _Request:
-    __slots__ = ("loop", "future", "seen")
+    __slots__ = ("loop", "future", "seen", "need", "promised")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], seen: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], seen: int, need: int) -> None:
         self.loop = loop
         self.future = future
         self.seen = seen
+        self.need = need  # for room: the size of the record to put
+        self.promised = False  # answered with room that is kept for it until it has tried
 
 
 def _settle(future: asyncio.Future[int], version: Optional[int], error: Optional[BaseException]) -> None:
@@ -92,16 +101,18 @@ def _settle(future: asyncio.Future[int], version: Optional[int], error: Optional
 class _Watcher:
     def __init__(self) -> None:
         self.bell = _shmemext._Bell()
-        self.requests: dict[Value, list[_Request]] = {}
+        self.requests: dict[_Watched, list[_Request]] = {}
         # Values whose last request was answered lately, watched on for
         # _WARM seconds: a task that asks again at once (a ping-pong, a loop
         # over changes()) then finds the watcher already asleep on the block
         # and needs no ring.  Never also in requests.
-        self.warm: dict[Value, float] = {}
+        self.warm: dict[_Watched, float] = {}
         # What the watcher sleeps on now, each Value with the version it
         # sleeps past: a request that has seen that very version needs no
         # ring (the next set() wakes the watcher, which then answers it).
-        self.sleeping_on: dict[Value, int] = {}
+        self.sleeping_on: dict[_Watched, int] = {}
+        # Room handed to answered put_async() requests that have not tried yet.
+        self.promised: dict[_Watched, int] = {}
         # Bumped by every new request: one made after the watcher read the
         # requests, and before it published sleeping_on, makes it look again.
         self.generation = 0
@@ -127,14 +138,14 @@ class _Watcher:
                         if self in _watchers:
                             _watchers.remove(self)
                         return
-            rooms = tuple(type(v) is _Room for v in values)
+            blocks = tuple(v.queue if isinstance(v, _Room) else v for v in values)
+            rooms = tuple(isinstance(v, _Room) for v in values)
             if any(rooms):
-                blocks = tuple(v.queue if type(v) is _Room else v for v in values)  # type: ignore[union-attr]
                 _shmemext._wait_any(blocks, tuple(versions), self.bell, rung, timeout, rooms)
             else:
-                _shmemext._wait_any(tuple(values), tuple(versions), self.bell, rung, timeout)
+                _shmemext._wait_any(blocks, tuple(versions), self.bell, rung, timeout)
 
-    def _due(self) -> tuple[list[Value], list[int], float]:
+    def _due(self) -> tuple[list[_Watched], list[int], float]:
         """Hands new versions (or ClosedError) to the requests they are due
         to; returns what is left to sleep on, and for how long.  Versions
         are read outside the lock: a read waits while a close() of its Value
@@ -154,7 +165,14 @@ class _Watcher:
             except ValueError as closed:  # ClosedError
                 self._answer(value, requests, None, closed)
                 continue
-            due = [r for r in requests if r.seen != version]
+            if isinstance(value, _Room):
+                try:
+                    due = self._fitting(value, requests, version)
+                except ValueError as closed:
+                    self._answer(value, requests, None, closed)
+                    continue
+            else:
+                due = [r for r in requests if r.seen != version]
             if due:
                 self._answer(value, due, version, None)
             values.append(value)  # watched on, warm if nothing is left
@@ -177,8 +195,25 @@ class _Watcher:
             timeout = min([_SLICE] + [until - now for until in self.warm.values()])
         return values, versions, (max(timeout, 0.001) if values else _LINGER)
 
+    def _fitting(self, room: _Room, requests: "tuple[_Request, ...]", taken: int) -> list[_Request]:
+        """The requests, oldest first, that the room free now (less what is
+        promised) fits, among those that looked before the last take."""
+        queue = room.queue
+        with _lock:
+            promised = self.promised.get(room, 0)
+        free = queue.capacity - queue._used - promised  # read after taken: a take since wakes the sleep
+        due = []
+        for r in requests:
+            if r.seen == taken:
+                continue  # it found no room after the last take: it waits for the next
+            if r.need > free:
+                break  # in turn: a later, smaller put does not pass it
+            free -= r.need
+            due.append(r)
+        return due
+
     def _answer(
-        self, value: Value, requests: "list[_Request] | tuple[_Request, ...]", version: Optional[int],
+        self, value: _Watched, requests: "list[_Request] | tuple[_Request, ...]", version: Optional[int],
         error: Optional[BaseException],
     ) -> None:
         with _lock:
@@ -186,6 +221,9 @@ class _Watcher:
             answered = [r for r in requests if r in waiting]
             for r in answered:
                 waiting.remove(r)
+                if r.need and error is None:
+                    r.promised = True
+                    self.promised[value] = self.promised.get(value, 0) + r.need
             if not waiting:
                 self.requests.pop(value, None)
                 if error is None:
@@ -201,7 +239,7 @@ class _Watcher:
 
 _lock = threading.Lock()
 _watchers: list[_Watcher] = []
-_where: dict[Value, _Watcher] = {}
+_where: dict[_Watched, _Watcher] = {}
 
 
 def _forget_after_fork() -> None:
@@ -216,8 +254,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _watch(value: Value, seen: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int]) -> tuple[_Watcher, _Request]:
-    request = _Request(loop, future, seen)
+def _watch(
+    value: _Watched, seen: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], need: int = 0
+) -> tuple[_Watcher, _Request]:
+    request = _Request(loop, future, seen, need)
     start = False
     with _lock:
         watcher = _where.get(value)
@@ -265,7 +305,7 @@ def _abandon(watcher: _Watcher, own: _Request, error: BaseException) -> None:
             pass
 
 
-def _unwatch(watcher: _Watcher, value: Value, request: _Request) -> None:
+def _unwatch(watcher: _Watcher, value: _Watched, request: _Request) -> None:
     with _lock:
         waiting = watcher.requests.get(value)
         if waiting is None or request not in waiting:
@@ -299,7 +339,7 @@ def _timeout_arg(fname: str, timeout: object) -> Optional[float]:
     return None if seconds > 1e9 else seconds
 
 
-def _timed_out(value: Value, timeout: float, seen: int) -> TimeoutError:
+def _timed_out(value: _Watched, timeout: float, seen: int) -> TimeoutError:
     return TimeoutError(
         f"timed out after {timeout:g} s waiting for a new value in Value '{value.name}' (still version {seen})"
     )
@@ -310,7 +350,13 @@ def _expire(future: asyncio.Future[int], error: TimeoutError) -> None:
         future.set_exception(error)
 
 
-async def _wait(value: Value, seen: int, timeout: Optional[float]) -> int:
+async def _wait(
+    value: _Watched, seen: int, timeout: Optional[float], need: int = 0,
+    held: "Optional[list[tuple[_Watcher, _Watched, _Request]]]" = None,
+) -> int:
+    """Waits past version `seen`.  For room, `need` is the record's size and
+    the request is added to `held`: room it is answered with stays promised
+    to it until it is let go (_let_go)."""
     now = _version_of(value)
     if now != seen:
         return now
@@ -318,7 +364,9 @@ async def _wait(value: Value, seen: int, timeout: Optional[float]) -> int:
         raise _timed_out(value, 0, seen)
     loop = asyncio.get_running_loop()
     future: asyncio.Future[int] = loop.create_future()
-    watcher, request = _watch(value, seen, loop, future)
+    watcher, request = _watch(value, seen, loop, future, need)
+    if held is not None:
+        held.append((watcher, value, request))
     timer = None if timeout is None else loop.call_later(timeout, _expire, future, _timed_out(value, timeout, seen))
     try:
         return await future
@@ -373,7 +421,7 @@ async def _queue_get(queue: Queue, limit: Optional[float]) -> object:
         # A message committed since `seen` ends this at once.
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         try:
-            await _wait(queue, seen, left)  # type: ignore[arg-type]
+            await _wait(queue, seen, left)
         except TimeoutError:
             pass  # one more look, then Empty
 
@@ -385,24 +433,49 @@ def queue_get_async(queue: Queue, timeout: Optional[float] = None) -> Coroutine[
     return _queue_get(queue, _timeout_arg("get_async", timeout))
 
 
+def _let_go(held: "list[tuple[_Watcher, _Watched, _Request]]") -> None:
+    """Gives back the room promised to a put_async() that has now tried (or
+    ended): the watcher hands what is left to the next put in turn."""
+    while held:
+        watcher, room, request = held.pop()
+        with _lock:
+            if not request.promised:
+                continue
+            request.promised = False
+            left = watcher.promised.get(room, 0) - request.need
+            if left > 0:
+                watcher.promised[room] = left
+            else:
+                watcher.promised.pop(room, None)
+            others = bool(watcher.requests.get(room))
+        if others:
+            watcher.bell.ring()
+
+
 async def _queue_put(queue: Queue, obj: object, limit: Optional[float]) -> None:
     loop = asyncio.get_running_loop()
     deadline = None if limit is None else loop.time() + limit
     room = _Room(queue)
-    while True:
-        taken = queue._taken
-        try:
-            queue.put_nowait(obj)
-            return
-        except _stdqueue.Full:
+    held: list[tuple[_Watcher, _Watched, _Request]] = []
+    try:
+        while True:
+            taken = queue._taken
+            need = queue._try_put(obj)
+            _let_go(held)  # after the try: the room it was promised is used now, or was taken by another
+            if not need:
+                return
             if deadline is not None and loop.time() >= deadline:
-                raise _stdqueue.Full(f"Queue '{queue.name}' stayed full for {limit:g} s") from None
-        # A message taken since `taken` ends this at once.
-        left = _ROOM_SLICE if deadline is None else min(_ROOM_SLICE, max(deadline - loop.time(), 0.0))
-        try:
-            await _wait(room, taken, left)  # type: ignore[arg-type]
-        except TimeoutError:
-            pass  # one more try, then Full when the time is up
+                raise _stdqueue.Full(
+                    f"Queue '{queue.name}' stayed full for {limit:g} s: no room for a record of {need} bytes"
+                )
+            # A message taken since `taken` ends this at once.
+            left = _ROOM_SLICE if deadline is None else min(_ROOM_SLICE, max(deadline - loop.time(), 0.0))
+            try:
+                await _wait(room, taken, left, need, held)
+            except TimeoutError:
+                pass  # one more try, then Full when the time is up
+    finally:
+        _let_go(held)  # cancelled, or closed, between an answer and its try
 
 
 def queue_put_async(queue: Queue, obj: object, timeout: Optional[float] = None) -> Coroutine[object, object, None]:

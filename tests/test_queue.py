@@ -680,6 +680,101 @@ def test_put_async_sleeps_until_another_process_takes(name):
     asyncio.run(main())
 
 
+TRICKLE = r"""
+import sys, time, shmemext
+q = shmemext.Queue(sys.argv[1])
+want, seen = int(sys.argv[2]), set()
+while len(seen) < want:
+    m = q.get(timeout=30)
+    if m.startswith(b"p"):
+        seen.add(m)
+    time.sleep(0.002)
+print(len(seen))
+"""
+
+
+def test_a_take_wakes_the_put_async_its_room_fits_not_every_one(name, monkeypatch):
+    """Room is handed to awaiting puts in turn: as a consumer in another
+    process takes one record at a time, about one put_async() task is woken
+    per take, not every task that waits (which costs tasks**2 / 2 wake-ups),
+    and every message still arrives once."""
+    import asyncio
+
+    from shmemext import _aio
+
+    tasks = 300
+    answers = []
+    settle = _aio._settle
+
+    def counting_settle(future, version, error):
+        answers.append(error)
+        settle(future, version, error)
+
+    monkeypatch.setattr(_aio, "_settle", counting_settle)
+
+    async def main():
+        with shmemext.Queue(name, 1024) as q:
+            while True:  # records of one size: a take makes room for exactly one put
+                try:
+                    q.put_nowait(b"f" * 16)
+                except queue.Full:
+                    break
+            putters = [asyncio.ensure_future(q.put_async(b"p%015d" % i)) for i in range(tasks)]
+            try:
+                await asyncio.sleep(0.2)
+                assert not any(p.done() for p in putters)
+                trickle = spawn(TRICKLE, name, str(tasks))
+                await asyncio.wait_for(asyncio.gather(*putters), 60)
+                out, err = trickle.communicate(timeout=60)
+                assert trickle.returncode == 0, err
+                assert out.split() == [str(tasks)]
+            finally:
+                for p in putters:
+                    p.cancel()
+                await asyncio.gather(*putters, return_exceptions=True)
+
+    asyncio.run(main())
+    assert not any(answers)
+    assert len(answers) < 2 * tasks, f"{len(answers)} wake-ups of put_async() tasks for {tasks} takes"
+
+
+def test_room_promised_to_a_cancelled_put_async_goes_to_the_next(name):
+    """A put_async() answered with room but cancelled before it tried gives
+    the room back at once: the next awaiting put gets it without waiting for
+    another take."""
+    import asyncio
+
+    async def main():
+        with shmemext.Queue(name, 64) as q:
+            q.put(b"x" * 16)
+            q.put(b"y" * 16)  # full: two records of 32 bytes
+            first = asyncio.ensure_future(q.put_async(b"a" * 16))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(q.put_async(b"b" * 16))
+            await asyncio.sleep(0.05)
+            # The take and the cancel in one step of the loop: the first is
+            # answered with the room, and cancelled before it can try.
+            assert q.get_nowait() == b"x" * 16
+            deadline = time.monotonic() + 5
+            while not _promised(q) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert _promised(q) == 32
+            first.cancel()
+            started = time.monotonic()
+            await asyncio.wait_for(second, 0.5)  # not the 1 s a put waits before it looks again
+            assert time.monotonic() - started < 0.5
+            assert first.cancelled()
+            assert [q.get_nowait(), q.get_nowait()] == [b"y" * 16, b"b" * 16]
+
+    asyncio.run(main())
+
+
+def _promised(q):
+    from shmemext import _aio
+
+    return sum(n for w in list(_aio._watchers) for room, n in list(w.promised.items()) if room.queue is q)
+
+
 def test_close_from_another_thread_ends_a_put_async_awaiting_room(name):
     import asyncio
 
