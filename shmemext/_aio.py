@@ -6,7 +6,12 @@ version it has seen) with a watcher: a thread of this process that sleeps on
 up to _WAIT_ANY_MAX Values at once in one system call (futex_waitv on Linux,
 WaitForMultipleObjects on Windows; where neither exists it looks every
 millisecond).  When a version moves, the watcher hands the new version to
-each waiting task's loop with call_soon_threadsafe.  So 1,000 tasks awaiting
+each waiting task's loop through the loop's door: a file descriptor of its
+own (an eventfd, or a pipe) that the loop reads, so that the write which
+wakes the loop lets go of the GIL first and the loop runs at once (with
+call_soon_threadsafe the woken loop would wait for the watcher to finish
+with the GIL).  A loop that cannot watch a descriptor (the proactor), and
+every loop on Windows, is handed answers with call_soon_threadsafe.  So 1,000 tasks awaiting
 1,000 Values cost ceil(1000 / _WAIT_ANY_MAX) threads, and none while nothing
 is awaited: a watcher with nothing to watch ends after _LINGER seconds.
 
@@ -25,10 +30,13 @@ on: a cancelled task leaves no thread and no waiter count behind.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import queue as _stdqueue
+import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import Optional, Union
 
@@ -77,11 +85,90 @@ def _version_of(block: _Watched) -> int:
     return block._version  # type: ignore[union-attr]
 
 
+_ONE = (1).to_bytes(8, "little")  # an eventfd takes 8-byte counts; a pipe any bytes
+
+
+def _close_fds(fds: "tuple[int, ...]") -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _Door:
+    """A loop's own descriptor for the watcher to wake it with answers.  It
+    lives as long as the loop (the loop's reader callback holds it) or a
+    request still to be answered: its descriptors close only when nobody
+    can write them any more."""
+
+    __slots__ = ("read_fd", "write_fd", "answers", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if hasattr(os, "eventfd"):
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.read_fd = self.write_fd = fd
+            fds: tuple[int, ...] = (fd,)
+        else:
+            self.read_fd, self.write_fd = fds = os.pipe()
+            for fd in fds:
+                os.set_blocking(fd, False)
+        self.answers: collections.deque[
+            tuple[asyncio.Future[int], Optional[int], Optional[BaseException]]
+        ] = collections.deque()
+        try:
+            loop.add_reader(self.read_fd, self._drain)
+        except BaseException:
+            _close_fds(fds)
+            raise
+        weakref.finalize(self, _close_fds, fds)
+
+    def deliver(self, future: asyncio.Future[int], version: Optional[int], error: Optional[BaseException]) -> None:
+        """From the watcher's thread."""
+        self.answers.append((future, version, error))
+        try:
+            os.write(self.write_fd, _ONE)
+        except BlockingIOError:
+            pass  # a full pipe: the loop is woken already
+
+    def _drain(self) -> None:
+        """On the loop: the descriptor first, then the answers, so that an
+        answer added meanwhile is read now or woken for again."""
+        try:
+            os.read(self.read_fd, 4096)
+        except BlockingIOError:
+            pass
+        while self.answers:
+            _settle(*self.answers.popleft())
+
+
+# Each loop's door, or None for a loop that cannot watch a descriptor.
+_doors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Optional[_Door]]" = weakref.WeakKeyDictionary()
+
+
+def _door_of(loop: asyncio.AbstractEventLoop) -> Optional[_Door]:
+    """On the loop's own thread."""
+    try:
+        return _doors[loop]
+    except KeyError:
+        pass
+    door: Optional[_Door] = None
+    if sys.platform != "win32":  # where a selector loop watches sockets only, not a pipe
+        try:
+            door = _Door(loop)
+        except (NotImplementedError, AttributeError):  # a loop without add_reader
+            pass
+    with _lock:
+        _doors[loop] = door
+    return door
+
+
 class _Request:
-    __slots__ = ("loop", "future", "seen", "need", "promised")
+    __slots__ = ("loop", "door", "future", "seen", "need", "promised")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], seen: int, need: int) -> None:
         self.loop = loop
+        self.door = _door_of(loop)
         self.future = future
         self.seen = seen
         self.need = need  # for room: the size of the record to put
@@ -231,10 +318,17 @@ class _Watcher:
                 else:
                     _where.pop(value, None)
         for r in answered:
-            try:
-                r.loop.call_soon_threadsafe(_settle, r.future, version, error)
-            except RuntimeError:  # its loop is closed: nobody awaits it any more
-                pass
+            _deliver(r, version, error)
+
+
+def _deliver(r: _Request, version: Optional[int], error: Optional[BaseException]) -> None:
+    if r.door is not None:
+        r.door.deliver(r.future, version, error)
+        return
+    try:
+        r.loop.call_soon_threadsafe(_settle, r.future, version, error)
+    except RuntimeError:  # its loop is closed: nobody awaits it any more
+        pass
 
 
 _lock = threading.Lock()
@@ -248,6 +342,7 @@ def _forget_after_fork() -> None:
     _lock = threading.Lock()
     _watchers.clear()
     _where.clear()
+    _doors.clear()  # a loop running in the child makes a door of its own
 
 
 if hasattr(os, "register_at_fork"):
@@ -299,10 +394,7 @@ def _abandon(watcher: _Watcher, own: _Request, error: BaseException) -> None:
         watcher.requests.clear()
         watcher.warm.clear()
     for r in requests:
-        try:
-            r.loop.call_soon_threadsafe(_settle, r.future, None, error)
-        except RuntimeError:  # its loop is closed
-            pass
+        _deliver(r, None, error)
 
 
 def _unwatch(watcher: _Watcher, value: _Watched, request: _Request) -> None:

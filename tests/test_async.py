@@ -366,6 +366,62 @@ def test_tasks_on_several_loops_in_several_threads(name):
         assert results == [1] * 4
 
 
+def _open_fds():
+    return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows loops are answered with call_soon_threadsafe")
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_each_loop_is_woken_through_a_descriptor_of_its_own_closed_with_it(name, loop_kind):
+    """The watcher wakes a loop by writing its door (an eventfd on Linux, a
+    pipe elsewhere), read by the loop itself; a loop's door closes once the
+    loop is gone, so loops run one after another leave no descriptor behind."""
+    import gc
+
+    from shmemext import _aio
+
+    with shmemext.Value(name, 64) as v:
+        async def one_wait():
+            door = _aio._door_of(asyncio.get_running_loop())
+            assert door is not None
+            if sys.platform.startswith("linux"):
+                assert os.readlink(f"/proc/self/fd/{door.read_fd}") == "anon_inode:[eventfd]"
+            seen = v.version
+            threading.Timer(0.01, v.set, ("x",)).start()
+            return await v.wait_async(seen, timeout=10) - seen
+
+        assert run(one_wait(), loop_kind) == 1  # the first makes what stays (a watcher, imports)
+        gc.collect()
+        before = _open_fds()
+        for _ in range(20):
+            assert run(one_wait(), loop_kind) == 1
+        gc.collect()
+        assert _open_fds() <= before + 1
+
+
+def test_a_loop_that_cannot_watch_a_descriptor_is_answered_all_the_same(name):
+    """A loop without add_reader (the Windows proactor's kind) is handed its
+    answers with call_soon_threadsafe."""
+    from shmemext import _aio
+
+    class NoReaders(asyncio.SelectorEventLoop):
+        def add_reader(self, fd, callback, *args):
+            raise NotImplementedError
+
+    with shmemext.Value(name, 64) as v:
+        async def waits():
+            assert _aio._door_of(asyncio.get_running_loop()) is None
+            seen = v.version
+            threading.Timer(0.05, v.set, ("x",)).start()
+            return await v.wait_async(seen, timeout=10) - seen
+
+        loop = NoReaders()
+        try:
+            assert loop.run_until_complete(waits()) == 1
+        finally:
+            loop.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_fork_child_waits_with_watchers_of_its_own(name):
     with shmemext.Value(name, 64) as v:
