@@ -439,12 +439,17 @@ def shmem_kib() -> int:
     return 0
 
 
-def sysv_segments() -> set[int]:
+def sysv_segments(unattached: bool = False) -> set[int]:
+    """System V segments, or those no process has attached: once every worker
+    is gone, one of the run's is unattached, and one still attached is some
+    other program's that came meanwhile."""
     try:
         with open("/proc/sysvipc/shm") as f:
-            f.readline()
-            return {int(line.split()[1]) for line in f}
-    except OSError:
+            columns = f.readline().split()
+            nattch = columns.index("nattch")
+            rows = [line.split() for line in f]
+        return {int(row[1]) for row in rows if not unattached or row[nattch] == "0"}
+    except (OSError, ValueError):
         return set()
 
 
@@ -618,7 +623,7 @@ def supervise(args: argparse.Namespace) -> dict:
         handle.close()
     entries_after_deaths, _ = run_leftovers(prefix)
     swept = [r["name"] for r in shmemext.sweep()]
-    left_segments = sorted(sysv_segments() - segments_before)
+    left_segments = sorted(sysv_segments(unattached=True) - segments_before)
     entries, locks = run_leftovers(prefix)
     shmem_after = shmem_kib()
     if not problems and not args.keep_logs:
