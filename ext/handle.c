@@ -7,6 +7,21 @@
  * forks: Linux caps them at 2^22). */
 static int closing_state(void) { return (int)(SHX_GUARD_CLOSING | ((shx_os_pid() & 0x1FFFFFFFu) << 2)); }
 
+#if defined(_MSC_VER)
+#define SHX_THREAD_LOCAL __declspec(thread)
+#else
+#define SHX_THREAD_LOCAL _Thread_local
+#endif
+
+unsigned shx_guard_stripe_of_this_thread(void)
+{
+    static _Atomic unsigned handed_out;
+    static SHX_THREAD_LOCAL unsigned mine; /* the stripe + 1; 0 until first asked */
+    if (mine == 0)
+        mine = 1 + atomic_fetch_add_explicit(&handed_out, 1, memory_order_relaxed) % SHX_GUARD_STRIPES;
+    return mine - 1;
+}
+
 #ifdef _WIN32
 uintptr_t shx_guard_this_thread(void) { return 1; } /* no fork(): never asked to tell threads apart */
 #else
@@ -30,7 +45,9 @@ int shx_guard_settle_inherited(shx_guard *g)
 
 int shx_guard_forget_other_threads(shx_guard *g, long own_inflight, long own_serialized)
 {
-    atomic_store(&g->inflight, own_inflight);
+    /* Only the sum counts: the forking thread's calls leave from its own stripe. */
+    for (int i = 0; i < SHX_GUARD_STRIPES; i++)
+        atomic_store(&g->inflight[i].count, i == 0 ? own_inflight : 0);
     atomic_store(&g->serialized, own_serialized);
     if (!shx_guard_is_closing(atomic_load(&g->state)))
         return 0;

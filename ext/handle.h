@@ -25,6 +25,15 @@
  * (a long copy, a wait) stays counted; the closer sees it when it next holds
  * the lock.
  *
+ * Calls counted atomically (free-threaded CPython, the C API) count in one
+ * of SHX_GUARD_STRIPES counters, each on a cache line of its own, chosen by
+ * the calling thread: threads calling one handle at once then share no
+ * written line (one shared count cut 2 threads' calls on one Value to a
+ * third).  Only the sum means anything, and it is exact as above: a call in
+ * flight stays counted in its stripe while the closer adds them up, and one
+ * that leaves on another stripe than it entered (a fork child's) still nets
+ * to zero.
+ *
  * Buffer exports (views) and C API pins (acquire) are counted here too: they
  * are taken only inside a call, so once the count has drained the closer
  * reads final numbers.
@@ -46,14 +55,24 @@ enum { SHX_GUARD_OPEN = 0, SHX_GUARD_CLOSING = 1, SHX_GUARD_CLOSED = 2 };
 
 static inline int shx_guard_is_closing(int state) { return (state & 3) == SHX_GUARD_CLOSING; }
 
+#define SHX_GUARD_STRIPES 8
+#define SHX_GUARD_LINE    128 /* two 64-byte lines: x86 prefetchers fetch lines in pairs */
+typedef struct shx_guard_stripe {
+    _Atomic long count;
+    unsigned char pad[SHX_GUARD_LINE - sizeof(_Atomic long)];
+} shx_guard_stripe;
+
+/* This thread's stripe (given out in turn as threads first ask). */
+unsigned shx_guard_stripe_of_this_thread(void);
+
 typedef struct shx_guard {
-    _Atomic int state;        /* SHX_GUARD_*, CLOSING with the closer's pid */
-    _Atomic uintptr_t closer; /* the closing thread (shx_guard_this_thread), 0 when none */
-    _Atomic int deferred;     /* the closer left the detach to its thread's outermost call */
-    _Atomic long inflight;    /* calls between enter and leave */
-    _Atomic long serialized;  /* calls between enter_serialized and leave_serialized */
-    _Atomic long views;       /* buffers exported and not yet released */
-    _Atomic long pins;        /* C API acquire()s not yet released */
+    shx_guard_stripe inflight[SHX_GUARD_STRIPES]; /* calls between enter and leave, by thread */
+    _Atomic int state;                            /* SHX_GUARD_*, CLOSING with the closer's pid */
+    _Atomic uintptr_t closer;                     /* the closing thread (shx_guard_this_thread), 0 when none */
+    _Atomic int deferred;                         /* the closer left the detach to its thread's outermost call */
+    _Atomic long serialized;                      /* calls between enter_serialized and leave_serialized */
+    _Atomic long views;                           /* buffers exported and not yet released */
+    _Atomic long pins;                            /* C API acquire()s not yet released */
 } shx_guard;
 
 /* A guard of a handle that is attached (or about to be). */
@@ -62,7 +81,8 @@ static inline void shx_guard_init(shx_guard *g)
     atomic_store(&g->state, SHX_GUARD_OPEN);
     atomic_store(&g->closer, 0);
     atomic_store(&g->deferred, 0);
-    atomic_store(&g->inflight, 0);
+    for (int i = 0; i < SHX_GUARD_STRIPES; i++)
+        atomic_store(&g->inflight[i].count, 0);
     atomic_store(&g->serialized, 0);
     atomic_store(&g->views, 0);
     atomic_store(&g->pins, 0);
@@ -72,14 +92,18 @@ static inline void shx_guard_init(shx_guard *g)
  * closed; nothing was entered and nothing must be left. */
 static inline int shx_guard_enter(shx_guard *g)
 {
-    atomic_fetch_add(&g->inflight, 1);
+    _Atomic long *count = &g->inflight[shx_guard_stripe_of_this_thread()].count;
+    atomic_fetch_add(count, 1);
     if (atomic_load(&g->state) == SHX_GUARD_OPEN)
         return 1;
-    atomic_fetch_sub(&g->inflight, 1);
+    atomic_fetch_sub(count, 1);
     return 0;
 }
 
-static inline void shx_guard_leave(shx_guard *g) { atomic_fetch_sub(&g->inflight, 1); }
+static inline void shx_guard_leave(shx_guard *g)
+{
+    atomic_fetch_sub(&g->inflight[shx_guard_stripe_of_this_thread()].count, 1);
+}
 
 /* shx_guard_enter and _leave for a caller that holds the closers' lock
  * throughout both.  Relaxed loads and stores: the lock orders them, and
@@ -104,7 +128,10 @@ static inline void shx_guard_leave_serialized(shx_guard *g) { shx_guard_count_se
 /* Every call in flight.  Exact for a caller that holds the closers' lock. */
 static inline long shx_guard_inflight(shx_guard *g)
 {
-    return atomic_load(&g->inflight) + atomic_load_explicit(&g->serialized, memory_order_relaxed);
+    long n = atomic_load_explicit(&g->serialized, memory_order_relaxed);
+    for (int i = 0; i < SHX_GUARD_STRIPES; i++)
+        n += atomic_load(&g->inflight[i].count);
+    return n;
 }
 
 /* Whether a close() has begun: waits inside a call end at their next slice. */
