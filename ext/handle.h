@@ -66,13 +66,13 @@ typedef struct shx_guard_stripe {
 unsigned shx_guard_stripe_of_this_thread(void);
 
 typedef struct shx_guard {
-    shx_guard_stripe inflight[SHX_GUARD_STRIPES]; /* calls between enter and leave, by thread */
     _Atomic int state;                            /* SHX_GUARD_*, CLOSING with the closer's pid */
     _Atomic uintptr_t closer;                     /* the closing thread (shx_guard_this_thread), 0 when none */
     _Atomic int deferred;                         /* the closer left the detach to its thread's outermost call */
     _Atomic long serialized;                      /* calls between enter_serialized and leave_serialized */
     _Atomic long views;                           /* buffers exported and not yet released */
     _Atomic long pins;                            /* C API acquire()s not yet released */
+    shx_guard_stripe inflight[SHX_GUARD_STRIPES]; /* calls between enter and leave, by thread */
 } shx_guard;
 
 /* A guard of a handle that is attached (or about to be). */

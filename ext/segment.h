@@ -99,9 +99,6 @@ typedef struct shx_block {
     int created;
     int attached;
     int heap_owned; /* allocated by the C API's open(), freed by its close() */
-    /* Threads that share the handle enter and leave this around each use of
-     * the mapping (handle.h); the core itself does not: its callers do. */
-    shx_guard guard;
     /* The Python object this handle lives in (NULL for the C API's own), so
      * that the C API can keep it alive while a consumer holds the handle. */
     void *owner;
@@ -125,6 +122,10 @@ typedef struct shx_block {
      * a count of shx_value_nudge_watchers calls, which a polling wait sees. */
     _Atomic int watching;
     _Atomic uint32_t nudges;
+    /* Threads that share the handle enter and leave this around each use of
+     * the mapping (handle.h); the core itself does not: its callers do.
+     * Last: its per-thread counts take a kilobyte. */
+    shx_guard guard;
 } shx_block;
 
 /* Called around work that may take long (lock waits, large copies), so a
