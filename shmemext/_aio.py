@@ -19,7 +19,9 @@ A Queue's put_async() on a full queue is a request of the same watcher for
 room: it sleeps past the queue's count of bytes taken, on the word that
 consumers ring after each take (only when someone sleeps there).  Room
 that comes is handed to the awaiting puts in turn, to as many as it fits,
-each promised its record's size until it has tried: one take wakes one put
+each promised its record's size until it has tried (for at most
+_PROMISE seconds: a task whose loop never runs it again keeps nothing
+for good): one take wakes one put
 of its size, not every put that waits.
 
 A new request, a cancelled one and close() ring the watcher's doorbell (or,
@@ -164,7 +166,7 @@ def _door_of(loop: asyncio.AbstractEventLoop) -> Optional[_Door]:
 
 
 class _Request:
-    __slots__ = ("loop", "door", "future", "seen", "need", "promised")
+    __slots__ = ("loop", "door", "future", "seen", "need")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], seen: int, need: int) -> None:
         self.loop = loop
@@ -172,7 +174,6 @@ class _Request:
         self.future = future
         self.seen = seen
         self.need = need  # for room: the size of the record to put
-        self.promised = False  # answered with room that is kept for it until it has tried
 
 
 def _settle(future: asyncio.Future[int], version: Optional[int], error: Optional[BaseException]) -> None:
@@ -199,7 +200,9 @@ class _Watcher:
         # ring (the next set() wakes the watcher, which then answers it).
         self.sleeping_on: dict[_Watched, int] = {}
         # Room handed to answered put_async() requests that have not tried yet.
-        self.promised: dict[_Watched, int] = {}
+        # For each room, the answered requests with what they were promised
+        # and until when.
+        self.promised: dict[_Watched, dict[_Request, tuple[int, float]]] = {}
         # Bumped by every new request: one made after the watcher read the
         # requests, and before it published sleeping_on, makes it look again.
         self.generation = 0
@@ -286,8 +289,12 @@ class _Watcher:
         """The requests, oldest first, that the room free now (less what is
         promised) fits, among those that looked before the last take."""
         queue = room.queue
+        now = time.monotonic()
         with _lock:
-            promised = self.promised.get(room, 0)
+            promises = self.promised.get(room, {})
+            for r in [r for r, (_, until) in promises.items() if until <= now]:
+                del promises[r]  # its task has not tried in time: its loop may never run it again
+            promised = sum(need for need, _ in promises.values())
         free = queue.capacity - queue._used - promised  # read after taken: a take since wakes the sleep
         due = []
         for r in requests:
@@ -309,8 +316,7 @@ class _Watcher:
             for r in answered:
                 waiting.remove(r)
                 if r.need and error is None:
-                    r.promised = True
-                    self.promised[value] = self.promised.get(value, 0) + r.need
+                    self.promised.setdefault(value, {})[r] = (r.need, time.monotonic() + _PROMISE)
             if not waiting:
                 self.requests.pop(value, None)
                 if error is None:
@@ -498,6 +504,8 @@ async def _changes(value: Value, seen: int) -> AsyncIterator[int]:
 # a put_nowait() that gave up behind another producer's long copy (not for
 # want of room) then tries again, although nothing was taken.
 _ROOM_SLICE = 1.0
+# How long room handed to an awaiting put stays kept for it.
+_PROMISE = 1.0
 
 
 async def _queue_get(queue: Queue, limit: Optional[float]) -> object:
@@ -531,14 +539,11 @@ def _let_go(held: "list[tuple[_Watcher, _Watched, _Request]]") -> None:
     while held:
         watcher, room, request = held.pop()
         with _lock:
-            if not request.promised:
+            promises = watcher.promised.get(room, {})
+            if promises.pop(request, None) is None:
                 continue
-            request.promised = False
-            left = watcher.promised.get(room, 0) - request.need
-            if left > 0:
-                watcher.promised[room] = left
-            else:
-                watcher.promised.pop(room, None)
+            if not promises:
+                del watcher.promised[room]
             others = bool(watcher.requests.get(room))
         if others:
             watcher.bell.ring()

@@ -769,10 +769,61 @@ def test_room_promised_to_a_cancelled_put_async_goes_to_the_next(name):
     asyncio.run(main())
 
 
+def test_room_promised_to_a_put_async_whose_loop_stalls_is_kept_only_a_while(name, monkeypatch):
+    """Room promised to a put whose loop does not run it (stalled, or gone)
+    is kept for _PROMISE seconds, not for good: after it, a take hands the
+    room to the next put in turn."""
+    import asyncio
+
+    from shmemext import _aio
+
+    monkeypatch.setattr(_aio, "_PROMISE", 0.2)
+    monkeypatch.setattr(_aio, "_ROOM_SLICE", 30.0)  # no retry of its own comes to the rescue
+    with shmemext.Queue(name, 64) as q:
+        q.put(b"x" * 16)
+        q.put(b"y" * 16)  # full: two records of 32 bytes
+        loop_a = asyncio.new_event_loop()
+        a_waits = threading.Event()
+
+        def run_a():
+            async def a():
+                waiting = asyncio.ensure_future(q.put_async(b"a" * 16))  # a 32-byte record
+                await asyncio.sleep(0.05)
+                a_waits.set()
+                await waiting
+            loop_a.run_until_complete(a())
+
+        thread_a = threading.Thread(target=run_a)
+        thread_a.start()
+        try:
+            assert a_waits.wait(10)
+
+            async def b():
+                waiting = asyncio.ensure_future(q.put_async(b"b" * 32))  # a 48-byte record, after a's
+                await asyncio.sleep(0.05)
+                loop_a.call_soon_threadsafe(time.sleep, 1.5)  # a's loop stalls
+                await asyncio.sleep(0.05)
+                assert q.get_nowait() == b"x" * 16  # room for a: promised to it, which does not run
+                await asyncio.sleep(0.4)  # the promise lapses
+                assert q.get_nowait() == b"y" * 16  # 64 bytes free, none kept for a: b fits
+                started = time.monotonic()
+                await asyncio.wait_for(waiting, 1.0)
+                return time.monotonic() - started
+
+            assert asyncio.run(b()) < 1.0  # a's loop was still stalled: b did not wait for it
+            assert q.get_nowait() == b"b" * 32  # room for a again, which then gets in
+        finally:
+            thread_a.join(30)
+            if not thread_a.is_alive():
+                loop_a.close()
+        assert q.get(timeout=10) == b"a" * 16
+
+
 def _promised(q):
     from shmemext import _aio
 
-    return sum(n for w in list(_aio._watchers) for room, n in list(w.promised.items()) if room.queue is q)
+    return sum(need for w in list(_aio._watchers) for room, promises in list(w.promised.items())
+               if room.queue is q for need, _ in list(promises.values()))
 
 
 def test_close_from_another_thread_ends_a_put_async_awaiting_room(name):
