@@ -7,22 +7,22 @@ up to _WAIT_ANY_MAX Values at once in one system call (futex_waitv on Linux,
 WaitForMultipleObjects on Windows; where neither exists it looks every
 millisecond).  When a version moves, the watcher hands the new version to
 each waiting task's loop through the loop's door: a file descriptor of its
-own (an eventfd, or a pipe) that the loop reads, so that the write which
-wakes the loop lets go of the GIL first and the loop runs at once (with
-call_soon_threadsafe the woken loop would wait for the watcher to finish
-with the GIL).  A loop that cannot watch a descriptor (the proactor), and
-every loop on Windows, is handed answers with call_soon_threadsafe.  So 1,000 tasks awaiting
-1,000 Values cost ceil(1000 / _WAIT_ANY_MAX) threads, and none while nothing
-is awaited: a watcher with nothing to watch ends after _LINGER seconds.
+own (an eventfd, or a pipe) that the loop reads in a reader callback of
+its own and settles the futures there: with a CPU busy, round trips between
+two processes took 0.8x the time they took through call_soon_threadsafe
+(benchmarks/bench_async.py; alike on idle CPUs).  A loop that cannot
+watch a descriptor (the proactor), and every loop on Windows, is handed
+answers with call_soon_threadsafe.  So 1,000 tasks awaiting 1,000 Values
+cost ceil(1000 / _WAIT_ANY_MAX) threads, and none while nothing is
+awaited: a watcher with nothing to watch ends after _LINGER seconds.
 
 A Queue's put_async() on a full queue is a request of the same watcher for
 room: it sleeps past the queue's count of bytes taken, on the word that
 consumers ring after each take (only when someone sleeps there).  Room
 that comes is handed to the awaiting puts in turn, to as many as it fits,
-each promised its record's size until it has tried (for at most
-_PROMISE seconds: a task whose loop never runs it again keeps nothing
-for good): one take wakes one put
-of its size, not every put that waits.
+each promised its record's size until it has tried (for at most _PROMISE
+seconds: a task whose loop never runs it again keeps nothing for good).
+So one take wakes one put of its size, not every put that waits.
 
 A new request, a cancelled one and close() ring the watcher's doorbell (or,
 for close(), wake its sleep on the block), so it chooses again what to sleep
