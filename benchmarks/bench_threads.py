@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--threads", default="1,2,4,8")
-    parser.add_argument("--op", choices=["get", "set", "version"], default="get")
+    parser.add_argument("--op", choices=["get", "set"], default="get")
     args = parser.parse_args()
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     print(f"{os.cpu_count()} CPUs; CPython {sys.version.split()[0]}, GIL {'on' if gil else 'off'}; Value.{args.op}()")
@@ -67,16 +67,13 @@ def main() -> int:
     values = [shmemext.Value(f"bench-threads-{tag}-{i}", 64) for i in range(max(counts))]
     for v in values:
         v.set("x" * 16)
-    op = "version" if args.op == "version" else args.op
-    if op == "version":  # a property: read it through a bound getter
-        op = "__class__"
     try:
         print(f"{'threads':>7}  {'one Value, calls/s':>24}  {'a Value each, calls/s':>24}  {'shared/separate':>16}")
         for n in counts:
             shared, separate, ratio = [], [], []
             for _ in range(args.runs):
-                s = calls_per_second([values[0]] * n, args.op if args.op != "version" else "get", args.seconds)
-                p = calls_per_second(values[:n], args.op if args.op != "version" else "get", args.seconds)
+                s = calls_per_second([values[0]] * n, args.op, args.seconds)
+                p = calls_per_second(values[:n], args.op, args.seconds)
                 shared.append(s)
                 separate.append(p)
                 ratio.append(s / p)

@@ -126,7 +126,7 @@ class _Door:
         weakref.finalize(self, _close_fds, fds)
 
     def deliver(self, future: asyncio.Future[int], version: Optional[int], error: Optional[BaseException]) -> None:
-        """From the watcher's thread."""
+        """From any thread."""
         self.answers.append((future, version, error))
         try:
             os.write(self.write_fd, _ONE)
@@ -160,6 +160,8 @@ def _door_of(loop: asyncio.AbstractEventLoop) -> Optional[_Door]:
             door = _Door(loop)
         except (NotImplementedError, AttributeError):  # a loop without add_reader
             pass
+        except OSError:  # out of descriptors: call_soon_threadsafe now, a door another time
+            return None
     with _lock:
         _doors[loop] = door
     return door
@@ -199,9 +201,8 @@ class _Watcher:
         # sleeps past: a request that has seen that very version needs no
         # ring (the next set() wakes the watcher, which then answers it).
         self.sleeping_on: dict[_Watched, int] = {}
-        # Room handed to answered put_async() requests that have not tried yet.
-        # For each room, the answered requests with what they were promised
-        # and until when.
+        # Room handed to answered put_async() requests that have not tried
+        # yet: for each room, those requests with their need and deadline.
         self.promised: dict[_Watched, dict[_Request, tuple[int, float]]] = {}
         # Bumped by every new request: one made after the watcher read the
         # requests, and before it published sleeping_on, makes it look again.

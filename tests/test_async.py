@@ -422,6 +422,34 @@ def test_a_loop_that_cannot_watch_a_descriptor_is_answered_all_the_same(name):
             loop.close()
 
 
+def test_a_loop_whose_door_cannot_be_made_is_answered_all_the_same(name, monkeypatch):
+    """Out of descriptors (EMFILE) when a loop's door is made: this wait is
+    answered with call_soon_threadsafe, and a later one makes the door."""
+    import errno
+
+    from shmemext import _aio
+
+    class NoDescriptors:
+        def __init__(self, loop):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    with shmemext.Value(name, 64) as v:
+        async def waits():
+            seen = v.version
+            threading.Timer(0.05, v.set, ("x",)).start()
+            return await v.wait_async(seen, timeout=10) - seen
+
+        async def twice():
+            monkeypatch.setattr(_aio, "_Door", NoDescriptors)
+            assert await waits() == 1
+            assert asyncio.get_running_loop() not in _aio._doors
+            monkeypatch.undo()
+            assert await waits() == 1
+            return _aio._doors.get(asyncio.get_running_loop()) is not None or sys.platform == "win32"
+
+        assert asyncio.run(twice())
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_fork_child_waits_with_watchers_of_its_own(name):
     with shmemext.Value(name, 64) as v:
