@@ -617,16 +617,42 @@ def test_async_get_and_put(name):
     asyncio.run(main())
 
 
+# Takes messages until it has seen argv[2] distinct ones starting with b"p",
+# pausing argv[3] seconds (default none) after each take.
 DRAIN = r"""
-import sys, shmemext
+import sys, time, shmemext
 q = shmemext.Queue(sys.argv[1])
 want, seen = int(sys.argv[2]), set()
+pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 while len(seen) < want:
     m = q.get(timeout=30)
     if m.startswith(b"p"):
         seen.add(m)
+    if pause:
+        time.sleep(pause)
 print(len(seen))
 """
+
+
+def _fill(q, message):
+    """Puts `message` until the queue is full."""
+    while True:
+        try:
+            q.put_nowait(message)
+        except queue.Full:
+            return
+
+
+async def _drained_while_awaited(name, putters, tasks, *pause):
+    """A consumer in another process takes the queue's messages while the
+    put_async() tasks wait: every task ends, and it saw each of them once."""
+    import asyncio
+
+    drain = spawn(DRAIN, name, str(tasks), *pause)
+    await asyncio.wait_for(asyncio.gather(*putters), 60)
+    out, err = drain.communicate(timeout=60)
+    assert drain.returncode == 0, err
+    assert out.split() == [str(tasks)]
 
 
 def test_put_async_sleeps_until_another_process_takes(name):
@@ -639,11 +665,7 @@ def test_put_async_sleeps_until_another_process_takes(name):
 
     async def main():
         with shmemext.Queue(name, 256) as q:
-            while True:
-                try:
-                    q.put_nowait(b"f" * 16)
-                except queue.Full:
-                    break
+            _fill(q, b"f" * 16)
             # One idle task first: what the watcher costs by itself (nothing
             # where it sleeps in the kernel, a look every millisecond where
             # it polls), which many tasks must not multiply.
@@ -667,30 +689,13 @@ def test_put_async_sleeps_until_another_process_takes(name):
                 if shmemext._shmemext._WAIT_ANY_SLEEPS:
                     assert cpu < 0.15, f"{tasks} idle put_async() tasks used {cpu:.2f} s of CPU in 1 s"
                 assert len(watchers) == 1
-                drain = spawn(DRAIN, name, str(tasks))
-                await asyncio.wait_for(asyncio.gather(*putters), 60)
-                out, err = drain.communicate(timeout=60)
-                assert drain.returncode == 0, err
-                assert out.split() == [str(tasks)]
+                await _drained_while_awaited(name, putters, tasks)
             finally:
                 for p in putters:
                     p.cancel()
                 await asyncio.gather(*putters, return_exceptions=True)
 
     asyncio.run(main())
-
-
-TRICKLE = r"""
-import sys, time, shmemext
-q = shmemext.Queue(sys.argv[1])
-want, seen = int(sys.argv[2]), set()
-while len(seen) < want:
-    m = q.get(timeout=30)
-    if m.startswith(b"p"):
-        seen.add(m)
-    time.sleep(0.002)
-print(len(seen))
-"""
 
 
 def test_a_take_wakes_the_put_async_its_room_fits_not_every_one(name, monkeypatch):
@@ -714,20 +719,12 @@ def test_a_take_wakes_the_put_async_its_room_fits_not_every_one(name, monkeypatc
 
     async def main():
         with shmemext.Queue(name, 1024) as q:
-            while True:  # records of one size: a take makes room for exactly one put
-                try:
-                    q.put_nowait(b"f" * 16)
-                except queue.Full:
-                    break
+            _fill(q, b"f" * 16)  # records of one size: a take makes room for exactly one put
             putters = [asyncio.ensure_future(q.put_async(b"p%015d" % i)) for i in range(tasks)]
             try:
                 await asyncio.sleep(0.2)
                 assert not any(p.done() for p in putters)
-                trickle = spawn(TRICKLE, name, str(tasks))
-                await asyncio.wait_for(asyncio.gather(*putters), 60)
-                out, err = trickle.communicate(timeout=60)
-                assert trickle.returncode == 0, err
-                assert out.split() == [str(tasks)]
+                await _drained_while_awaited(name, putters, tasks, "0.002")  # one take at a time
             finally:
                 for p in putters:
                     p.cancel()
